@@ -1,0 +1,217 @@
+"""The dense decoder-only backbone, and the one place memories are called.
+
+Notable features
+- Llama-style block: pre-RMSNorm, rotary positions (RoPE), SwiGLU MLP, no biases.
+- Grouped-query attention: `n_kv_heads` from 1 (MQA) to `n_heads` (MHA); repeated KV heads are
+  never materialised (ops/attention/sdpa.py folds the query groups instead).
+- PyTorch SDPA, with the plain reference (ops/attention/reference.py) beside it.
+- Optional tied input/output embeddings.
+- Memory sites: EMBED before the first block, ATTN inside every attention, BLOCK after every
+  block, LOGITS after the head. The backbone knows `Site` and `MemoryStack`, and no family.
+
+Positions. Each example carries `state.pos`, the number of tokens of its document seen so far;
+the chunk's tokens get RoPE positions pos, pos+1, ...; memory tokens prepended by EMBED memories
+take the positions just before (pos-P .. pos-1) and appended ones the positions just after.
+Attention: every query may see every valid extra key a memory supplies (all of them precede
+the chunk) and, causally, the chunk itself.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from memstack.backbone.layers import RMSNorm, SwiGLU, apply_rope, rope_tables
+from memstack.config import BackboneConfig, MemoryConfig, ModelConfig
+from memstack.memory.base import AttnIO, KVBlock, Step, StepContext
+from memstack.memory.stack import MemoryStack
+from memstack.memory.state import ModelState
+from memstack.ops.attention import attention
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor   # (B, T, vocab) float32
+    hidden: Tensor   # (B, T, d_model) final hidden states after the last norm
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def _heads(self, x: Tensor, n: int) -> Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_dim).transpose(1, 2)         # (B, n, T, head_dim)
+
+    def q(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        return apply_rope(self._heads(self.wq(x), self.n_heads), cos, sin)
+
+    def kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        k = apply_rope(self._heads(self.wk(x), self.kv_heads), cos, sin)
+        return k, self._heads(self.wv(x), self.kv_heads)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, extras: list[KVBlock]) -> Tensor:
+    """Attention of the chunk's queries over [memory blocks..., chunk (causal)]."""
+    if not extras:
+        return attention(q, k, v)                                     # causal, no mask tensor
+    B, T = q.shape[0], q.shape[2]
+    tail = [e for e in extras if e.includes_chunk]
+    if len(tail) > 1:
+        raise RuntimeError("two memories returned a KV block that includes the chunk; only one cache may")
+    blocks = [e for e in extras if not e.includes_chunk] + tail       # the chunk-holding block goes last
+    ones = lambda n: torch.ones(B, n, dtype=torch.bool, device=q.device)  # noqa: E731
+    valid = [e.valid if e.valid is not None else ones(e.k.shape[2]) for e in blocks]
+    if tail:
+        ks, vs = [e.k for e in blocks], [e.v for e in blocks]
+        valid[-1] = valid[-1][:, : valid[-1].shape[1] - T]            # the chunk part is causal, below
+    else:
+        ks, vs = [e.k for e in blocks] + [k], [e.v for e in blocks] + [v]
+    K = ks[0] if len(ks) == 1 else torch.cat(ks, dim=2)               # (B, Hkv, S, hd)
+    V = vs[0] if len(vs) == 1 else torch.cat(vs, dim=2)
+    past = torch.cat(valid, dim=1) if len(valid) > 1 else valid[0]    # (B, S - T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril().expand(B, T, T)
+    mask = torch.cat([past[:, None, :].expand(B, T, past.shape[1]), causal], dim=2)  # (B, T, S)
+    return attention(q, K, V, mask)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: BackboneConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ff_dim)
+        self.rope_theta = cfg.rope_theta
+
+    def project_kv(self, h: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """K/V of hidden states h (B,S,D) at positions (B,S), as this layer would compute them."""
+        cos, sin = rope_tables(positions, self.attn.head_dim, self.rope_theta, h.dtype)
+        return self.attn.kv(self.attn_norm(h), cos, sin)
+
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, stack: MemoryStack, states: list, ctx: StepContext) -> Tensor:
+        B, T, D = h.shape
+        x = self.attn_norm(h)
+        q = self.attn.q(x, cos, sin)                                  # (B, H, T, hd)
+        k, v = self.attn.kv(x, cos, sin)                              # (B, Hkv, T, hd)
+        extras = stack.attn(AttnIO(self.layer, h, q, k, v, self.project_kv), states, ctx) if len(stack) else []
+        o = _attend(q, k, v, extras)                                  # (B, H, T, hd)
+        if len(stack):
+            o = stack.attn_out(self.layer, q, o, states, ctx)
+        h = h + self.attn.wo(o.transpose(1, 2).reshape(B, T, D))
+        h = h + self.mlp(self.mlp_norm(h))
+        return stack.block(self.layer, h, states, ctx) if len(stack) else h
+
+
+class MemoryModel(nn.Module):
+    """`out, state = model(tokens, state=state, step=Step(...))` -- see memory/base.py."""
+
+    def __init__(self, cfg: ModelConfig, _shared: "MemoryModel | None" = None, _stack: MemoryStack | None = None):
+        super().__init__()
+        self.cfg = cfg
+        b = cfg.backbone
+        if _shared is None:
+            self.tok_emb = nn.Embedding(b.vocab_size, b.d_model)
+            self.blocks = nn.ModuleList(Block(b, i) for i in range(b.n_layers))
+            self.norm = RMSNorm(b.d_model, b.norm_eps)
+            self.lm_head = nn.Linear(b.d_model, b.vocab_size, bias=False)
+            self.memory = MemoryStack(cfg.memories, b)
+            self.reset_parameters()
+        else:  # share every module with an existing model (see `with_memories`)
+            self.tok_emb, self.blocks, self.norm, self.lm_head = _shared.tok_emb, _shared.blocks, _shared.norm, _shared.lm_head
+            self.memory = _stack
+
+    def reset_parameters(self) -> None:
+        b = self.cfg.backbone
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.startswith("memory."):
+                continue  # norms start at 1; memories initialise themselves
+            std = b.init_std / math.sqrt(2 * b.n_layers) if name.endswith(("wo.weight", "w_down.weight")) else b.init_std
+            nn.init.normal_(p, 0.0, std)
+        if b.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def with_memories(self, extra: list[MemoryConfig]) -> "MemoryModel":
+        """A model sharing every parameter with this one, with `extra` memories appended to the
+        stack (e.g. a decode cache or a retrieval memory added to a trained model)."""
+        cfg = ModelConfig(self.cfg.backbone, self.cfg.memories + tuple(extra))
+        added = MemoryStack(extra, cfg.backbone)
+        stack = MemoryStack(cfg.memories, cfg.backbone, modules=list(self.memory.memories) + list(added.memories))
+        return MemoryModel(cfg, _shared=self, _stack=stack).to(self.tok_emb.weight.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_emb.weight.numel() if exclude_embeddings else n
+
+    def init_state(self, batch: int, device: torch.device | str | None = None) -> ModelState:
+        device = torch.device(device) if device is not None else self.device
+        dtype = self.tok_emb.weight.dtype
+        return ModelState(torch.zeros(batch, dtype=torch.long, device=device), self.memory.init_state(batch, device, dtype))
+
+    def reset_state(self, state: ModelState, mask: Tensor) -> ModelState:
+        """Wipe rows where mask (B,) is True: position back to 0, every memory's rows reset."""
+        mask = mask.to(device=state.pos.device, dtype=torch.bool)
+        return ModelState(state.pos.masked_fill(mask, 0), self.memory.reset(state.memories, mask))
+
+    def forward(self, tokens: Tensor, state: ModelState | None = None, step: Step | None = None) -> tuple[ModelOutput, ModelState]:
+        B, T = tokens.shape
+        V = self.cfg.backbone.vocab_size
+        if tokens.dtype not in (torch.int64, torch.int32) or (T and (int(tokens.min()) < 0 or int(tokens.max()) >= V)):
+            bad = tokens[(tokens < 0) | (tokens >= V)] if tokens.dtype in (torch.int64, torch.int32) else tokens.flatten()[:3]
+            raise ValueError(f"token ids must be integers in [0, {V}); got {bad[:5].tolist()} (dtype {tokens.dtype})")
+        step = step or Step()
+        if state is None:
+            state = self.init_state(B, tokens.device)
+        elif state.batch_size != B:
+            raise ValueError(f"state is for batch {state.batch_size}, tokens have batch {B}")
+        reset = step.reset if step.reset is not None else torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        if step.reset is not None:
+            if reset.shape != (B,):
+                raise ValueError(f"step.reset must have shape ({B},), got {tuple(reset.shape)}")
+            state = self.reset_state(state, reset)
+        ctx = StepContext(tokens, state.pos, reset.bool(), step.seg_start, step.seg_end, self.training)
+        states = list(state.memories)
+
+        x = self.tok_emb(tokens)                                      # (B, T, D)
+        prefixes, suffixes, spans = self.memory.embed(x, states, ctx) if len(self.memory) else ([], [], [])
+        P, Q = sum(p.shape[1] for p in prefixes), sum(s.shape[1] for s in suffixes)
+        positions = state.pos[:, None] + torch.arange(-P, T + Q, device=tokens.device)  # (B, P+T+Q)
+        ctx = ctx.with_(n_prefix=P, n_suffix=Q, positions=positions)
+        h = torch.cat(prefixes + [x] + suffixes, dim=1) if P or Q else x
+        cos, sin = rope_tables(positions, self.cfg.backbone.head_dim, self.cfg.backbone.rope_theta, h.dtype)
+        for block in self.blocks:
+            h = block(h, cos, sin, self.memory, states, ctx)
+        if spans:
+            self.memory.embed_out(h, spans, states, ctx)
+        h = self.norm(h[:, P:P + T])                                  # (B, T, D) real tokens only
+        logits = self.lm_head(h).float()                              # (B, T, V)
+        if len(self.memory):
+            logits = self.memory.logits(logits, h, states, ctx)
+        return ModelOutput(logits, h), ModelState(state.pos + T, tuple(states))
+
+
+def build_model(cfg: ModelConfig | BackboneConfig, memories: list[MemoryConfig] | None = None) -> MemoryModel:
+    """`build_model(ModelConfig(...))` or `build_model(BackboneConfig(...), [XLConfig(...)])`."""
+    if isinstance(cfg, BackboneConfig):
+        cfg = ModelConfig(cfg, tuple(memories or ()))
+    elif memories:
+        raise TypeError("pass memories inside the ModelConfig, or pass a BackboneConfig")
+    return MemoryModel(cfg)
+
+
+def cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Next-token loss; targets == -100 are ignored."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction=reduction)

@@ -1,0 +1,155 @@
+"""Model checkpoints: safetensors weights + the config as JSON, checksummed, written atomically.
+
+Layout of a checkpoint directory:
+    config.json                  {"format", "model": <ModelConfig as data>, "weights": file, "sha256", "meta"}
+    model-<sha256[:12]>.safetensors
+
+A save writes the new weights file first, then atomically replaces config.json (which names
+it), then removes the old weights: a crash at any point leaves a loadable checkpoint. Loading
+verifies the checksum and refuses weights or configs that do not match the model, listing every
+mismatch at once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from memstack.config import ModelConfig, from_dict, to_dict
+from memstack.errors import CheckpointError, ConfigError
+from memstack.memory.state import _sha256
+
+FORMAT = 1
+
+
+def unique_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
+    """state_dict without aliases (tied embeddings are stored once, under their first name)."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_tensors_versioned(tensors: dict[str, Tensor], directory: Path, stem: str) -> tuple[str, str]:
+    """Write tensors as `<stem>-<sha[:12]>.safetensors` via a temp file; returns (file name, sha256)."""
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=stem + ".", suffix=".tmp")
+    os.close(fd)
+    save_file(tensors, tmp)
+    sha = _sha256(Path(tmp))
+    name = f"{stem}-{sha[:12]}.safetensors"
+    os.replace(tmp, directory / name)
+    return name, sha
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | Path, meta: dict | None = None) -> Path:
+    """Save `model` (a MemoryModel) to directory `path`; returns the directory."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    old = _read_config(path) if (path / "config.json").is_file() else None
+    name, sha = save_tensors_versioned(unique_state_dict(model), path, "model")
+    write_json_atomic(path / "config.json", {"format": FORMAT, "model": to_dict(model.cfg), "weights": name,
+                                             "sha256": sha, "meta": meta or {}})
+    if old and old.get("weights") not in (None, name):
+        (path / old["weights"]).unlink(missing_ok=True)
+    return path
+
+
+def _read_config(path: Path) -> dict:
+    f = path / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{path} is not a memstack checkpoint (no config.json)")
+    try:
+        data = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f} is corrupted: {e}") from None
+    if data.get("format") != FORMAT:
+        raise CheckpointError(f"{f}: checkpoint format {data.get('format')!r} is not supported (expected {FORMAT})")
+    return data
+
+
+def read_checkpoint_config(path: str | Path) -> tuple[ModelConfig, dict]:
+    """The ModelConfig and meta stored in a checkpoint, without loading weights."""
+    data = _read_config(Path(path))
+    try:
+        cfg = from_dict(ModelConfig, data["model"], what="checkpoint model config")
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: stored config is invalid:\n{e}") from None
+    return cfg, data.get("meta", {})
+
+
+def _config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _config_diff(a.get(k, "<missing>"), b.get(k, "<missing>"), f"{prefix}.{k}" if prefix else k)
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _config_diff(x, y, f"{prefix}.{i}")]
+    return [] if a == b else [f"{prefix}: checkpoint has {a!r}, expected {b!r}"]
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> dict:
+    """Load a checkpoint's weights into an existing model, refusing any mismatch. Returns meta."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    data = _read_config(path)
+    diff = _config_diff(data["model"], to_dict(model.cfg))
+    if diff:
+        raise CheckpointError(f"{path} was saved for a different model:\n" + "\n".join(f"  - {d}" for d in diff))
+    wfile = path / data["weights"]
+    if not wfile.is_file():
+        raise CheckpointError(f"{path}: weights file {data['weights']} is missing")
+    if _sha256(wfile) != data["sha256"]:
+        raise CheckpointError(f"{wfile}: checksum mismatch -- the file is corrupted or was modified")
+    saved = load_file(str(wfile))
+    want = unique_state_dict(model)
+    problems = [f"missing tensor {k} {tuple(v.shape)}" for k, v in want.items() if k not in saved]
+    problems += [f"unexpected tensor {k} {tuple(v.shape)}" for k, v in saved.items() if k not in want]
+    problems += [f"{k}: shape {tuple(saved[k].shape)} in checkpoint, model has {tuple(v.shape)}"
+                 for k, v in want.items() if k in saved and saved[k].shape != v.shape]
+    problems += [f"{k}: dtype {saved[k].dtype} in checkpoint, model has {v.dtype}"
+                 for k, v in want.items() if k in saved and saved[k].shape == v.shape and saved[k].dtype != v.dtype]
+    if problems:
+        raise CheckpointError(f"{path} does not match the model ({len(problems)} problem(s)):\n"
+                              + "\n".join(f"  - {p}" for p in problems))
+    params = dict(model.state_dict())
+    with torch.no_grad():
+        for k, t in saved.items():
+            params[k].copy_(t)
+    return data.get("meta", {})
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", expect: ModelConfig | None = None):
+    """Build the model stored in `path` and load its weights. With `expect`, refuse a checkpoint
+    whose config differs from it. Returns (model, meta)."""
+    from memstack.backbone.model import build_model
+
+    cfg, _ = read_checkpoint_config(path)
+    if expect is not None:
+        diff = _config_diff(to_dict(cfg), to_dict(expect))
+        if diff:
+            raise CheckpointError(f"{path} does not hold the expected model:\n" + "\n".join(f"  - {d}" for d in diff))
+    model = build_model(cfg)
+    meta = load_weights(model, path)
+    return model.to(device), meta

@@ -1,0 +1,214 @@
+"""The one memory interface.
+
+Every memory family plugs into the same backbone through *sites*, the places a memory can
+touch a forward pass:
+
+    EMBED   add tokens before (prefix) or after (suffix) the chunk's tokens; see their outputs
+    ATTN    supply extra keys/values to a layer's attention, or mix a second attention output
+    BLOCK   add to the residual stream after a block
+    LOGITS  change the next-token distribution
+
+A memory declares its sites; the backbone calls only those, and the defaults are no-ops.
+
+State is explicit: each memory has a typed state dataclass that the model passes in and returns
+(`out, state = model(tokens, state=state, step=step)`), never hidden in module attributes. A
+per-example reset mask wipes the rows that start a new document. Every memory states its size
+through `MemorySpec`, so the engine can plan memory and the leaderboard can plot quality against
+state size.
+
+Segments. The backbone processes a document as segments of `seg_len` tokens (its own context
+window); memory is what carries information from one segment to the next. A forward call
+processes one *chunk* of a segment: in training a chunk is the whole segment; when decoding, a
+segment arrives as a prefill chunk and then one token at a time, with a segment-scoped KV cache
+holding the tokens already seen. `Step.seg_start` / `Step.seg_end` tell memories where the
+segment begins and ends, so a memory behaves identically whether a segment arrives whole or in
+pieces -- the contract tests hold every memory to that.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from memstack.config import BackboneConfig, MemoryConfig
+
+
+class Site(str, Enum):
+    EMBED = "embed"
+    ATTN = "attn"
+    BLOCK = "block"
+    LOGITS = "logits"
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """How much state a memory keeps, per example.
+
+    bytes_per_token: logical state bytes per held token (a KV cache: 2 * layers * kv_heads * head_dim * dtype)
+    fixed_bytes:     logical state bytes independent of the context (XL bookkeeping, an RMT memory, ...)
+    max_tokens:      tokens held at most (a window, `mem_len`); None = grows with the context
+    slack:           allocation may exceed the logical size by this factor (capacity doubling: 2.0)
+    slack_tokens:    ... plus this many tokens of preallocated capacity
+    dtype_bytes:     bytes per state element, to express `state_size` in elements as Zoology does
+    """
+
+    bytes_per_token: int = 0
+    fixed_bytes: int = 0
+    max_tokens: int | None = None
+    slack: float = 1.0
+    slack_tokens: int = 0
+    dtype_bytes: int = 4
+
+    def held_tokens(self, n_tokens: int) -> int:
+        return n_tokens if self.max_tokens is None else min(n_tokens, self.max_tokens)
+
+    def state_bytes(self, n_tokens: int, batch: int = 1) -> int:
+        """Logical bytes of state after `n_tokens` tokens of one document."""
+        return batch * (self.fixed_bytes + self.bytes_per_token * self.held_tokens(n_tokens))
+
+    def max_bytes(self, n_tokens: int, batch: int = 1) -> int:
+        """Upper bound on the bytes actually allocated (what an engine must plan for)."""
+        per_tok = self.bytes_per_token * (self.held_tokens(n_tokens) + self.slack_tokens)
+        return batch * (self.fixed_bytes + math.ceil(per_tok * self.slack))
+
+    def state_size(self, n_tokens: int) -> int:
+        """State size in elements for one example (the x-axis of the Zoology frontier)."""
+        return self.state_bytes(n_tokens) // self.dtype_bytes
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the caller says about a chunk: which rows start a new document, segment edges."""
+
+    reset: Tensor | None = None  # (B,) bool: these rows start a new document; their state is wiped first
+    seg_start: bool = True       # this chunk opens a segment
+    seg_end: bool = True         # this chunk closes a segment
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a memory may know about the chunk being processed. Built by the model per call."""
+
+    tokens: Tensor          # (B, T) ids of this chunk's real tokens
+    pos: Tensor             # (B,) document position of tokens[:, 0]
+    reset: Tensor           # (B,) bool: rows whose state was wiped at the start of this chunk
+    seg_start: bool
+    seg_end: bool
+    training: bool
+    n_prefix: int = 0       # tokens memories prepended (EMBED), in front of the real tokens
+    n_suffix: int = 0       # tokens memories appended (EMBED), after the real tokens
+    positions: Tensor | None = None  # (B, n_prefix + T + n_suffix) RoPE positions of the extended chunk
+
+    @property
+    def n_tokens(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def real(self) -> slice:
+        """Where the real tokens sit in the extended chunk."""
+        return slice(self.n_prefix, self.n_prefix + self.n_tokens)
+
+    def with_(self, **kw: Any) -> "StepContext":
+        return replace(self, **kw)
+
+
+@dataclass
+class KVBlock:
+    """Extra keys/values a memory supplies to one layer's attention. Every query of the chunk may
+    attend to every valid entry (they all precede the chunk); the chunk itself stays causal."""
+
+    k: Tensor                   # (B, kv_heads, S, head_dim), RoPE already applied where wanted
+    v: Tensor                   # (B, kv_heads, S, head_dim)
+    valid: Tensor | None = None  # (B, S) bool; None: all valid
+    # A cache may return its buffer with this chunk's own K/V already written at the end (its
+    # last T entries), sparing a copy per decoded token; the backbone then does not append the
+    # chunk again and keeps those last T entries causal. At most one such block per layer.
+    includes_chunk: bool = False
+
+
+@dataclass
+class AttnIO:
+    """What an ATTN-site memory sees at one layer."""
+
+    layer: int
+    h: Tensor   # (B, T', D) residual stream entering the layer (before its norm); T' = extended chunk
+    q: Tensor   # (B, n_heads, T', head_dim) queries of the chunk, RoPE applied
+    k: Tensor   # (B, kv_heads, T', head_dim) keys of the chunk, RoPE applied
+    v: Tensor   # (B, kv_heads, T', head_dim)
+    # project_kv(h (B,S,D), positions (B,S)) -> (k, v): this layer's norm, K/V projection and RoPE,
+    # for memories that store hidden states and re-project them (Transformer-XL)
+    project_kv: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+class Memory(nn.Module):
+    """Base class of every memory. Override the hooks of the sites you declare in `sites`.
+
+    Hooks receive this memory's own state and return the new one. State objects are dataclasses
+    of tensors (see memory/state.py for the generic tree utilities: detach, save, load, nbytes).
+    """
+
+    sites: ClassVar[frozenset[Site]] = frozenset()
+
+    def __init__(self, cfg: MemoryConfig, backbone: BackboneConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+
+    # -- state ---------------------------------------------------------------------------------
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> Any:
+        """Fresh state for `batch` documents (None for stateless memories)."""
+        return None
+
+    def reset(self, state: Any, mask: Tensor) -> Any:
+        """Wipe the rows where `mask` (B,) is True, as if they had just been created."""
+        return state
+
+    def spec(self, dtype: torch.dtype = torch.float32) -> MemorySpec:
+        return MemorySpec(dtype_bytes=torch.empty((), dtype=dtype).element_size())
+
+    def held_bytes(self, state: Any) -> int:
+        """Logical bytes of `state` (what `spec().state_bytes` predicts). Default: every tensor."""
+        from memstack.memory.state import tensor_nbytes
+
+        return tensor_nbytes(state)
+
+    def applies_to(self, layer: int) -> bool:
+        """ATTN / BLOCK memories: whether this layer is touched. Default: config `layers`, else all."""
+        layers = getattr(self.cfg, "layers", None)
+        return layers is None or layer in layers
+
+    # -- sites (defaults are no-ops) -----------------------------------------------------------
+    def embed(self, x: Tensor, state: Any, ctx: StepContext) -> tuple[Tensor | None, Tensor | None, Any]:
+        """EMBED: given token embeddings x (B,T,D) return (prefix (B,P,D) | None, suffix (B,Q,D) | None, state)."""
+        return None, None, state
+
+    def embed_out(self, h_prefix: Tensor | None, h_suffix: Tensor | None, state: Any, ctx: StepContext) -> Any:
+        """EMBED: final hidden states (before the last norm) at this memory's prefix/suffix slots."""
+        return state
+
+    def attn(self, io: AttnIO, state: Any, ctx: StepContext) -> tuple[KVBlock | None, Any]:
+        """ATTN: extra keys/values for layer io.layer (or None)."""
+        return None, state
+
+    def attn_out(self, layer: int, q: Tensor, out: Tensor, state: Any, ctx: StepContext) -> tuple[Tensor, Any]:
+        """ATTN: mix a second attention output into out (B, n_heads, T', head_dim)."""
+        return out, state
+
+    def block(self, layer: int, h: Tensor, state: Any, ctx: StepContext) -> tuple[Tensor, Any]:
+        """BLOCK: h (B,T',D) after block `layer`; return the new residual stream."""
+        return h, state
+
+    def logits(self, logits: Tensor, h: Tensor, state: Any, ctx: StepContext) -> tuple[Tensor, Any]:
+        """LOGITS: logits (B,T,V) fp32 and final hidden h (B,T,D) of the real tokens."""
+        return logits, state
+
+    def extra_repr(self) -> str:
+        return f"sites={sorted(s.value for s in self.sites)}"
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

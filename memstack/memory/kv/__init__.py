@@ -1,0 +1,1 @@
+"""Runtime memory: the KV cache as a managed memory."""

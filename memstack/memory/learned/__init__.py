@@ -1,0 +1,1 @@
+"""Learned memory state inside the model: memory tokens, segment recurrence, compression, ..."""

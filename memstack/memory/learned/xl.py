@@ -1,0 +1,93 @@
+"""Transformer-XL segment recurrence (Dai et al., arXiv 1901.02860).
+
+What it stores: for every layer with memory, the hidden states entering that layer for the last
+`mem_len` tokens of the document (the "mems"), with their positions, stop-gradient.
+Read: layer n of the current segment attends over [K/V(SG(mems_n)); segment]; the memory's K/V
+are recomputed from the cached hidden states with the layer's *current* norm, projections and
+RoPE, so W_k / W_v receive gradient through the memory while the cached states do not.
+Write: at the end of each segment, the segment's hidden states are appended and the memory is
+truncated FIFO to the last `mem_len` tokens (the paper's `_update_mems`, without its
+qlen/mlen swap bug -- kimiyoung/transformer-xl #59). When a segment arrives in chunks (decoding),
+its states wait in `pending` until the segment ends, so chunked and one-shot processing agree.
+
+Deviations from the paper:
+- positions: RoPE at each token's absolute document position instead of XL's relative
+  sinusoids with u/v biases. RoPE is relative by construction, so cached keys rotated at their
+  own positions give the same scores as XL's R_{i-j}; the test that XL with mem_len >= the
+  document equals one pass over the whole document checks exactly this.
+- memory tokens added by other memories are not cached (only the document's real tokens).
+- the effective context grows with depth (~ n_layers * mem_len), as in the paper.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from memstack.config import BackboneConfig
+from memstack.memory.base import AttnIO, KVBlock, Memory, MemorySpec, Site, StepContext, dtype_bytes
+from memstack.memory.learned.config import XLConfig
+
+
+@dataclass
+class XLState:
+    mems: tuple[Tensor, ...]      # per memory layer (B, M, D), detached; M <= mem_len
+    pos: Tensor                   # (B, M) int64 positions of the memory slots
+    valid: Tensor                 # (B, M) bool
+    pending: tuple[Tensor, ...]   # per memory layer (B, Tp, D): this segment's states so far
+    pending_pos: Tensor           # (B, Tp)
+
+
+class TransformerXL(Memory):
+    sites: ClassVar[frozenset[Site]] = frozenset({Site.ATTN})
+
+    def __init__(self, cfg: XLConfig, backbone: BackboneConfig):
+        super().__init__(cfg, backbone)
+        self.mem_layers = [l for l in range(backbone.n_layers) if self.applies_to(l)]
+        self.slot = {l: i for i, l in enumerate(self.mem_layers)}   # layer -> index into mems
+
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> XLState:
+        empty = lambda: torch.zeros(batch, 0, self.backbone.d_model, device=device, dtype=dtype)  # noqa: E731
+        z = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        return XLState(tuple(empty() for _ in self.mem_layers), z, z.bool(), tuple(empty() for _ in self.mem_layers), z)
+
+    def reset(self, state: XLState, mask: Tensor) -> XLState:
+        return XLState(state.mems, state.pos, state.valid & ~mask[:, None], state.pending, state.pending_pos)
+
+    def spec(self, dtype: torch.dtype = torch.float32) -> MemorySpec:
+        per_tok = len(self.mem_layers) * self.backbone.d_model * dtype_bytes(dtype) + 8 + 1  # states + pos + valid
+        return MemorySpec(bytes_per_token=per_tok, max_tokens=self.cfg.mem_len, dtype_bytes=dtype_bytes(dtype))
+
+    def attn(self, io: AttnIO, state: XLState, ctx: StepContext) -> tuple[KVBlock | None, XLState]:
+        j = self.slot[io.layer]
+        block = None
+        if state.mems[j].shape[1]:
+            k, v = io.project_kv(state.mems[j], state.pos)           # (B, Hkv, M, hd)
+            block = KVBlock(k, v, state.valid)
+        h_new = io.h[:, ctx.real].detach()                            # (B, T, D) stop-gradient
+        pos_new = ctx.positions[:, ctx.real]
+        pending = torch.cat([state.pending[j], h_new], dim=1)
+        pending_pos = torch.cat([state.pending_pos, pos_new], dim=1)
+        mems, pend = list(state.mems), list(state.pending)
+        if ctx.seg_end:  # the segment is complete: push it into the FIFO memory
+            M = self.cfg.mem_len
+            mems[j] = torch.cat([state.mems[j], pending], dim=1)[:, -M:]
+            pend[j] = pending[:, :0]
+        else:
+            pend[j] = pending
+        last = j == len(self.mem_layers) - 1                          # shared bookkeeping, once
+        pos, valid, ppos = state.pos, state.valid, state.pending_pos
+        if last:
+            if ctx.seg_end:
+                ones = torch.ones_like(pending_pos, dtype=torch.bool)
+                pos = torch.cat([state.pos, pending_pos], dim=1)[:, -self.cfg.mem_len:]
+                valid = torch.cat([state.valid, ones], dim=1)[:, -self.cfg.mem_len:]
+                ppos = pending_pos[:, :0]
+            else:
+                ppos = pending_pos
+        return block, XLState(tuple(mems), pos, valid, tuple(pend), ppos)
+
+    def make_identity(self) -> bool:
+        return False  # no gate; a fresh memory is empty, so the first segment equals the backbone

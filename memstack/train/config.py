@@ -1,0 +1,84 @@
+"""TrainConfig: everything about optimisation, plain data."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from memstack.config import Checked
+
+
+@dataclass(frozen=True)
+class GroupConfig(Checked):
+    """Optimizer settings for a named parameter group (memories assign parameters to groups)."""
+
+    lr_scale: float = 1.0
+    weight_decay: float | None = None     # None: the run's weight_decay
+    optimizer: Literal["adamw"] = "adamw"
+
+    def check(self) -> list[str]:
+        r = [] if self.lr_scale > 0 else [f"lr_scale must be > 0, got {self.lr_scale}"]
+        if self.weight_decay is not None and self.weight_decay < 0:
+            r.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        return r
+
+
+@dataclass(frozen=True)
+class TrainConfig(Checked):
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1              # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    max_steps: int = 200                   # the schedule's length; training stops here ...
+    max_tokens: int | None = None          # ... or once this many target tokens were trained on
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0                 # max global grad norm; 0 = off
+    batch_size: int = 16                   # global batch (rows); split over data-parallel ranks
+    n_segments: int = 1                    # segments per row per step (the BPTT window)
+    curriculum: tuple[tuple[int, int], ...] = ()  # ((from_step, n_segments), ...): overrides n_segments
+    bptt: Literal["full", "truncated", "detached"] = "full"
+    bptt_k: int = 1                        # truncated: gradient crosses at most k-1 segment boundaries
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 autocast on CUDA, fp32 on CPU
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0                    # 0: evaluate only at the end
+    ckpt_every: int = 0                    # 0: checkpoint only at the end (when out_dir is set)
+    groups: dict[str, GroupConfig] = field(default_factory=dict)  # named groups' settings
+    progress: bool = True
+
+    def check(self) -> list[str]:
+        r = []
+        if self.lr <= 0:
+            r.append(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            r.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("warmup_steps", "log_every", "eval_every", "ckpt_every"):
+            if getattr(self, name) < 0:
+                r.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_steps", "batch_size", "n_segments", "bptt_k"):
+            if getattr(self, name) < 1:
+                r.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            r.append(f"max_tokens must be >= 1 or null, got {self.max_tokens}")
+        if self.weight_decay < 0:
+            r.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not all(0 <= b < 1 for b in self.betas):
+            r.append(f"betas must be in [0, 1), got {self.betas}")
+        if self.grad_clip < 0:
+            r.append(f"grad_clip must be >= 0, got {self.grad_clip}")
+        steps = [s for s, _ in self.curriculum]
+        if steps and (steps != sorted(steps) or steps[0] != 0):
+            r.append(f"curriculum stages must start at step 0 and be sorted by step, got {list(self.curriculum)}")
+        if any(n < 1 for _, n in self.curriculum):
+            r.append(f"curriculum segment counts must be >= 1, got {list(self.curriculum)}")
+        for name, g in self.groups.items():
+            if not isinstance(g, GroupConfig):
+                r.append(f"groups.{name} must be a GroupConfig")
+        return r
+
+    def segments_at(self, step: int) -> int:
+        """Segments per row at `step` (the curriculum hook: 1 -> 2 -> 4 ... with carried weights)."""
+        n = self.n_segments
+        for start, count in self.curriculum:
+            if step >= start:
+                n = count
+        return n
