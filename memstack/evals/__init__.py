@@ -1,0 +1,1 @@
+"""Tasks (registered like memories), the equal-budget harness and the leaderboard."""

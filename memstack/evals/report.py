@@ -1,0 +1,165 @@
+"""The leaderboard: a Markdown table (best of the learning-rate sweep per memory and task) and
+PNG plots -- quality against state size (the Zoology frontier), bits per byte per memory, and
+the passkey depth x length grid per memory."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from memstack.evals.bench import best_of_sweep
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{digits}f}"
+
+
+def _size(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+def leaderboard_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    best = best_of_sweep(records)
+    memories = list(dict.fromkeys(r["memory"] for r in records))
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    base_tps = {t: best[("none", t)]["tok_per_s"] for t in tasks if ("none", t) in best}
+    header = ["memory"] + [f"{t} {best_or(records, t)}" for t in tasks] + ["state size", "params", "tok/s vs none"]
+    rows = []
+    for m in memories:
+        row = [m]
+        for t in tasks:
+            r = best.get((m, t))
+            row.append(f"{_fmt(r['metrics'][r['primary']])} (lr {r['lr']:g})" if r else "-")
+        any_r = next((best[(m, t)] for t in tasks if (m, t) in best), None)
+        sizes = sorted({(best[(m, t)]["state_size"], best[(m, t)]["state_size_at_tokens"]) for t in tasks if (m, t) in best})
+        row.append(", ".join(f"{_size(s)}@{n}" for s, n in sizes) if sizes else "-")
+        row.append(_size(any_r["params"]) if any_r else "-")
+        ratios = [best[(m, t)]["tok_per_s"] / base_tps[t] for t in tasks if (m, t) in best and t in base_tps]
+        row.append(f"{sum(ratios) / len(ratios):.2f}x" if ratios else "-")
+        rows.append(row)
+    return header, rows
+
+
+def best_or(records: list[dict], task: str) -> str:
+    r = next(r for r in records if r["task"] == task)
+    return f"{r['primary']} {'↑' if r['higher_is_better'] else '↓'}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    fmt = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths))  # noqa: E731
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+
+
+def write_report(records: list[dict], out_dir: str | Path, command: str = "") -> str:
+    """Write leaderboard.md and the PNG plots into out_dir; return the leaderboard as text."""
+    out_dir = Path(out_dir)
+    header, rows = leaderboard_rows(records)
+    r0 = records[0]
+    scale = r0.get("budget_scale", 1.0)
+    md = [f"# Leaderboard: suite `{r0['suite']}`", "",
+          f"- command: `{command or 'memstack bench'}`",
+          f"- device: {r0['device']}; torch {r0['torch']}; memstack {r0['memstack']} @ {r0['git_sha']}",
+          f"- budget: {r0['tokens_per_cell']:,} training tokens per (memory, task, lr) cell"
+          + (f" (scaled by {scale:.2f} to fit the time budget)" if scale < 1 else ""),
+          f"- backbone: {_backbone_line(r0)}",
+          f"- learning rates swept: {sorted({r['lr'] for r in records})}; best of the sweep per cell is shown",
+          "- state size: elements of memory state per example at the given context length (Zoology's axis)",
+          "", markdown_table(header, rows), ""]
+    md += _details(records)
+    plots = _plots(records, out_dir)
+    md += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    (out_dir / "leaderboard.md").write_text("\n".join(md) + "\n")
+    return text_table(header, rows)
+
+
+def _backbone_line(r: dict) -> str:
+    b = r["config"]["backbone"]
+    return (f"{b['n_layers']} layers, d_model {b['d_model']}, {b['n_heads']} heads / "
+            f"{b['n_kv_heads'] or b['n_heads']} kv heads, seg_len {b['seg_len']}")
+
+
+def _details(records: list[dict]) -> list[str]:
+    out = ["## Every cell", "", "| memory | task | lr | metrics | train loss | steps | tok/s | peak MB | wall s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        ms = ", ".join(f"{k} {_fmt(v)}" for k, v in r["metrics"].items() if "@" not in k and isinstance(v, float))
+        out.append(f"| {r['memory']} | {r['task']} | {r['lr']:g} | {ms} | {_fmt(r['train_loss'])} | {r['steps']} | "
+                   f"{r['tok_per_s']:,.0f} | {r['peak_mem_mb']:.0f} | {r['wall_s']:.1f} |")
+    return out
+
+
+def _plots(records: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = best_of_sweep(records)
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    memories = list(dict.fromkeys(r["memory"] for r in records))
+    paths = []
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        for m in memories:
+            r = best.get((m, t))
+            if r:
+                x, y = max(r["state_size"], 1), r["metrics"][r["primary"]]
+                ax.scatter([x], [y], s=40)
+                ax.annotate(m, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        r0 = next(r for r in records if r["task"] == t)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"state size (elements, at {r0['state_size_at_tokens']} tokens; 0 plotted at 1)")
+        ax.set_ylabel(f"{r0['primary']} ({'higher' if r0['higher_is_better'] else 'lower'} is better)")
+        ax.set_title(t)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out_dir / "quality_vs_state_size.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    if "lm" in tasks:
+        ms = [m for m in memories if (m, "lm") in best]
+        vals = [best[(m, "lm")]["metrics"]["bpb"] for m in ms]
+        fig, ax = plt.subplots(figsize=(1.2 * len(ms) + 2, 3.4))
+        ax.bar(ms, vals, color="tab:blue")
+        lo = min(vals)
+        ax.set_ylim(lo * 0.95, max(vals) * 1.01)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.3f}", ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel("bits per byte (lower is better)")
+        ax.set_title("language modelling, test split")
+        fig.tight_layout()
+        paths.append(out_dir / "bpb.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    if "passkey" in tasks:
+        ms = [m for m in memories if (m, "passkey") in best]
+        cfg = best[(ms[0], "passkey")]["config"]["task"]
+        lengths, depths = cfg["lengths"], cfg["depths"]
+        fig, axes = plt.subplots(1, len(ms), figsize=(2.6 * len(ms) + 1, 2.8), squeeze=False)
+        for ax, m in zip(axes[0], ms):
+            met = best[(m, "passkey")]["metrics"]
+            grid = [[met.get(f"exact@{L}/{d:g}", math.nan) for L in lengths] for d in depths]
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+            ax.set_xticks(range(len(lengths)), [str(L) for L in lengths])
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+            ax.set_xlabel("length (tokens)")
+            ax.set_title(m, fontsize=9)
+        axes[0][0].set_ylabel("needle depth")
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="exact match")
+        paths.append(out_dir / "passkey_grid.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths

@@ -1,0 +1,104 @@
+"""What a task is: a config (registered by `kind`), a training source and an evaluation.
+
+Every task trains and evaluates through the same segment protocol as the model: examples longer
+than the backbone's `seg_len` are processed as consecutive segments with the memory state
+carried between them, so a task longer than one segment can only be solved through memory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from memstack.config import Checked
+from memstack.data.packing import IGNORE, ExampleSource
+from memstack.memory.base import Step
+
+
+@dataclass(frozen=True)
+class TaskConfig(Checked):
+    """Base of every task's config; subclasses set `kind` (the registry name)."""
+
+    kind: ClassVar[str] = ""
+
+    def vocab_size(self) -> int:
+        """The vocabulary the model needs for this task."""
+        raise NotImplementedError
+
+    def context_tokens(self) -> int:
+        """Tokens of context an evaluation example spans (where state size is reported)."""
+        raise NotImplementedError
+
+
+class Task:
+    """Subclasses set the metric names and implement `train_source` and `evaluate`."""
+
+    primary: ClassVar[str] = ""            # the metric the leaderboard ranks by
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, cfg: TaskConfig, seg_len: int):
+        self.cfg, self.seg_len = cfg, seg_len
+
+    def train_source(self, rows: int, seed: int, rank: int = 0, world: int = 1) -> Any:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        raise NotImplementedError
+
+
+def build_task(cfg: TaskConfig, seg_len: int) -> Task:
+    from memstack.registry import TASKS
+
+    return TASKS.target_class(cfg.kind)(cfg, seg_len)
+
+
+def tokenizer_vocab(name: str) -> int:
+    """Vocabulary size of a tokenizer by name, without loading it."""
+    if name == "byte":
+        return 257
+    if name == "gpt2":
+        return 50257
+    if name.startswith("bpe") and name[3:].isdigit():
+        return int(name[3:])
+    from memstack.data.tokenizers import get_tokenizer
+
+    return get_tokenizer(name).vocab_size  # raises with the valid names
+
+
+@torch.no_grad()
+def example_predictions(model: nn.Module, inputs: np.ndarray, labels: np.ndarray, seg_len: int,
+                        batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher-forced argmax predictions for examples processed segment by segment.
+
+    Returns (correct (E, L) bool, mask (E, L) bool) where mask marks labelled positions. With
+    teacher forcing, "every answer token correct" is exactly greedy decoding's exact match.
+    """
+    src = ExampleSource(inputs, labels, batch_size, seg_len, shuffle=False, loop=False)
+    E, L = inputs.shape
+    correct = np.zeros((E, src.n_segments * seg_len), dtype=bool)
+    row = 0
+    dev = model.device
+    while not src.exhausted:
+        b = src.next().to(dev)
+        state = model.init_state(b.tokens.shape[0], dev)
+        preds = []
+        for n in range(b.tokens.shape[1]):
+            out, state = model(b.tokens[:, n], state, Step(reset=b.reset[:, n]))
+            preds.append(out.logits.argmax(-1))
+        pred = torch.cat(preds, 1)                                     # (b, N*S)
+        tgt = b.targets.reshape(b.targets.shape[0], -1)
+        correct[row:row + len(pred)] = (pred == tgt).cpu().numpy()
+        row += len(pred)
+    mask = labels != IGNORE
+    return correct[:, :L] & mask, mask
+
+
+def accuracy_metrics(correct: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """Token accuracy over labelled positions and exact match over examples."""
+    n = mask.sum()
+    per_ex = (correct | ~mask).all(axis=1)
+    return {"acc": float(correct.sum() / max(n, 1)), "exact": float(per_ex.mean()) if len(per_ex) else math.nan}

@@ -1,0 +1,238 @@
+"""The trainer: AdamW with warmup + cosine, gradient clipping, bf16 autocast on GPU, the segment
+loop with its BPTT policy and curriculum, checkpoint/resume, progress bars and JSONL logs, and
+data parallelism (DDP) when launched with torchrun.
+
+A data source is any object with `next(n_segments) -> Batch`, `state_dict()` and
+`load_state_dict()` (see data/packing.py). The memory state carried between steps is part of
+the trainer's state and is checkpointed with it, so a resumed run continues bit for bit.
+
+Checkpoints: `<dir>/step-XXXXXXX/` is written in full under a temporary name and renamed, then
+`<dir>/latest` is replaced atomically; a crash mid-save leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+from memstack.checkpoint import load_weights, save_checkpoint, write_json_atomic
+from memstack.config import to_dict
+from memstack.data.packing import Batch
+from memstack.errors import CheckpointError
+from memstack.memory.state import ModelState, detach, load_state, save_state
+from memstack.train.config import TrainConfig
+from memstack.train.distributed import DistInfo, all_reduce_sum
+from memstack.train.optim import build_optimizer, lr_at, set_lr
+from memstack.train.segments import SegmentLoop
+
+TRAINER_FORMAT = 1
+
+
+class Source(Protocol):
+    def next(self, n_segments: int) -> Batch: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, d: dict) -> None: ...
+
+
+def autocast_for(device: torch.device, precision: str):
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, cfg: TrainConfig, source: Source, *, out_dir: str | Path | None = None,
+                 evaluate: Callable[[nn.Module], dict] | None = None, dist: DistInfo | None = None,
+                 meta: dict | None = None):
+        self.model, self.cfg, self.source, self.evaluate = model, cfg, source, evaluate
+        self.dist = dist or DistInfo(device=model.device)
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.meta = meta or {}
+        self.opt = build_optimizer(model, cfg)
+        loop = SegmentLoop(model)
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            loop = DDP(loop, device_ids=[self.dist.local_rank] if self.dist.device.type == "cuda" else None)
+        self.loop = loop
+        self.step = 0
+        self.tokens = 0             # input tokens processed, all ranks
+        self.target_tokens = 0      # tokens with a loss, all ranks
+        self.train_time = 0.0       # seconds spent in training steps (this process, since start/resume)
+        self.state: ModelState | None = None
+        self.history: list[dict] = []
+        self._log_file = None
+
+    # ------------------------------------------------------------------------------- training
+    def train_step(self) -> dict:
+        cfg, dev = self.cfg, self.dist.device
+        n_seg = cfg.segments_at(self.step)
+        batch = self.source.next(n_seg).to(dev)
+        B = batch.tokens.shape[0]
+        if self.state is None or self.state.batch_size != B:
+            self.state = self.model.init_state(B, dev)
+        count = all_reduce_sum(torch.tensor(float(batch.n_targets), device=dev), self.dist)
+        # sum of token losses / global count, times world: DDP's gradient *average* then equals
+        # the gradient of the mean token loss over the global batch, exactly as one process would
+        scale = self.dist.world / max(float(count), 1.0)
+        lr = lr_at(self.step, cfg)
+        set_lr(self.opt, lr)
+        t0 = time.perf_counter()
+        self.model.train()
+        with autocast_for(dev, cfg.precision):
+            loss, total, state = self.loop(batch, self.state, cfg.bptt, cfg.bptt_k, scale)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        if cfg.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        else:
+            gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        self.opt.step()
+        self.state = detach(state)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        total = all_reduce_sum(total, self.dist)
+        n_tok = B * batch.tokens.shape[1] * batch.tokens.shape[2] * self.dist.world
+        self.step += 1
+        self.train_time += dt
+        self.tokens += n_tok
+        self.target_tokens += int(count)
+        return {"step": self.step, "loss": float(total) / max(float(count), 1.0), "lr": lr, "grad_norm": float(gnorm),
+                "segments": n_seg, "tokens": self.tokens, "target_tokens": self.target_tokens,
+                "tok_per_s": n_tok / dt, "step_s": dt}
+
+    def done(self) -> bool:
+        cfg = self.cfg
+        return self.step >= cfg.max_steps or (cfg.max_tokens is not None and self.target_tokens >= cfg.max_tokens)
+
+    def fit(self, progress: bool | None = None) -> dict:
+        """Train until max_steps / max_tokens; returns the last log record (with final eval)."""
+        cfg, main = self.cfg, self.dist.is_main
+        show = (cfg.progress if progress is None else progress) and main
+        bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        rec: dict[str, Any] = {}
+        t_start = time.perf_counter()
+        try:
+            while not self.done():
+                rec = self.train_step()
+                rec["elapsed_s"] = time.perf_counter() - t_start
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.evaluate and not self.done():
+                    rec["eval"] = self._eval()
+                if self.step % max(cfg.log_every, 1) == 0 or "eval" in rec:
+                    self._log(rec)
+                if cfg.ckpt_every and self.out_dir and self.step % cfg.ckpt_every == 0 and not self.done():
+                    self.save(self.out_dir / "ckpt")
+        finally:
+            if bar:
+                bar.close()
+        if self.evaluate:
+            rec["eval"] = self._eval()
+        if rec:
+            self._log(rec)
+        if self.out_dir:
+            self.save(self.out_dir / "ckpt")
+        return rec
+
+    def _eval(self) -> dict:
+        self.model.eval()
+        try:
+            with torch.no_grad(), autocast_for(self.dist.device, self.cfg.precision):
+                return self.evaluate(self.model)
+        finally:
+            self.model.train()
+
+    def _log(self, rec: dict) -> None:
+        self.history.append(rec)
+        if not (self.out_dir and self.dist.is_main):
+            return
+        if self._log_file is None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.out_dir / "log.jsonl", "a")
+        self._log_file.write(json.dumps(rec) + "\n")
+        self._log_file.flush()
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def save(self, root: str | Path) -> Path | None:
+        """Write a resumable checkpoint under root/step-XXXXXXX (main process only)."""
+        if not self.dist.is_main:
+            return None
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step-{self.step:07d}"
+        tmp = root / f".tmp-step-{self.step:07d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_checkpoint(self.model, tmp, meta=self.meta)
+        from safetensors.torch import save_file
+
+        flat, groups = _flatten_optimizer(self.opt.state_dict())
+        flat["rng.torch"] = torch.get_rng_state()
+        save_file(flat, str(tmp / "optim.safetensors"))
+        if self.state is not None:
+            save_state(self.state, tmp / "carry", self.model.memory.kinds)
+        write_json_atomic(tmp / "trainer.json", {
+            "format": TRAINER_FORMAT, "step": self.step, "tokens": self.tokens, "target_tokens": self.target_tokens,
+            "train": to_dict(self.cfg), "source": self.source.state_dict(), "param_groups": groups,
+            "has_state": self.state is not None})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        (root / "latest.tmp").write_text(final.name)
+        os.replace(root / "latest.tmp", root / "latest")
+        for old in sorted(root.glob("step-*"))[:-2]:  # keep the last two
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def resume(self, path: str | Path) -> None:
+        """Restore model, optimizer, carried memory state, data position and counters."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if (path / "latest").is_file():
+            path = path / (path / "latest").read_text().strip()
+        tj = path / "trainer.json"
+        if not tj.is_file():
+            raise CheckpointError(f"{path} is not a trainer checkpoint (no trainer.json)")
+        meta = json.loads(tj.read_text())
+        if meta.get("format") != TRAINER_FORMAT:
+            raise CheckpointError(f"{tj}: trainer format {meta.get('format')} not supported")
+        load_weights(self.model, path)
+        flat = load_file(str(path / "optim.safetensors"))
+        torch.set_rng_state(flat.pop("rng.torch"))
+        self.opt.load_state_dict(_unflatten_optimizer(flat, meta["param_groups"], self.dist.device))
+        self.state = load_state(path / "carry", self.model.memory.kinds, self.dist.device) if meta["has_state"] else None
+        self.source.load_state_dict(meta["source"])
+        self.step, self.tokens, self.target_tokens = meta["step"], meta["tokens"], meta["target_tokens"]
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    flat = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+            flat[f"state.{pid}.{k}"] = t.detach().contiguous().cpu()
+    return flat, sd["param_groups"]
+
+
+def _unflatten_optimizer(flat: dict[str, torch.Tensor], groups: list[dict], device: torch.device) -> dict:
+    state: dict[int, dict] = {}
+    for key, t in flat.items():
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = t if name == "step" else t.to(device)
+    return {"state": state, "param_groups": groups}
