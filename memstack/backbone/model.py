@@ -181,6 +181,8 @@ class MemoryModel(nn.Module):
         if step.reset is not None:
             if reset.shape != (B,):
                 raise ValueError(f"step.reset must have shape ({B},), got {tuple(reset.shape)}")
+            if not step.seg_start and bool(reset.any()):
+                raise ValueError("a row can only start a new document at a segment start (step.seg_start=True)")
             state = self.reset_state(state, reset)
         ctx = StepContext(tokens, state.pos, reset.bool(), step.seg_start, step.seg_end, self.training)
         states = list(state.memories)

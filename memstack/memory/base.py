@@ -176,6 +176,17 @@ class Memory(nn.Module):
 
         return tensor_nbytes(state)
 
+    @classmethod
+    def contract_configs(cls) -> list[dict]:
+        """Config fields the contract tests (tests/contract) run this memory with, on a tiny
+        backbone with seg_len 16. Add variants that exercise eviction, windows, layer subsets."""
+        return [{}]
+
+    def make_identity(self) -> bool:
+        """Set parameters so the memory leaves the backbone's output unchanged (close its output
+        gate) and return True; return False if the memory has no such setting."""
+        return False
+
     def applies_to(self, layer: int) -> bool:
         """ATTN / BLOCK memories: whether this layer is touched. Default: config `layers`, else all."""
         layers = getattr(self.cfg, "layers", None)

@@ -69,14 +69,19 @@ class DenseKVState:
         self.length += n
 
     def keep_last(self, n: int) -> None:
-        """Drop all but the last n held slots (in place)."""
+        """Drop all but the last n held slots. Copies into fresh buffers: the old ones may still be
+        viewed by this call's attention (the last layer trims before its attention runs)."""
         if self.length <= n:
             return
         a = self.length - n
         for store in (self.k, self.v):
-            for buf in store:
-                buf[:, :, :n] = buf[:, :, a:self.length].clone()
-        self.valid[:, :n] = self.valid[:, a:self.length].clone()
+            for i, buf in enumerate(store):
+                new = buf.new_empty(buf.shape)
+                new[:, :, :n] = buf[:, :, a:self.length]
+                store[i] = new
+        valid = self.valid.new_zeros(self.valid.shape)
+        valid[:, :n] = self.valid[:, a:self.length]
+        self.valid = valid
         self.length = n
 
 
@@ -137,4 +142,9 @@ class DenseKV(Memory):
         return block, DenseKVState(k, v, valid, n)
 
     def make_identity(self) -> bool:
-        return False  # no gate: with nothing held the first segment equals the backbone
+        # the segment cache only saves recomputation: whole-segment outputs never change
+        return self.cfg.scope == "segment"
+
+    @classmethod
+    def contract_configs(cls) -> list[dict]:
+        return [{"scope": "document"}, {"scope": "document", "window": 20, "initial_capacity": 8}, {"scope": "segment"}]

@@ -38,5 +38,6 @@ class MemoryTokens(Memory):
     def optim_group(self, name: str) -> str | None:
         return "no_decay"  # learned input vectors: weight decay would pull them to zero
 
-    def make_identity(self) -> bool:
-        return False  # prepended tokens always take part in attention; there is no gate to close
+    @classmethod
+    def contract_configs(cls) -> list[dict]:
+        return [{"n_tokens": 4}]

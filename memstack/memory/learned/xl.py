@@ -40,6 +40,11 @@ class XLState:
     pending_pos: Tensor           # (B, Tp)
 
 
+def _keep_last(x: Tensor, n: int) -> Tensor:
+    """The last n entries along dim 1, as their own tensor (a slice would keep the whole alive)."""
+    return x[:, -n:].clone() if x.shape[1] > n else x
+
+
 class TransformerXL(Memory):
     sites: ClassVar[frozenset[Site]] = frozenset({Site.ATTN})
 
@@ -72,22 +77,20 @@ class TransformerXL(Memory):
         pending_pos = torch.cat([state.pending_pos, pos_new], dim=1)
         mems, pend = list(state.mems), list(state.pending)
         if ctx.seg_end:  # the segment is complete: push it into the FIFO memory
-            M = self.cfg.mem_len
-            mems[j] = torch.cat([state.mems[j], pending], dim=1)[:, -M:]
-            pend[j] = pending[:, :0]
+            mems[j] = _keep_last(torch.cat([state.mems[j], pending], dim=1), self.cfg.mem_len)
+            pend[j] = pending.new_zeros(pending.shape[0], 0, pending.shape[2])
         else:
             pend[j] = pending
-        last = j == len(self.mem_layers) - 1                          # shared bookkeeping, once
         pos, valid, ppos = state.pos, state.valid, state.pending_pos
-        if last:
+        if j == len(self.mem_layers) - 1:  # bookkeeping shared by all layers: once, at the last
             if ctx.seg_end:
-                ones = torch.ones_like(pending_pos, dtype=torch.bool)
-                pos = torch.cat([state.pos, pending_pos], dim=1)[:, -self.cfg.mem_len:]
-                valid = torch.cat([state.valid, ones], dim=1)[:, -self.cfg.mem_len:]
-                ppos = pending_pos[:, :0]
+                pos = _keep_last(torch.cat([state.pos, pending_pos], dim=1), self.cfg.mem_len)
+                valid = _keep_last(torch.cat([state.valid, torch.ones_like(pending_pos, dtype=torch.bool)], dim=1), self.cfg.mem_len)
+                ppos = pending_pos.new_zeros(pending_pos.shape[0], 0)
             else:
                 ppos = pending_pos
         return block, XLState(tuple(mems), pos, valid, tuple(pend), ppos)
 
-    def make_identity(self) -> bool:
-        return False  # no gate; a fresh memory is empty, so the first segment equals the backbone
+    @classmethod
+    def contract_configs(cls) -> list[dict]:
+        return [{"mem_len": 64}, {"mem_len": 10}, {"mem_len": 24, "layers": [1]}]
