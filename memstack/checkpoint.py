@@ -5,15 +5,14 @@ Layout of a checkpoint directory:
     model-<sha256[:12]>.safetensors
 
 A save writes the new weights file first, then atomically replaces config.json (which names
-it), then removes the old weights: a crash at any point leaves a loadable checkpoint. Loading
+it), then removes weights no longer named (memstack/atomic.py): a crash at any point leaves a
+loadable checkpoint. Loading
 verifies the checksum and refuses weights or configs that do not match the model, listing every
 mismatch at once.
 """
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from torch import Tensor
 
 from memstack.config import ModelConfig, from_dict, to_dict
 from memstack.errors import CheckpointError, ConfigError
-from memstack.memory.state import _sha256
+from memstack.atomic import remove_unreferenced, save_tensors_versioned, sha256_file, write_json_atomic
 
 FORMAT = 1
 
@@ -39,38 +38,15 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def save_tensors_versioned(tensors: dict[str, Tensor], directory: Path, stem: str) -> tuple[str, str]:
-    """Write tensors as `<stem>-<sha[:12]>.safetensors` via a temp file; returns (file name, sha256)."""
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=stem + ".", suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp)
-    sha = _sha256(Path(tmp))
-    name = f"{stem}-{sha[:12]}.safetensors"
-    os.replace(tmp, directory / name)
-    return name, sha
-
-
 def save_checkpoint(model: torch.nn.Module, path: str | Path, meta: dict | None = None) -> Path:
     """Save `model` (a MemoryModel) to directory `path`; returns the directory."""
     path = Path(path)
+    doc = {"format": FORMAT, "model": to_dict(model.cfg), "meta": meta or {}}
+    json.dumps(doc)  # an unserialisable meta fails here, before anything is written
     path.mkdir(parents=True, exist_ok=True)
-    old = _read_config(path) if (path / "config.json").is_file() else None
     name, sha = save_tensors_versioned(unique_state_dict(model), path, "model")
-    write_json_atomic(path / "config.json", {"format": FORMAT, "model": to_dict(model.cfg), "weights": name,
-                                             "sha256": sha, "meta": meta or {}})
-    if old and old.get("weights") not in (None, name):
-        (path / old["weights"]).unlink(missing_ok=True)
+    write_json_atomic(path / "config.json", {**doc, "weights": name, "sha256": sha})
+    remove_unreferenced(path, "model", {name})
     return path
 
 
@@ -120,7 +96,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> dict:
     wfile = path / data["weights"]
     if not wfile.is_file():
         raise CheckpointError(f"{path}: weights file {data['weights']} is missing")
-    if _sha256(wfile) != data["sha256"]:
+    if sha256_file(wfile) != data["sha256"]:
         raise CheckpointError(f"{wfile}: checksum mismatch -- the file is corrupted or was modified")
     saved = load_file(str(wfile))
     want = unique_state_dict(model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -262,14 +263,18 @@ def _from_dict(cls: type, data: Any, path: str, reasons: _Reasons) -> Any:
     for name in names:
         if name in data:
             kwargs[name] = _convert(hints[name], data[name], f"{path}.{name}" if path else name, reasons)
-    if len(reasons) > n_before or unknown:
+    if len(reasons) > n_before:
         return None
-    try:
-        return cls(**kwargs)
+    try:  # also when there were unknown fields: report the known fields' problems in the same pass
+        out = cls(**kwargs)
     except ConfigError as e:
         for r in e.reasons:
             reasons.add(path, r)
         return None
+    except TypeError as e:  # a required field is missing
+        reasons.add(path, str(e))
+        return None
+    return None if unknown else out
 
 
 def from_dict(cls: type, data: Any, what: str | None = None) -> Any:
@@ -283,12 +288,29 @@ def from_dict(cls: type, data: Any, what: str | None = None) -> Any:
 
 # ----------------------------------------------------------------------------- YAML + overrides
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-3 and 2E5 as floats (YAML 1.1 wants a dot: '1.0e-3')."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -302,7 +324,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key:
         raise ConfigError(f"override {text!r} must look like key.sub=value")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value

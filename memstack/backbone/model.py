@@ -146,7 +146,8 @@ class MemoryModel(nn.Module):
         cfg = ModelConfig(self.cfg.backbone, self.cfg.memories + tuple(extra))
         added = MemoryStack(extra, cfg.backbone)
         stack = MemoryStack(cfg.memories, cfg.backbone, modules=list(self.memory.memories) + list(added.memories))
-        return MemoryModel(cfg, _shared=self, _stack=stack).to(self.tok_emb.weight.device)
+        model = MemoryModel(cfg, _shared=self, _stack=stack).to(self.tok_emb.weight.device)
+        return model.train(self.training)
 
     @property
     def device(self) -> torch.device:
@@ -167,6 +168,8 @@ class MemoryModel(nn.Module):
         return ModelState(state.pos.masked_fill(mask, 0), self.memory.reset(state.memories, mask))
 
     def forward(self, tokens: Tensor, state: ModelState | None = None, step: Step | None = None) -> tuple[ModelOutput, ModelState]:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must have shape (batch, length), got {tuple(tokens.shape)}")
         B, T = tokens.shape
         V = self.cfg.backbone.vocab_size
         if tokens.dtype not in (torch.int64, torch.int32) or (T and (int(tokens.min()) < 0 or int(tokens.max()) >= V)):

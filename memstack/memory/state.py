@@ -7,9 +7,7 @@ of functions detach, move, measure, save and load the state of any memory.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from memstack.atomic import remove_unreferenced, save_tensors_versioned, sha256_file, write_json_atomic
 from memstack.errors import CheckpointError
 
 STATE_FORMAT = 1
@@ -123,31 +122,18 @@ def _unflatten(skel: Any, tensors_: dict[str, Tensor], device: torch.device | st
     return skel
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_state(state: ModelState, path: str | Path, kinds: list[str]) -> None:
-    """Write a model state as `<path>.safetensors` + `<path>.json` (structure, kinds, checksum).
-
-    Written to temporary files first and renamed, so a crash leaves the previous version intact.
-    """
-    from safetensors.torch import save_file
-
+    """Write a model state as the manifest `<path>.json` (structure, kinds, checksum) and a
+    content-named tensor file beside it. A crash at any point leaves the previous version intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     flat: dict[str, Tensor] = {}
-    skel = _flatten(state, "state", flat)
-    tmp_t, tmp_j = path.with_suffix(".safetensors.tmp"), path.with_suffix(".json.tmp")
-    save_file(flat, str(tmp_t))
-    meta = {"format": STATE_FORMAT, "kinds": kinds, "skeleton": skel, "sha256": _sha256(tmp_t)}
-    tmp_j.write_text(json.dumps(meta))
-    os.replace(tmp_t, path.with_suffix(".safetensors"))
-    os.replace(tmp_j, path.with_suffix(".json"))
+    skel = _flatten(state, "state", flat)   # fails on an unsaveable state before anything is written
+    json.dumps(skel)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    manifest = path.with_name(path.name + ".json")
+    name, sha = save_tensors_versioned(flat, path.parent, path.name)
+    write_json_atomic(manifest, {"format": STATE_FORMAT, "kinds": kinds, "skeleton": skel, "tensors": name, "sha256": sha})
+    remove_unreferenced(path.parent, path.name, {name})
 
 
 def load_state(path: str | Path, kinds: list[str], device: torch.device | str = "cpu") -> ModelState:
@@ -155,17 +141,20 @@ def load_state(path: str | Path, kinds: list[str], device: torch.device | str = 
     from safetensors.torch import load_file
 
     path = Path(path)
-    tpath, jpath = path.with_suffix(".safetensors"), path.with_suffix(".json")
-    if not tpath.is_file() or not jpath.is_file():
-        raise CheckpointError(f"no saved state at {path} (expected {tpath.name} and {jpath.name})")
+    manifest = path.with_name(path.name + ".json")
+    if not manifest.is_file():
+        raise CheckpointError(f"no saved state at {path} (expected {manifest.name})")
     try:
-        meta = json.loads(jpath.read_text())
+        meta = json.loads(manifest.read_text())
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{jpath} is corrupted: {e}") from None
+        raise CheckpointError(f"{manifest} is corrupted: {e}") from None
     if meta.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{jpath}: state format {meta.get('format')} is not supported (expected {STATE_FORMAT})")
+        raise CheckpointError(f"{manifest}: state format {meta.get('format')} is not supported (expected {STATE_FORMAT})")
     if meta.get("kinds") != kinds:
         raise CheckpointError(f"{path}: state was saved for memories {meta.get('kinds')}, this model has {kinds}")
-    if _sha256(tpath) != meta.get("sha256"):
+    tpath = path.parent / str(meta.get("tensors"))
+    if not tpath.is_file():
+        raise CheckpointError(f"{manifest} names {tpath.name}, which is missing")
+    if sha256_file(tpath) != meta.get("sha256"):
         raise CheckpointError(f"{tpath}: checksum mismatch -- the file is corrupted or was modified")
     return _unflatten(meta["skeleton"], load_file(str(tpath)), device)

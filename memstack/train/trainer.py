@@ -22,7 +22,8 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
-from memstack.checkpoint import load_weights, save_checkpoint, write_json_atomic
+from memstack.atomic import write_json_atomic
+from memstack.checkpoint import load_weights, save_checkpoint
 from memstack.config import to_dict
 from memstack.data.packing import Batch
 from memstack.errors import CheckpointError

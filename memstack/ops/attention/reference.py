@@ -17,12 +17,14 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -
     """
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    assert H % Hkv == 0, (H, Hkv)
+    if H % Hkv:
+        raise ValueError(f"n_heads ({H}) must be a multiple of kv heads ({Hkv})")
     g = H // Hkv
     qf, kf, vf = q.float(), k.float().repeat_interleave(g, dim=1), v.float().repeat_interleave(g, dim=1)
     scores = qf @ kf.transpose(-1, -2) / math.sqrt(D)                 # (B,H,T,S)
     if mask is None:
-        assert T == S, "causal attention without a mask needs T == S"
+        if T != S:
+            raise ValueError(f"causal attention without a mask needs T == S, got T={T}, S={S}")
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()[None]
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)                             # (B,H,T,S)

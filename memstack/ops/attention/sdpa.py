@@ -16,6 +16,8 @@ def attention_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) 
     """Same contract as `attention_ref`: q (B,H,T,D), k/v (B,Hkv,S,D), mask (B,T,S) bool or None (causal)."""
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
+    if mask is None and T != S:
+        raise ValueError(f"causal attention without a mask needs T == S, got T={T}, S={S}")
     g = H // Hkv
     if g == 1:
         if mask is None:
