@@ -18,7 +18,7 @@ the chunk) and, causally, the chunk itself.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,12 @@ from memstack.ops.attention import attention
 class ModelOutput:
     logits: Tensor   # (B, T, vocab) float32
     hidden: Tensor   # (B, T, d_model) final hidden states after the last norm
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)  # memories' auxiliary losses (StepContext.add_loss)
+
+    @property
+    def aux_loss(self) -> Tensor | float:
+        """Sum of the auxiliary losses (0.0 when there are none)."""
+        return sum(self.aux_losses.values()) if self.aux_losses else 0.0
 
 
 class Attention(nn.Module):
@@ -124,8 +130,11 @@ class MemoryModel(nn.Module):
             self.blocks = nn.ModuleList(Block(b, i) for i in range(b.n_layers))
             self.norm = RMSNorm(b.d_model, b.norm_eps)
             self.lm_head = nn.Linear(b.d_model, b.vocab_size, bias=False)
-            self.memory = MemoryStack(cfg.memories, b)
+            self.memory = MemoryStack((), b)
             self.reset_parameters()
+            # memories are built after the backbone is initialised, so the backbone's weights do
+            # not depend on which memories are attached (same seed -> same backbone: a fair start)
+            self.memory = MemoryStack(cfg.memories, b)
         else:  # share every module with an existing model (see `with_memories`)
             self.tok_emb, self.blocks, self.norm, self.lm_head = _shared.tok_emb, _shared.blocks, _shared.norm, _shared.lm_head
             self.memory = _stack
@@ -205,7 +214,7 @@ class MemoryModel(nn.Module):
         logits = self.lm_head(h).float()                              # (B, T, V)
         if len(self.memory):
             logits = self.memory.logits(logits, h, states, ctx)
-        return ModelOutput(logits, h), ModelState(state.pos + T, tuple(states))
+        return ModelOutput(logits, h, ctx.losses), ModelState(state.pos + T, tuple(states))
 
 
 def build_model(cfg: ModelConfig | BackboneConfig, memories: list[MemoryConfig] | None = None) -> MemoryModel:

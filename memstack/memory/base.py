@@ -27,7 +27,7 @@ pieces -- the contract tests hold every memory to that.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any, Callable, ClassVar
 
@@ -102,6 +102,9 @@ class StepContext:
     n_prefix: int = 0       # tokens memories prepended (EMBED), in front of the real tokens
     n_suffix: int = 0       # tokens memories appended (EMBED), after the real tokens
     positions: Tensor | None = None  # (B, n_prefix + T + n_suffix) RoPE positions of the extended chunk
+    # auxiliary training losses memories add during this call (name -> scalar, already weighted);
+    # one dict per forward call, shared by every copy of this context
+    losses: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
@@ -114,6 +117,13 @@ class StepContext:
 
     def with_(self, **kw: Any) -> "StepContext":
         return replace(self, **kw)
+
+    def add_loss(self, name: str, value: Tensor) -> None:
+        """Add an auxiliary training loss (a weighted scalar, mean-like: it is counted once per
+        target token of the chunk, like the LM loss). Repeated names accumulate (e.g. per layer)."""
+        if value.dim() != 0:
+            raise ValueError(f"auxiliary loss {name!r} must be a scalar, got shape {tuple(value.shape)}")
+        self.losses[name] = self.losses[name] + value if name in self.losses else value
 
 
 @dataclass
@@ -149,6 +159,8 @@ class Memory(nn.Module):
 
     Hooks receive this memory's own state and return the new one. State objects are dataclasses
     of tensors (see memory/state.py for the generic tree utilities: detach, save, load, nbytes).
+    Every state tensor is batch-first (dim 0 = the example), so states can be split, gathered
+    and concatenated across rows and processes without knowing the family.
     """
 
     sites: ClassVar[frozenset[Site]] = frozenset()

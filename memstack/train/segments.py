@@ -39,11 +39,17 @@ class SegmentLoop(nn.Module):
         self.model = model
 
     def forward(self, batch: Batch, state: ModelState, policy: str, k: int, loss_scale: float) -> tuple[Tensor, Tensor, ModelState]:
-        """Returns (loss to backprop: sum of token losses * loss_scale, detached token-loss sum, state)."""
+        """Returns (loss to backprop: (sum of token losses + auxiliary losses) * loss_scale, the
+        detached sum of token losses alone (what is logged as the LM loss), state)."""
         total: Tensor = batch.tokens.new_zeros((), dtype=torch.float32)
+        aux: Tensor = batch.tokens.new_zeros((), dtype=torch.float32)
         for n in range(batch.tokens.shape[1]):
             if detach_before(n, policy, k):
                 state = detach(state)
             out, state = self.model(batch.tokens[:, n], state, Step(reset=batch.reset[:, n]))
-            total = total + cross_entropy(out.logits, batch.targets[:, n], reduction="sum")
-        return total * loss_scale, total.detach(), state
+            ce = cross_entropy(out.logits, batch.targets[:, n], reduction="sum")
+            total = total + ce
+            if out.aux_losses:  # mean-like auxiliary losses count once per target token, as the LM loss
+                n_tgt = (batch.targets[:, n] != -100).sum()
+                aux = aux + out.aux_loss * n_tgt
+        return (total + aux) * loss_scale, total.detach(), state
