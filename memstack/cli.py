@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -93,6 +94,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         data["device"] = args.device
     cfg = run_config_from_dict(data)
     rec = run_training(cfg, resume=args.resume, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, the main process reports
+        return 0
     print(json.dumps({k: v for k, v in rec.items() if k in ("step", "loss", "tokens", "eval", "params")}, indent=1))
     if cfg.out_dir:
         print(f"checkpoint: {cfg.out_dir}/ckpt (log: {cfg.out_dir}/log.jsonl)")
@@ -102,15 +105,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from memstack.config import from_dict
     from memstack.evals.task import TaskConfig
-    from memstack.train.run import evaluate_checkpoint
+    from memstack.train.run import evaluate_checkpoint, load_for_inference
 
     task = None
     if args.task or args.overrides:
         data = _load(None, args.overrides)
-        tdata = data.get("task", {})
-        if args.task:
-            tdata["kind"] = args.task
-        task = from_dict(TaskConfig, tdata, what="task config")
+        extra = sorted(k for k in data if k != "task")
+        if extra:
+            raise MemstackError(f"eval takes task.* overrides only; got {', '.join(extra)} "
+                                "(e.g. task.eval_split=val task.eval_tokens=10000)")
+        _, meta, _ = load_for_inference(args.checkpoint, "cpu")
+        stored = dict(meta.get("task", {}))
+        if args.task and args.task != stored.get("kind"):
+            stored = {"kind": args.task}  # another task: start from its defaults
+        task = from_dict(TaskConfig, {**stored, **data.get("task", {})}, what="task config")
     print(json.dumps(evaluate_checkpoint(args.checkpoint, task, args.device or "auto"), indent=1))
     return 0
 
@@ -128,8 +136,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         data["device"] = args.device
     suite = from_dict(SuiteConfig, data, what=f"suite {path.name}")
     out = Path(args.out) / suite.name / time.strftime("%Y%m%d-%H%M%S")
+    n = 1
+    while out.exists():  # two runs in the same second get their own folders
+        out = out.with_name(f"{out.name.split('.')[0]}.{n}")
+        n += 1
     records = run_suite(suite, out, progress=not args.no_progress)
-    command = "memstack bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "memstack bench"
+    command = " ".join(["memstack", *args.argv])
     table = write_report(records, out, command)
     print()
     print(table)
@@ -245,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv
     if extra:  # `--model.n_layers=4` style overrides, and KEY=VALUE after them
         bad = [e for e in extra if "=" not in e or (e.startswith("-") and not e.startswith("--"))]
         if bad or not hasattr(args, "overrides"):

@@ -90,12 +90,16 @@ def run_training(cfg: RunConfig, resume: str | Path | None = None, progress: boo
 
 def latest_checkpoint(path: str | Path) -> Path:
     """A model checkpoint directory: `path` itself, or the latest step under a trainer's ckpt dir."""
+    from memstack.train.trainer import resolve_step_dir
+
     path = Path(path)
+    if (path / "config.json").is_file():
+        return path
     for p in (path, path / "ckpt"):
-        if (p / "latest").is_file():
-            return p / (p / "latest").read_text().strip()
-        if (p / "config.json").is_file():
-            return p
+        try:
+            return resolve_step_dir(p)
+        except CheckpointError:
+            continue
     raise CheckpointError(f"no checkpoint found at {path} (expected config.json, or a trainer 'latest' pointer)")
 
 

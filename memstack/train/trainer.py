@@ -27,7 +27,7 @@ from memstack.checkpoint import load_weights, save_checkpoint
 from memstack.config import to_dict
 from memstack.data.packing import Batch
 from memstack.errors import CheckpointError
-from memstack.memory.state import ModelState, detach, load_state, save_state
+from memstack.memory.state import ModelState, detach, load_state, save_state, tree_map
 from memstack.train.config import TrainConfig
 from memstack.train.distributed import DistInfo, all_reduce_sum
 from memstack.train.optim import build_optimizer, lr_at, set_lr
@@ -133,11 +133,12 @@ class Trainer:
                 if bar:
                     bar.update(1)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}")
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.evaluate and not self.done():
+                last = self.done()
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.evaluate and not last:
                     rec["eval"] = self._eval()
-                if self.step % max(cfg.log_every, 1) == 0 or "eval" in rec:
-                    self._log(rec)
-                if cfg.ckpt_every and self.out_dir and self.step % cfg.ckpt_every == 0 and not self.done():
+                if (self.step % max(cfg.log_every, 1) == 0 or "eval" in rec) and not last:
+                    self._log(rec)  # the last step is logged once, below, with the final evaluation
+                if cfg.ckpt_every and self.out_dir and self.step % cfg.ckpt_every == 0 and not last:
                     self.save(self.out_dir / "ckpt")
         finally:
             if bar:
@@ -170,14 +171,17 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- checkpoints
     def save(self, root: str | Path) -> Path | None:
-        """Write a resumable checkpoint under root/step-XXXXXXX (main process only)."""
+        """Write a resumable checkpoint under root/step-XXXXXXX. Every process must call it (the
+        carried memory state is gathered from all ranks); the main process writes."""
+        state = self._gather_state()
         if not self.dist.is_main:
             return None
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step-*"):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
         final = root / f"step-{self.step:07d}"
         tmp = root / f".tmp-step-{self.step:07d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         save_checkpoint(self.model, tmp, meta=self.meta)
         from safetensors.torch import save_file
@@ -185,28 +189,44 @@ class Trainer:
         flat, groups = _flatten_optimizer(self.opt.state_dict())
         flat["rng.torch"] = torch.get_rng_state()
         save_file(flat, str(tmp / "optim.safetensors"))
-        if self.state is not None:
-            save_state(self.state, tmp / "carry", self.model.memory.kinds)
+        if state is not None:
+            save_state(state, tmp / "carry", self.model.memory.kinds)
         write_json_atomic(tmp / "trainer.json", {
             "format": TRAINER_FORMAT, "step": self.step, "tokens": self.tokens, "target_tokens": self.target_tokens,
             "train": to_dict(self.cfg), "source": self.source.state_dict(), "param_groups": groups,
-            "has_state": self.state is not None})
-        if final.exists():
-            shutil.rmtree(final)
+            "has_state": state is not None, "world": self.dist.world})
+        old = None
+        if final.exists():  # saving the same step again: move the old copy aside, never delete first
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.replace(final, old)
         os.replace(tmp, final)
         (root / "latest.tmp").write_text(final.name)
         os.replace(root / "latest.tmp", root / "latest")
-        for old in sorted(root.glob("step-*"))[:-2]:  # keep the last two
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        for stale in sorted(root.glob("step-*"))[:-2]:  # keep the last two
+            shutil.rmtree(stale, ignore_errors=True)
         return final
+
+    def _gather_state(self) -> ModelState | None:
+        """The carried state of the global batch: every rank's rows, in rank order (state tensors
+        are batch-first by convention, see memory/base.py)."""
+        if self.state is None or self.dist.world == 1:
+            return self.state
+        import torch.distributed as tdist
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            parts = [torch.empty_like(t) for _ in range(self.dist.world)]
+            tdist.all_gather(parts, t.contiguous())
+            return torch.cat(parts, 0)
+
+        return tree_map(gather, self.state)
 
     def resume(self, path: str | Path) -> None:
         """Restore model, optimizer, carried memory state, data position and counters."""
         from safetensors.torch import load_file
 
-        path = Path(path)
-        if (path / "latest").is_file():
-            path = path / (path / "latest").read_text().strip()
+        path = resolve_step_dir(Path(path))
         tj = path / "trainer.json"
         if not tj.is_file():
             raise CheckpointError(f"{path} is not a trainer checkpoint (no trainer.json)")
@@ -217,9 +237,28 @@ class Trainer:
         flat = load_file(str(path / "optim.safetensors"))
         torch.set_rng_state(flat.pop("rng.torch"))
         self.opt.load_state_dict(_unflatten_optimizer(flat, meta["param_groups"], self.dist.device))
-        self.state = load_state(path / "carry", self.model.memory.kinds, self.dist.device) if meta["has_state"] else None
+        self.state = None
+        if meta["has_state"]:
+            state = load_state(path / "carry", self.model.memory.kinds, self.dist.device)
+            B = state.batch_size // self.dist.world  # this rank's rows of the global batch
+            self.state = tree_map(lambda t: t[self.dist.rank * B:(self.dist.rank + 1) * B], state)
         self.source.load_state_dict(meta["source"])
         self.step, self.tokens, self.target_tokens = meta["step"], meta["tokens"], meta["target_tokens"]
+
+
+def resolve_step_dir(path: Path) -> Path:
+    """A trainer checkpoint dir: `path` itself, or what `path/latest` names; if `latest` names a
+    directory that is gone, the newest complete step-* directory."""
+    if (path / "trainer.json").is_file():
+        return path
+    if (path / "latest").is_file():
+        named = path / (path / "latest").read_text().strip()
+        if (named / "trainer.json").is_file():
+            return named
+    steps = [p for p in sorted(path.glob("step-*")) if (p / "trainer.json").is_file()]
+    if steps:
+        return steps[-1]
+    raise CheckpointError(f"{path} is not a trainer checkpoint (no trainer.json, no complete step-* directory)")
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
