@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from memstack.backbone.model import build_model
-from memstack.config import BackboneConfig, Checked, MemoryConfig, ModelConfig, to_dict
+from memstack.config import BackboneConfig, Checked, MemoryConfig, ModelConfig, from_dict, to_dict
+from memstack.errors import ConfigError
 from memstack.evals.task import Task, TaskConfig, build_task
 from memstack.registry import MEMORIES
 from memstack.train.config import TrainConfig
@@ -60,9 +61,18 @@ class SuiteConfig(Checked):
             r.append(f"tokens_per_cell must be >= 1, got {self.tokens_per_cell}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             r.append(f"time_budget_s must be > 0 or null, got {self.time_budget_s}")
-        valid = set(MEMORIES.names()) | {"all"}
-        r += [f"memories: unknown memory {m!r}; valid: {', '.join(sorted(MEMORIES.names()))}" for m in self.memories if m not in valid]
-        r += [f"exclude: unknown memory {m!r}" for m in self.exclude if m not in MEMORIES.names()]
+        names = sorted(MEMORIES.names())
+        r += [f"memories: unknown memory {m!r}; valid: {', '.join(names)}" for m in self.memories if m not in names + ["all"]]
+        r += [f"exclude: unknown memory {m!r}; valid: {', '.join(names)}" for m in self.exclude if m not in names]
+        r += [f"memory_configs: unknown memory {m!r}; valid: {', '.join(names)}" for m in self.memory_configs if m not in names]
+        if not r:
+            try:
+                from memstack.registry import validate_memories
+
+                for m in self.memory_list():
+                    r += validate_memories(self.backbone, [m])
+            except ConfigError as e:
+                r += [f"memory_configs: {x}" for x in e.reasons]
         return r
 
     def memory_list(self) -> list[MemoryConfig]:
@@ -71,8 +81,6 @@ class SuiteConfig(Checked):
         for n in names:
             if n in self.exclude:
                 continue
-            from memstack.config import from_dict
-
             out.append(from_dict(MEMORIES.config_class(n), dict(self.memory_configs.get(n, {})), what=f"{n} config"))
         return out
 
@@ -174,21 +182,43 @@ def run_cell(suite: SuiteConfig, mem: MemoryConfig, task_cfg: TaskConfig, lr: fl
     }
 
 
-def calibrate(suite: SuiteConfig, device: torch.device, task: Task) -> float:
-    """Training tokens/s of the plain backbone on the first task (a few timed steps)."""
+def calibrate(suite: SuiteConfig, device: torch.device, tasks: list[Task]) -> tuple[float, list[float]]:
+    """The plain backbone's training tokens/s (a few timed steps on the first task) and one
+    evaluation's seconds per task (which also builds and caches each task's evaluation data)."""
     from memstack.memory.baseline import NoMemoryConfig
 
-    backbone = dataclasses.replace(suite.backbone, vocab_size=task.cfg.vocab_size())
-    torch.manual_seed(suite.seed)
-    model = build_model(ModelConfig(backbone, (NoMemoryConfig(),))).to(device)
+    def plain(task: Task):
+        backbone = dataclasses.replace(suite.backbone, vocab_size=task.cfg.vocab_size())
+        torch.manual_seed(suite.seed)
+        return build_model(ModelConfig(backbone, (NoMemoryConfig(),))).to(device)
+
+    model = plain(tasks[0])
     tcfg = dataclasses.replace(suite.train, max_steps=8, warmup_steps=1, progress=False)
-    tr = Trainer(model, tcfg, task.train_source(suite.train.batch_size, suite.seed), dist=DistInfo(device=device))
+    tr = Trainer(model, tcfg, tasks[0].train_source(suite.train.batch_size, suite.seed), dist=DistInfo(device=device))
     for _ in range(3):
         tr.train_step()
     t0, tok0 = time.perf_counter(), tr.tokens
     for _ in range(5):
         tr.train_step()
-    return (tr.tokens - tok0) / (time.perf_counter() - t0)
+    tps = (tr.tokens - tok0) / (time.perf_counter() - t0)
+    evals = []
+    for task in tasks:
+        m = plain(task).eval()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            task.evaluate(m)
+        evals.append(time.perf_counter() - t0)
+    return tps, evals
+
+
+MEMORY_OVERHEAD = 1.3   # memories train and evaluate up to ~1.3x slower than the plain backbone
+
+
+def fit_budget(suite: SuiteConfig, n_memories: int, tps: float, eval_s: list[float], remaining_s: float) -> int:
+    """Training tokens per cell so the whole suite fits in `remaining_s` seconds."""
+    runs = n_memories * len(suite.lrs)
+    train_s = remaining_s / MEMORY_OVERHEAD - runs * sum(eval_s)
+    return int(train_s * tps / (runs * len(eval_s)))
 
 
 def run_suite(suite: SuiteConfig, out_dir: str | Path, progress: bool = True, log=print) -> list[dict]:
@@ -203,14 +233,21 @@ def run_suite(suite: SuiteConfig, out_dir: str | Path, progress: bool = True, lo
     tokens, scale = suite.tokens_per_cell, 1.0
     t_start = time.perf_counter()
     if suite.time_budget_s:
-        tps = calibrate(suite, device, tasks[0][1])
-        # ~1.6x: memories cost more than the plain backbone, plus evaluation and set-up per cell
-        affordable = tps * (suite.time_budget_s - (time.perf_counter() - t_start)) / (n_cells * 1.6)
+        tps, eval_s = calibrate(suite, device, [t for _, t in tasks])
+        affordable = fit_budget(suite, len(mems), tps, eval_s, suite.time_budget_s - (time.perf_counter() - t_start))
+        min_tokens = 20 * suite.train.batch_size * suite.train.n_segments * suite.backbone.seg_len
+        if affordable < min_tokens:
+            from memstack.errors import ConfigError
+
+            raise ConfigError(f"time_budget_s={suite.time_budget_s:g} leaves {max(affordable, 0):,} training tokens per "
+                              f"cell for {n_cells} cells (fewer than 20 steps): raise the budget, or run fewer "
+                              "memories / tasks / learning rates", what="suite budget")
         if affordable < tokens:
             scale = affordable / tokens
-            tokens = int(affordable)
-        log(f"calibration: plain backbone trains at {tps:,.0f} tok/s on {env['device']}; "
-            f"{n_cells} cells x {tokens:,} tokens (budget scale {scale:.2f})")
+            tokens = affordable
+        log(f"calibration: plain backbone trains at {tps:,.0f} tok/s on {env['device']}; evaluations take "
+            + ", ".join(f"{tc.kind} {t:.1f}s" for (tc, _), t in zip(tasks, eval_s))
+            + f"; {n_cells} cells x {tokens:,} tokens (budget scale {scale:.3g})")
     records = []
     bar = None
     if progress:

@@ -20,7 +20,7 @@ from torch import nn
 
 from memstack.backbone.model import cross_entropy
 from memstack.data.packing import IGNORE, DocumentStream
-from memstack.evals.task import Task, TaskConfig, tokenizer_vocab
+from memstack.evals.task import Task, TaskConfig, tokenizer_reasons, tokenizer_vocab
 from memstack.memory.base import Step
 
 
@@ -40,7 +40,7 @@ class LMTaskConfig(TaskConfig):
         return 4096
 
     def check(self) -> list[str]:
-        r = []
+        r = tokenizer_reasons(self.tokenizer)
         if self.eval_tokens is not None and self.eval_tokens < 1:
             r.append(f"eval_tokens must be >= 1 or null, got {self.eval_tokens}")
         if self.eval_rows < 1:

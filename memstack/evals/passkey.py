@@ -15,7 +15,7 @@ from torch import nn
 
 from memstack.data.packing import ExampleSource
 from memstack.data.synthetic import passkey, passkey_grid
-from memstack.evals.task import Task, TaskConfig, accuracy_metrics, example_predictions, tokenizer_vocab
+from memstack.evals.task import Task, TaskConfig, accuracy_metrics, example_predictions, tokenizer_reasons, tokenizer_vocab
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,9 @@ class PasskeyTaskConfig(TaskConfig):
         return max(self.lengths)
 
     def check(self) -> list[str]:
-        r = []
+        r = tokenizer_reasons(self.tokenizer)
+        if not 1 <= self.n_digits <= 18:
+            r.append(f"n_digits must be in [1, 18], got {self.n_digits}")
         if not self.lengths or min(self.lengths) < 1:
             r.append(f"lengths must be non-empty and positive, got {self.lengths}")
         if any(not 0 <= d <= 1 for d in self.depths) or not self.depths:

@@ -70,7 +70,7 @@ def write_report(records: list[dict], out_dir: str | Path, command: str = "") ->
           f"- command: `{command or 'memstack bench'}`",
           f"- device: {r0['device']}; torch {r0['torch']}; memstack {r0['memstack']} @ {r0['git_sha']}",
           f"- budget: {r0['tokens_per_cell']:,} training tokens per (memory, task, lr) cell"
-          + (f" (scaled by {scale:.2f} to fit the time budget)" if scale < 1 else ""),
+          + (f" (scaled by {scale:.3g} to fit the time budget)" if scale < 1 else ""),
           f"- backbone: {_backbone_line(r0)}",
           f"- learning rates swept: {sorted({r['lr'] for r in records})}; best of the sweep per cell is shown",
           "- state size: elements of memory state per example at the given context length (Zoology's axis)",
@@ -128,7 +128,7 @@ def _plots(records: list[dict], out_dir: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
-    if "lm" in tasks:
+    if "lm" in tasks and any((m, "lm") in best for m in memories):
         ms = [m for m in memories if (m, "lm") in best]
         vals = [best[(m, "lm")]["metrics"]["bpb"] for m in ms]
         fig, ax = plt.subplots(figsize=(1.2 * len(ms) + 2, 3.4))
@@ -144,7 +144,7 @@ def _plots(records: list[dict], out_dir: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
 
-    if "passkey" in tasks:
+    if "passkey" in tasks and any((m, "passkey") in best for m in memories):
         ms = [m for m in memories if (m, "passkey") in best]
         cfg = best[(ms[0], "passkey")]["config"]["task"]
         lengths, depths = cfg["lengths"], cfg["depths"]

@@ -40,6 +40,8 @@ class SegmentARTaskConfig(TaskConfig):
             r.append(f"vocab must be >= {need} for {self.n_key_symbols} key symbols and {self.n_values} values")
         if self.num_pairs < 1:
             r.append(f"num_pairs must be >= 1, got {self.num_pairs}")
+        if self.n_train < 1 or self.n_test < 1:
+            r.append(f"n_train and n_test must be >= 1, got {self.n_train}, {self.n_test}")
         return r
 
 

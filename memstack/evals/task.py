@@ -62,11 +62,19 @@ def tokenizer_vocab(name: str) -> int:
         return 257
     if name == "gpt2":
         return 50257
-    if name.startswith("bpe") and name[3:].isdigit():
+    if name.startswith("bpe") and name[3:].isdigit() and 258 <= int(name[3:]) <= 65536:
         return int(name[3:])
-    from memstack.data.tokenizers import get_tokenizer
+    from memstack.errors import UnknownNameError
 
-    return get_tokenizer(name).vocab_size  # raises with the valid names
+    raise UnknownNameError("tokenizer", name, ["byte", "gpt2", "bpe<N> (258 <= N <= 65536)"])
+
+
+def tokenizer_reasons(name: str) -> list[str]:
+    try:
+        tokenizer_vocab(name)
+        return []
+    except KeyError as e:
+        return [str(e)]
 
 
 @torch.no_grad()
