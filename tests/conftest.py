@@ -8,17 +8,25 @@
 
 Tolerances live in tests/tolerances.py (one table per dtype).
 
+Triton kernels: without a GPU they run under Triton's interpreter (TRITON_INTERPRET=1, set here
+before any kernel module is imported), so every fast path is compared with its reference on CPU
+too; on a GPU the same tests run the compiled kernels.
+
 Tests use tiny tensors, so torch runs single-threaded: intra-op parallelism buys nothing at these
 sizes, and OpenMP threads spinning against another busy process on a 2-core machine make every
 small matmul wait a scheduler tick (~15 ms instead of ~10 us).
 """
 from __future__ import annotations
 
+import os
 import random
 import zlib
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _aten = torch.ops.aten
