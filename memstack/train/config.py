@@ -43,6 +43,9 @@ class TrainConfig(Checked):
     eval_every: int = 0                    # 0: evaluate only at the end
     ckpt_every: int = 0                    # 0: checkpoint only at the end (when out_dir is set)
     groups: dict[str, GroupConfig] = field(default_factory=dict)  # named groups' settings
+    # "all": every parameter trains; "memory": the backbone is frozen (requires_grad off) and only
+    # the memories' parameters train (prefix-tuning, tables on a frozen backbone)
+    trainable: Literal["all", "memory"] = "all"
     progress: bool = True
 
     def check(self) -> list[str]:
@@ -70,6 +73,8 @@ class TrainConfig(Checked):
             r.append(f"curriculum stages must start at step 0 and be sorted by step, got {list(self.curriculum)}")
         if any(n < 1 for _, n in self.curriculum):
             r.append(f"curriculum segment counts must be >= 1, got {list(self.curriculum)}")
+        if self.trainable not in ("all", "memory"):
+            r.append(f"trainable must be 'all' or 'memory', got {self.trainable!r}")
         for name, g in self.groups.items():
             if not isinstance(g, GroupConfig):
                 r.append(f"groups.{name} must be a GroupConfig")

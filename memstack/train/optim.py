@@ -39,6 +39,20 @@ def assign_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]
     return dict(groups)
 
 
+def apply_trainable(model: nn.Module, trainable: str) -> None:
+    """`trainable="memory"`: freeze every parameter outside the memory stack (no gradient is
+    computed for them); "all" leaves requires_grad as it is. Raises if nothing would train."""
+    if trainable == "memory":
+        for name, p in model.named_parameters():
+            if not name.startswith("memory."):
+                p.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        from memstack.errors import ConfigError
+
+        raise ConfigError(f"trainable={trainable!r} leaves no parameter to train "
+                          "(the model's memories have no parameters)", what="train config")
+
+
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = []
     for gname, params in sorted(assign_groups(model).items()):

@@ -30,7 +30,7 @@ from memstack.errors import CheckpointError
 from memstack.memory.state import ModelState, detach, load_state, save_state, tree_map
 from memstack.train.config import TrainConfig
 from memstack.train.distributed import DistInfo, all_reduce_sum
-from memstack.train.optim import build_optimizer, lr_at, set_lr
+from memstack.train.optim import apply_trainable, build_optimizer, lr_at, set_lr
 from memstack.train.segments import SegmentLoop
 
 TRAINER_FORMAT = 1
@@ -56,6 +56,7 @@ class Trainer:
         self.dist = dist or DistInfo(device=model.device)
         self.out_dir = Path(out_dir) if out_dir else None
         self.meta = meta or {}
+        apply_trainable(model, cfg.trainable)
         self.opt = build_optimizer(model, cfg)
         loop = SegmentLoop(model)
         if self.dist.world > 1:

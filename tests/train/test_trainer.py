@@ -378,3 +378,33 @@ def test_resume_refuses_a_directory_without_a_trainer_checkpoint(tmp_path):
         new_trainer().resume(tmp_path / "plain")
     with pytest.raises(CheckpointError, match="not a trainer checkpoint"):
         new_trainer().resume(tmp_path / "nothing-here")
+
+
+# ----------------------------------------------------------------------------- frozen backbone
+
+def test_trainable_memory_freezes_the_backbone_and_trains_the_memory():
+    from memstack.memory.learned.config import MemoryTokensConfig
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(MODEL.backbone, (MemoryTokensConfig(n_tokens=2),)))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tr = Trainer(model, train_cfg(trainable="memory", max_steps=2), source())
+    tr.train_step()
+    tr.train_step()
+    for n, p in model.named_parameters():
+        if n.startswith("memory."):
+            assert p.requires_grad and not torch.equal(p, before[n]), n
+        else:
+            assert not p.requires_grad and p.grad is None and torch.equal(p, before[n]), n
+    assert {g["group"] for g in tr.opt.param_groups} == {"no_decay"}   # only the memory tokens
+
+
+def test_trainable_memory_without_memory_parameters_is_refused():
+    model = build_model(ModelConfig(MODEL.backbone, (XLConfig(mem_len=8),)))
+    with pytest.raises(ConfigError, match="leaves no parameter to train"):
+        Trainer(model, train_cfg(trainable="memory"), source())
+
+
+def test_trainable_must_be_a_known_value():
+    with pytest.raises(ConfigError, match="trainable must be 'all' or 'memory'"):
+        TrainConfig(trainable="backbone")
