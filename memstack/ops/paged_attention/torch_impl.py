@@ -1,0 +1,46 @@
+"""Paged attention on plain PyTorch: batched gather through the block table, then SDPA.
+
+The CPU fast path (and the GPU fallback when Triton cannot take a shape). Decode gathers the
+blocks of every sequence at once into a padded (B, kv_heads, M*block_size, D) tensor -- the
+"Python paged gather" that the reference note measured at ~14% of HBM bandwidth on an H100;
+on a GPU the Triton kernel reads the blocks in place instead. GQA is folded into the query axis
+(ops/attention/sdpa.py), so repeated KV heads are never materialised.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from memstack.ops.attention.sdpa import attention_sdpa
+from memstack.ops.paged_attention.reference import gather_kv, prefill_mask
+
+
+def paged_decode_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, starts: Tensor,
+                       lens: Tensor, scale: float | None = None) -> Tensor:
+    """Same contract as `paged_decode_ref`."""
+    B, H, D = q.shape
+    Hkv, bs = k_cache.shape[1], k_cache.shape[2]
+    nb = int(-(-int(lens.max()) // bs))
+    ids = block_tables[:, :nb].long().clamp_min(0)                               # (B, nb)
+    k = k_cache[ids].transpose(1, 2).reshape(B, Hkv, nb * bs, D)                 # (B, Hkv, S, D)
+    v = v_cache[ids].transpose(1, 2).reshape(B, Hkv, nb * bs, D)
+    slot = torch.arange(nb * bs, device=q.device)
+    mask = (slot >= starts[:, None]) & (slot < lens[:, None])                    # (B, S)
+    g = H // Hkv
+    qg = q.reshape(B, Hkv, g, D)                                                 # heads h = kv*g + j
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None], scale=scale)
+    return out.reshape(B, H, D)
+
+
+def paged_prefill_sdpa(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, start: int, end: int,
+                       scale: float | None = None) -> Tensor:
+    """Same contract as `paged_prefill_ref`: gather the sequence's visible slots, then SDPA."""
+    if scale is not None and abs(scale - 1.0 / math.sqrt(q.shape[-1])) > 1e-12:
+        raise ValueError("paged_prefill_sdpa uses the default 1/sqrt(head_dim) scale")
+    k, v = gather_kv(k_cache, v_cache, block_table, start, end)                  # (Hkv, S, D)
+    mask = prefill_mask(q.shape[0], start, end, q.device)                        # (T, S)
+    out = attention_sdpa(q.transpose(0, 1)[None], k[None], v[None], mask[None])   # (1, H, T, D)
+    return out[0].transpose(0, 1)
