@@ -149,6 +149,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_stream(model, ids: list[int], cfg, tok, args: argparse.Namespace):
+    """The engine's token stream for this prompt, or None if the engine does not serve the model."""
+    from memstack.engine import Engine, EngineConfig
+    from memstack.engine.policy import context_policy
+
+    _, reasons = context_policy(model)
+    if reasons:
+        return None
+    engine = Engine(model, EngineConfig(block_size=args.block_size, kv_memory_mb=args.kv_memory_mb,
+                                        device=args.device or "auto"), tokenizer=f"{tok.name}:{tok.fingerprint()}")
+    return engine.stream(ids, cfg)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -164,11 +177,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = tok.encode(args.prompt)
     if not ids:
         ids = [tok.eot_id]
+    stream = _engine_stream(model, ids, cfg, tok, args) if not args.no_engine else None
+    if stream is None:  # a model the engine does not serve (stateful memories): the plain decoder
+        stream = (int(nxt[0]) for nxt in generate(model, torch.tensor([ids]), cfg))
     sys.stdout.write(args.prompt)
     out: list[int] = []
     printed = ""
-    for nxt in generate(model, torch.tensor([ids]), cfg):
-        t = int(nxt[0])
+    for t in stream:
         if t in stop:
             break
         out.append(t)
@@ -240,8 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", help="generate text from a checkpoint",
                        description="Stream text from a trained checkpoint. Greedy by default; --temperature > 0 "
-                       "samples, with optional --top-k / --top-p. Decoding uses a KV cache within each segment and "
-                       "the model's memory across segments.")
+                       "samples, with optional --top-k / --top-p. Models whose only memory is a KV cache run on the "
+                       "paged-KV engine (memstack.engine); others decode segment by segment with their memory.")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--prompt", default="")
     s.add_argument("--max-new-tokens", type=int, default=64)
@@ -251,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
     s.add_argument("--device")
+    s.add_argument("--no-engine", action="store_true", help="decode with the plain segment decoder instead of the "
+                   "paged-KV engine (models with stateful memories always use the plain decoder)")
+    s.add_argument("--block-size", type=int, default=16, help="engine KV block size in tokens (default 16)")
+    s.add_argument("--kv-memory-mb", type=float, default=64.0, help="engine KV pool size in MiB (default 64)")
     s.set_defaults(fn=cmd_generate)
     return p
 

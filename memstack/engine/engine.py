@@ -18,6 +18,7 @@ the pool but not now waits. Nothing about a refused request touches other reques
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Iterable, Iterator
 
 import torch
@@ -70,6 +71,7 @@ class Engine:
 
             self.tiers = TieredStore(self.spec, self.namespace, cfg.host_cache_blocks, cfg.disk_cache_dir)
         self._ids = itertools.count()
+        self.record_logits = False          # keep each request's sampling logits (tests, benchmarks)
         self.vocab = model.cfg.backbone.vocab_size
 
     # -- requests ------------------------------------------------------------------------------
@@ -157,11 +159,11 @@ class Engine:
             if req.remaining:
                 continue                                        # a prompt chunk: nothing to sample yet
             p = req.params
+            if self.record_logits:
+                req.logits.append(logits[row].clone())
             tok = greedy[row] if p.temperature == 0 else int(sample(logits[row:row + 1], p, req.generator)[0])
             req.output.append(tok)
             if req.first_token_time is None:
-                import time
-
                 req.first_token_time = time.perf_counter()
             reason = None
             if tok in p.stop_ids:

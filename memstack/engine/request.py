@@ -41,6 +41,7 @@ class Request:
     first_token_time: float | None = None
     cached_tokens: int = 0                # prompt tokens whose KV came from a cache (any tier)
     preemptions: int = 0
+    logits: list = field(default_factory=list)   # the rows tokens were sampled from (Engine.record_logits)
 
     @property
     def tokens(self) -> list[int]:
