@@ -70,6 +70,9 @@ class Engine:
             from memstack.memory.kv.tiers import TieredStore
 
             self.tiers = TieredStore(self.spec, self.namespace, cfg.host_cache_blocks, cfg.disk_cache_dir)
+        from memstack.engine.sessions import Sessions
+
+        self.sessions = Sessions(self)      # pin / TTL / unpin / export / import of prefixes
         self._ids = itertools.count()
         self.record_logits = False          # keep each request's sampling logits (tests, benchmarks)
         self.vocab = model.cfg.backbone.vocab_size
@@ -138,6 +141,7 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
         outs: list[RequestOutput] = []
+        self.sessions.expire()
         work, copies = self.scheduler.schedule()
         for req, why in self.scheduler.failed:
             req.status, req.finish_reason = Status.FINISHED, "error"
@@ -183,7 +187,7 @@ class Engine:
         """Run prompts to completion (together, continuously batched); their generated tokens."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         ids = [self.add_request(p, sp, salt) for p, sp in zip(prompts, plist)]
-        while self.has_unfinished():
+        while not all(self.requests[i].finished for i in ids):
             for o in self.step():
                 if o.error:
                     raise EngineError(o.error)
