@@ -196,6 +196,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from memstack.engine import Engine, EngineConfig
+    from memstack.engine.server import serve
+    from memstack.train.run import load_for_inference
+
+    model, _, tok = load_for_inference(args.checkpoint, args.device or "auto")
+    cfg = EngineConfig(block_size=args.block_size, kv_memory_mb=args.kv_memory_mb, max_model_len=args.max_model_len,
+                       max_num_seqs=args.max_num_seqs, host_cache_blocks=args.host_cache_blocks,
+                       disk_cache_dir=args.disk_cache_dir, device=args.device or "auto")
+    tok_id = f"{tok.name}:{tok.fingerprint()}" if tok is not None else ""
+    engine = Engine(model, cfg, tokenizer=tok_id)
+    server, loop = serve(engine, tok, args.host, args.port)
+    print(f"memstack serve: {args.checkpoint} on http://{args.host}:{server.server_address[1]} "
+          f"({engine.num_blocks} KV blocks of {cfg.block_size} tokens)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        loop.stop()
+    return 0
+
+
 # ------------------------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="examples:\n  memstack list\n  memstack data fetch\n  memstack bench --suite quick\n"
                                 "  memstack train --config xl_tiny --out runs/xl\n  memstack generate --checkpoint runs/xl "
-                                "--prompt 'The state of the Union'")
+                                "--prompt 'The state of the Union'\n  memstack serve --checkpoint runs/kv --port 8000")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("list", help="registered memories (sites, state size) and tasks",
@@ -271,6 +293,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-size", type=int, default=16, help="engine KV block size in tokens (default 16)")
     s.add_argument("--kv-memory-mb", type=float, default=64.0, help="engine KV pool size in MiB (default 64)")
     s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("serve", help="serve a checkpoint over HTTP (continuous batching, streaming)",
+                       description="Serve a checkpoint whose only memory is a KV cache on the paged-KV engine over "
+                       "HTTP: POST /v1/generate {prompt, max_new_tokens, temperature, top_p, top_k, seed, salt, "
+                       "stream}, POST /v1/prefix/pin {prompt, ttl, salt}, POST /v1/prefix/unpin {handle}, GET /health. "
+                       "Streaming responses are server-sent events, one per token.")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--kv-memory-mb", type=float, default=64.0)
+    s.add_argument("--max-model-len", type=int, default=None)
+    s.add_argument("--max-num-seqs", type=int, default=64)
+    s.add_argument("--host-cache-blocks", type=int, default=0, help="KV blocks kept in host memory (0: off)")
+    s.add_argument("--disk-cache-dir", default=None, help="persistent prefix cache directory (reused across restarts)")
+    s.add_argument("--device")
+    s.set_defaults(fn=cmd_serve)
     return p
 
 
