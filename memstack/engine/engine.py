@@ -18,6 +18,7 @@ the pool but not now waits. Nothing about a refused request touches other reques
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from typing import Iterable, Iterator
 
@@ -31,6 +32,7 @@ from memstack.engine.scheduler import Scheduler
 from memstack.errors import MemstackError
 from memstack.generate import SamplingConfig, sample
 from memstack.memory.kv.block_pool import BlockPool
+from memstack.memory.kv.config import CompressionConfig
 from memstack.memory.kv.hashing import CacheNamespace, model_fingerprint
 from memstack.memory.kv.manager import KVCacheManager
 from memstack.memory.kv.store import KVSpec, PagedKVCache
@@ -84,8 +86,13 @@ class Engine:
         vis = self.policy.max_visible()
         return need if vis is None else min(need, self.spec.blocks_for(vis) + 1)
 
-    def check_request(self, prompt: list[int], params: SamplingConfig) -> list[str]:
+    def check_request(self, prompt: list[int], params: SamplingConfig, compression=None) -> list[str]:
         r = []
+        if compression is not None and compression.policy not in ("none", "streaming"):
+            r.append(f"the engine compresses with policy 'streaming' (whole blocks); {compression.policy!r} runs "
+                     "through the kv_paged memory (memory interface)")
+        if compression is not None and compression.policy == "streaming" and not self.policy.unbounded:
+            r.append("streaming compression needs a document-scope model without a window")
         if not prompt:
             r.append("the prompt is empty (give at least one token)")
         bad = [t for t in prompt if not 0 <= t < self.vocab]
@@ -96,22 +103,29 @@ class Engine:
             r.append(f"prompt ({len(prompt)}) + max_new_tokens ({params.max_new_tokens}) = {total} tokens exceeds "
                      f"max_model_len {self.cfg.max_model_len}")
         need = self.max_blocks(total)
+        if compression is not None and compression.policy == "streaming":
+            chunk = self.spec.blocks_for(min(len(prompt), self.cfg.max_num_batched_tokens))
+            need = min(need, self._stream_budget(compression, total) + chunk + 1)
         if need > self.num_blocks:
             r.append(f"needs up to {need} KV blocks of {self.cfg.block_size} tokens, the pool has {self.num_blocks} "
                      f"(raise num_blocks / kv_memory_mb or shorten the request)")
         return r
 
     def add_request(self, prompt: Iterable[int], params: SamplingConfig = SamplingConfig(), salt: str | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, compression: CompressionConfig | None = None) -> str:
+        """Queue a request. `compression` (StreamingLLM, policy="streaming") bounds its KV: after
+        every step, whole blocks between the sink blocks and the most recent ones are freed so the
+        request holds at most max(ceil(keep_ratio * tokens), sinks + 2 blocks) blocks."""
         prompt = [int(t) for t in prompt]
-        reasons = self.check_request(prompt, params)
+        reasons = self.check_request(prompt, params, compression)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests and not self.requests[rid].finished:
             reasons.append(f"request id {rid!r} is in use")
         if reasons:
             raise EngineError(reasons)
         gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.temperature > 0 else None
-        req = Request(rid, prompt, params, salt, generator=gen)
+        req = Request(rid, prompt, params, salt, generator=gen,
+                      compression=compression if compression is not None and compression.policy != "none" else None)
         self.requests[rid] = req
         if params.max_new_tokens == 0:
             req.status, req.finish_reason = Status.FINISHED, "length"
@@ -124,6 +138,20 @@ class Engine:
         if req is not None and not req.finished:
             self.scheduler.finish(req)
             req.finish_reason = "aborted"
+
+    def _stream_budget(self, c: CompressionConfig, n_tokens: int) -> int:
+        bs = self.cfg.block_size
+        sinks = -(-c.sink_tokens // bs)
+        return max(-(-math.ceil(c.keep_ratio * n_tokens) // bs), sinks + 2)
+
+    def _compress(self, req: Request) -> None:
+        """StreamingLLM on blocks: keep the sink blocks and the most recent ones, free the rest."""
+        seq, c = req.seq, req.compression
+        sinks = -(-c.sink_tokens // self.cfg.block_size)
+        keep = self._stream_budget(c, seq.n_tokens)
+        n = len(seq.blocks)
+        if n > keep:
+            self.manager.drop_blocks(seq, list(range(sinks, n - (keep - sinks))))
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)
@@ -160,6 +188,8 @@ class Engine:
             stored = self.manager.commit(req.seq, req.tokens, n)
             if self.tiers is not None and stored:
                 self.tiers.offload(self.cache, req.seq, stored)
+            if req.compression is not None:
+                self._compress(req)
             if req.remaining:
                 continue                                        # a prompt chunk: nothing to sample yet
             p = req.params

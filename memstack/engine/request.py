@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,7 @@ class Request:
     first_token_time: float | None = None
     cached_tokens: int = 0                # prompt tokens whose KV came from a cache (any tier)
     preemptions: int = 0
+    compression: Any = None                       # CompressionConfig (streaming) or None
     logits: list = field(default_factory=list)   # the rows tokens were sampled from (Engine.record_logits)
 
     @property

@@ -226,3 +226,48 @@ def test_cli_generate_runs_on_the_engine(tmp_path, capsys):
                      "--block-size", "4", "--no-stop"] + extra) == 0
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1] and outs[0].startswith("Hello") and len(outs[0]) > len("Hello\n")
+
+
+def test_streaming_compression_frees_whole_blocks_in_the_shared_pool():
+    from memstack.memory.kv.config import CompressionConfig
+
+    model = tiny(POLICIES["document"], seg=512)
+    p = prompts(10)[0]
+    cfg = SamplingConfig(max_new_tokens=60)
+    comp = CompressionConfig(policy="streaming", keep_ratio=0.25, sink_tokens=4)
+    eng = engine(model, num_blocks=12, max_num_batched_tokens=64)                # 70 tokens need 18 blocks uncompressed
+    with pytest.raises(EngineError, match="needs up to 18 KV blocks"):
+        eng.add_request(p, cfg)
+    eng.record_logits = True
+    rid = eng.add_request(p, cfg, compression=comp)
+    full = engine(model, num_blocks=32)
+    full.record_logits = True
+    fid = full.add_request(p, cfg)
+    held, first_drop, sink_ids = [], None, set()
+    while eng.has_unfinished():
+        eng.step()
+        full.step()
+        s = eng.requests[rid].seq
+        if s is not None:
+            held.append(len(s.blocks))
+            sink_ids.add(s.blocks[0].id)                                          # the sink block is never dropped
+            assert s.n_slots == (len(s.blocks) - 1) * 4 + (s.n_tokens - 1) % 4 + 1  # the tail block keeps filling
+            if first_drop is None and not s.cacheable:
+                first_drop = len(eng.requests[rid].output)
+        eng.pool.check()
+    while full.has_unfinished():
+        full.step()
+    got, want = eng.requests[rid], full.requests[fid]
+    assert len(got.output) == 60 and first_drop is not None and len(sink_ids) == 1
+    # identical until the first block is dropped, and the request never holds more than its budget
+    for a, b in zip(got.logits[:first_drop], want.logits[:first_drop]):
+        assert_close(a, b)
+    assert max(held) <= eng._stream_budget(comp, 70) + 1 and eng.pool.num_free == 12
+
+
+def test_engine_refuses_policies_it_does_not_run():
+    from memstack.memory.kv.config import CompressionConfig
+
+    eng = engine(tiny(POLICIES["document"], seg=64))
+    with pytest.raises(EngineError, match="'h2o' runs through the kv_paged memory"):
+        eng.add_request([1, 2, 3], SamplingConfig(), compression=CompressionConfig(policy="h2o", keep_ratio=0.5))

@@ -143,6 +143,17 @@ class KVCacheManager:
         seq.cacheable = False
         self.pool.release(reversed(old))
 
+    def drop_blocks(self, seq: SeqKV, idx: list[int]) -> None:
+        """Free the blocks at table positions `idx` (whole blocks: StreamingLLM eviction). Later
+        blocks are then computed over a context with holes, so the sequence stops caching."""
+        drop = set(idx)
+        if any(i * self.block_size < seq.start or i >= len(seq.blocks) - 1 for i in drop):
+            raise ValueError("only whole visible blocks before the last one can be dropped")
+        self.pool.release([seq.blocks[i] for i in sorted(drop, reverse=True)])
+        seq.blocks = [b for i, b in enumerate(seq.blocks) if i not in drop]
+        seq.n_slots -= len(drop) * self.block_size
+        seq.cacheable = False
+
     def fork(self, seq: SeqKV) -> SeqKV:
         """A sequence sharing every block of `seq` (copy-on-write when either appends)."""
         self.pool.touch(seq.blocks)
