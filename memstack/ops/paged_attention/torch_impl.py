@@ -24,12 +24,13 @@ def gather_heads(cache: Tensor, ids: Tensor) -> Tensor:
     in one copy: each (block, head) is a contiguous run of bs*D elements inside the pool
     (memory/kv/store.py), so the runs are picked straight from the pool's storage in head-major
     order -- no advanced indexing of a strided view (element by element) and no second transposing
-    copy. Falls back to indexing for other layouts."""
+    copy. Falls back to indexing for other layouts and when gradients are needed (the storage
+    view is outside autograd)."""
     n, h, bs, d = cache.shape
     run = bs * d
     s0, s1 = cache.stride(0), cache.stride(1)
     off = cache.storage_offset()
-    if cache.stride()[2:] != (d, 1) or s0 % run or s1 % run or off % run:
+    if cache.requires_grad or cache.stride()[2:] != (d, 1) or s0 % run or s1 % run or off % run:
         k = cache[ids]                                                            # (..., nb, Hkv, bs, D)
         return k.movedim(-3, -4).reshape(*ids.shape[:-1], h, ids.shape[-1] * bs, d)
     total = cache.untyped_storage().nbytes() // cache.element_size() // run
