@@ -49,9 +49,9 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--d-model", type=int, default=512)
+    ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared 2-core dev machine; "
                     "more OpenMP threads than free cores make every small op wait a scheduler tick)")
