@@ -23,8 +23,6 @@ import struct
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-import torch
-
 KEY_VERSION = 1  # bump when the encoding below changes: old persisted keys then simply miss
 
 
@@ -73,8 +71,10 @@ def chain_hashes(root: bytes, tokens: Sequence[int], block_size: int, extra: Seq
     return out
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
+def model_fingerprint(model) -> str:
     """sha256 of a model's config (if it has one) and every parameter/buffer, in name order."""
+    import torch
+
     from memstack.checkpoint import unique_state_dict
     from memstack.config import to_dict
 

@@ -91,12 +91,18 @@ def test_keys_chain_and_depend_on_every_namespace_field_and_salt():
 
 
 def test_keys_do_not_depend_on_pythonhashseed():
-    code = ("from memstack.memory.kv.hashing import CacheNamespace, chain_hashes;"
-            "print(chain_hashes(CacheNamespace('m', block_size=4).root('t'), list(range(9)), 4)[-1].hex())")
+    """Three interpreters with different hash seeds compute the same key (hashing.py loaded on its
+    own, so the subprocesses stay light)."""
+    import memstack.memory.kv.hashing as hashing
+
+    code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('h', sys.argv[1]); "
+            "h = importlib.util.module_from_spec(s); s.loader.exec_module(h); "
+            "print(h.chain_hashes(h.CacheNamespace('m', block_size=4).root('t'), list(range(9)), 4)[-1].hex())")
     outs = set()
     for seed in ("0", "1", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        outs.add(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout)
+        outs.add(subprocess.run([sys.executable, "-c", code, hashing.__file__], env=env, capture_output=True, text=True,
+                                check=True).stdout)
     here = chain_hashes(CacheNamespace("m", block_size=4).root("t"), list(range(9)), 4)[-1].hex()
     assert outs == {here + "\n"}
 
