@@ -96,7 +96,7 @@ def test_keys_do_not_depend_on_pythonhashseed():
     import memstack.memory.kv.hashing as hashing
 
     code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('h', sys.argv[1]); "
-            "h = importlib.util.module_from_spec(s); s.loader.exec_module(h); "
+            "h = importlib.util.module_from_spec(s); sys.modules['h'] = h; s.loader.exec_module(h); "
             "print(h.chain_hashes(h.CacheNamespace('m', block_size=4).root('t'), list(range(9)), 4)[-1].hex())")
     outs = set()
     for seed in ("0", "1", "12345"):
