@@ -149,6 +149,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_stream(model, ids: list[int], cfg, tok, args: argparse.Namespace):
+    """The engine's token stream for this prompt, or None if the engine does not serve the model."""
+    from memstack.engine import Engine, EngineConfig
+    from memstack.engine.policy import context_policy
+
+    _, reasons = context_policy(model)
+    if reasons:
+        return None
+    engine = Engine(model, EngineConfig(block_size=args.block_size, kv_memory_mb=args.kv_memory_mb,
+                                        device=args.device or "auto"), tokenizer=f"{tok.name}:{tok.fingerprint()}")
+    return engine.stream(ids, cfg)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -164,11 +177,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = tok.encode(args.prompt)
     if not ids:
         ids = [tok.eot_id]
+    stream = _engine_stream(model, ids, cfg, tok, args) if not args.no_engine else None
+    if stream is None:  # a model the engine does not serve (stateful memories): the plain decoder
+        stream = (int(nxt[0]) for nxt in generate(model, torch.tensor([ids]), cfg))
     sys.stdout.write(args.prompt)
     out: list[int] = []
     printed = ""
-    for nxt in generate(model, torch.tensor([ids]), cfg):
-        t = int(nxt[0])
+    for t in stream:
         if t in stop:
             break
         out.append(t)
@@ -181,6 +196,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from memstack.engine import Engine, EngineConfig
+    from memstack.engine.server import serve
+    from memstack.train.run import load_for_inference
+
+    model, _, tok = load_for_inference(args.checkpoint, args.device or "auto")
+    cfg = EngineConfig(block_size=args.block_size, kv_memory_mb=args.kv_memory_mb, max_model_len=args.max_model_len,
+                       max_num_seqs=args.max_num_seqs, host_cache_blocks=args.host_cache_blocks,
+                       disk_cache_dir=args.disk_cache_dir, device=args.device or "auto")
+    tok_id = f"{tok.name}:{tok.fingerprint()}" if tok is not None else ""
+    engine = Engine(model, cfg, tokenizer=tok_id)
+    server, loop = serve(engine, tok, args.host, args.port)
+    print(f"memstack serve: {args.checkpoint} on http://{args.host}:{server.server_address[1]} "
+          f"({engine.num_blocks} KV blocks of {cfg.block_size} tokens)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+        loop.stop()
+    return 0
+
+
 # ------------------------------------------------------------------------------------ parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="examples:\n  memstack list\n  memstack data fetch\n  memstack bench --suite quick\n"
                                 "  memstack train --config xl_tiny --out runs/xl\n  memstack generate --checkpoint runs/xl "
-                                "--prompt 'The state of the Union'")
+                                "--prompt 'The state of the Union'\n  memstack serve --checkpoint runs/kv --port 8000")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("list", help="registered memories (sites, state size) and tasks",
@@ -240,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", help="generate text from a checkpoint",
                        description="Stream text from a trained checkpoint. Greedy by default; --temperature > 0 "
-                       "samples, with optional --top-k / --top-p. Decoding uses a KV cache within each segment and "
-                       "the model's memory across segments.")
+                       "samples, with optional --top-k / --top-p. Models whose only memory is a KV cache run on the "
+                       "paged-KV engine (memstack.engine); others decode segment by segment with their memory.")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--prompt", default="")
     s.add_argument("--max-new-tokens", type=int, default=64)
@@ -251,7 +288,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
     s.add_argument("--device")
+    s.add_argument("--no-engine", action="store_true", help="decode with the plain segment decoder instead of the "
+                   "paged-KV engine (models with stateful memories always use the plain decoder)")
+    s.add_argument("--block-size", type=int, default=16, help="engine KV block size in tokens (default 16)")
+    s.add_argument("--kv-memory-mb", type=float, default=64.0, help="engine KV pool size in MiB (default 64)")
     s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("serve", help="serve a checkpoint over HTTP (continuous batching, streaming)",
+                       description="Serve a checkpoint whose only memory is a KV cache on the paged-KV engine over "
+                       "HTTP: POST /v1/generate {prompt, max_new_tokens, temperature, top_p, top_k, seed, salt, "
+                       "stream}, POST /v1/prefix/pin {prompt, ttl, salt}, POST /v1/prefix/unpin {handle}, GET /health. "
+                       "Streaming responses are server-sent events, one per token.")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    s.add_argument("--block-size", type=int, default=16)
+    s.add_argument("--kv-memory-mb", type=float, default=64.0)
+    s.add_argument("--max-model-len", type=int, default=None)
+    s.add_argument("--max-num-seqs", type=int, default=64)
+    s.add_argument("--host-cache-blocks", type=int, default=0, help="KV blocks kept in host memory (0: off)")
+    s.add_argument("--disk-cache-dir", default=None, help="persistent prefix cache directory (reused across restarts)")
+    s.add_argument("--device")
+    s.set_defaults(fn=cmd_serve)
     return p
 
 

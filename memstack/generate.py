@@ -4,7 +4,7 @@ The prompt is fed in segments of the backbone's `seg_len`, exactly as in trainin
 current segment, a segment-scoped dense KV cache holds the tokens seen so far, so decoding one
 token at a time costs one token's compute and gives the same logits as a one-shot forward of
 the segment; across segments the model's own memories carry the context. A model whose stack
-already has a `kv_dense` cache uses it instead.
+already has a KV cache (`kv_dense`, `kv_paged`) uses it instead.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def decoding_model(model: torch.nn.Module) -> torch.nn.Module:
     """`model`, with a segment-scoped decode cache appended if its stack has no KV cache."""
     from memstack.memory.kv.config import DenseKVConfig
 
-    if "kv_dense" in model.memory.kinds:
+    if any(k in model.memory.kinds for k in ("kv_dense", "kv_paged")):  # the stack's own cache decodes
         return model
     return model.with_memories([DenseKVConfig(scope="segment")])
 

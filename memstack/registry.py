@@ -81,6 +81,9 @@ for _name, _cfg, _impl, _summary in [
      "Transformer-XL: stop-gradient hidden states of the last mem_len tokens per layer"),
     ("kv_dense", "memstack.memory.kv.config:DenseKVConfig", "memstack.memory.kv.dense:DenseKV",
      "dense KV cache: segment-scoped for decoding, or document-scoped (optionally windowed)"),
+    # runtime memory (issue 5): paged KV with whole-block freeing and compression
+    ("kv_paged", "memstack.memory.kv.config:PagedKVConfig", "memstack.memory.kv.paged:PagedKV",
+     "paged KV cache (block table, whole-block freeing); optional StreamingLLM/H2O/SnapKV/KIVI compression"),
 ]:
     MEMORIES.add(_name, _cfg, _impl, _summary)
 

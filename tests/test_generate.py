@@ -14,7 +14,7 @@ from memstack.config import BackboneConfig
 from memstack.errors import ConfigError
 from memstack.generate import Decoder, SamplingConfig, decoding_model, generate, sample
 from memstack.memory.baseline import NoMemoryConfig
-from memstack.memory.kv.config import DenseKVConfig
+from memstack.memory.kv.config import DenseKVConfig, PagedKVConfig
 from memstack.memory.learned.config import MemoryTokensConfig, XLConfig
 from memstack.registry import MEMORIES
 
@@ -27,6 +27,7 @@ MEMORY_CONFIGS = {
     "memory_tokens": [MemoryTokensConfig(n_tokens=3)],
     "kv_dense": [DenseKVConfig(scope="document")],
     "kv_dense_window": [DenseKVConfig(scope="document", window=5)],
+    "kv_paged": [PagedKVConfig(scope="document", block_size=4)],
 }
 
 

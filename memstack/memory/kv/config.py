@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from memstack.config import MemoryConfig
+from memstack.config import Checked, MemoryConfig
 
 
 @dataclass(frozen=True)
@@ -38,3 +38,83 @@ class DenseKVConfig(MemoryConfig):
         if self.initial_capacity < 1:
             r.append(f"initial_capacity must be >= 1, got {self.initial_capacity}")
         return r
+
+
+@dataclass(frozen=True)
+class CompressionConfig(Checked):
+    """How a paged KV cache shrinks the past at each segment end (memory/kv/compress/).
+
+    policy:      none | streaming (StreamingLLM sinks + recent window) | h2o (heavy hitters +
+                 recent) | snapkv (observation-window scores, pooled, + the window) | kivi
+                 (2/4-bit quantization of blocks older than a full-precision residual window)
+    keep_ratio:  token policies keep ceil(keep_ratio * tokens seen); 1.0 = no compression.
+                 kvpress' "compression ratio" is 1 - keep_ratio.
+    sink_tokens: streaming: first tokens always kept (attention sinks)
+    recent:      h2o/snapkv: the most recent tokens always kept (snapkv's observation window);
+                 kivi: the full-precision residual window
+    pool_kernel: snapkv: width of the average pooling over key positions
+    bits:        kivi: 2 or 4
+    """
+
+    policy: Literal["none", "streaming", "h2o", "snapkv", "kivi"] = "none"
+    keep_ratio: float = 1.0
+    sink_tokens: int = 4
+    recent: int = 8
+    pool_kernel: int = 7
+    bits: int = 2
+
+    def check(self) -> list[str]:
+        r = []
+        if self.policy not in ("none", "streaming", "h2o", "snapkv", "kivi"):
+            r.append(f"policy must be none, streaming, h2o, snapkv or kivi, got {self.policy!r}")
+        if not 0 < self.keep_ratio <= 1:
+            r.append(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.sink_tokens < 0:
+            r.append(f"sink_tokens must be >= 0, got {self.sink_tokens}")
+        if self.recent < 1:
+            r.append(f"recent must be >= 1, got {self.recent}")
+        if self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            r.append(f"pool_kernel must be odd and >= 1, got {self.pool_kernel}")
+        if self.bits not in (2, 4):
+            r.append(f"bits must be 2 or 4, got {self.bits}")
+        return r
+
+
+@dataclass(frozen=True)
+class PagedKVConfig(MemoryConfig):
+    """A paged KV cache: keys/values in fixed-size blocks reached through a block table, freed
+    whole (window trimming, compression), optionally compressed at segment ends. Same scopes as
+    `kv_dense`; with compression off it equals `kv_dense` (the contract suite checks it)."""
+
+    kind: ClassVar[str] = "kv_paged"
+    scope: Literal["segment", "document"] = "document"
+    window: int | None = None        # document scope: past tokens kept at segment ends; None = all
+    block_size: int = 16
+    initial_blocks: int = 4          # physical blocks per row to start with; doubles when full
+    compression: CompressionConfig = CompressionConfig()
+
+    @property
+    def holds_context(self) -> bool:
+        return self.scope == "document"
+
+    def check(self) -> list[str]:
+        r = []
+        if self.scope not in ("segment", "document"):
+            r.append(f"scope must be 'segment' or 'document', got {self.scope!r}")
+        if self.window is not None and self.scope != "document":
+            r.append("window applies to scope='document' only")
+        if self.window is not None and self.window < 1:
+            r.append(f"window must be >= 1 or null, got {self.window}")
+        if self.block_size < 1:
+            r.append(f"block_size must be >= 1, got {self.block_size}")
+        if self.initial_blocks < 1:
+            r.append(f"initial_blocks must be >= 1, got {self.initial_blocks}")
+        if self.compression.policy != "none" and (self.scope != "document" or self.window is not None):
+            r.append("compression applies to scope='document' without a window")
+        return r
+
+    def check_with(self, backbone) -> list[str]:
+        c = self.compression
+        if c.policy == "kivi" and backbone.head_dim * c.bits % 8:
+            return [f"kivi needs head_dim * bits divisible by 8, got {backbone.head_dim} * {c.bits}"]
+        return []

@@ -1,0 +1,247 @@
+"""The generation engine: continuous batching over a paged KV pool, with prefix reuse.
+
+    engine = Engine(model, EngineConfig(num_blocks=512))
+    rid = engine.add_request(prompt_ids, SamplingConfig(max_new_tokens=32))
+    while engine.has_unfinished():
+        for out in engine.step():          # streaming: new tokens of every request, each step
+            ...
+    engine.generate([p1, p2], params)      # or all at once
+    for tok in engine.stream(p, params): ...
+
+Requests join and leave between steps; each step runs one packed forward pass (runner.py) over
+the decode tokens of running requests and chunks of new prompts (scheduler.py). Sampling per
+request (greedy / temperature / top-k / top-p, seeded), stop on stop ids, max_new_tokens or
+max_model_len. Bad requests are refused at `add_request` with every reason: too long for
+max_model_len, or more KV blocks than the whole pool (it could never run); a request that fits
+the pool but not now waits. Nothing about a refused request touches other requests' blocks.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from typing import Iterable, Iterator
+
+import torch
+
+from memstack.engine.config import EngineConfig
+from memstack.engine.policy import context_policy
+from memstack.engine.request import Request, RequestOutput, Status
+from memstack.engine.runner import ModelRunner, Work
+from memstack.engine.scheduler import Scheduler
+from memstack.errors import MemstackError
+from memstack.generate import SamplingConfig, sample
+from memstack.memory.kv.block_pool import BlockPool
+from memstack.memory.kv.config import CompressionConfig
+from memstack.memory.kv.hashing import CacheNamespace, model_fingerprint
+from memstack.memory.kv.manager import KVCacheManager
+from memstack.memory.kv.store import KVSpec, PagedKVCache
+
+
+class EngineError(MemstackError, ValueError):
+    """A model the engine cannot serve, or a request it refuses; lists every reason."""
+
+    def __init__(self, reasons: list[str] | str, what: str = "request"):
+        self.reasons = [reasons] if isinstance(reasons, str) else list(reasons)
+        super().__init__(f"{what} refused ({len(self.reasons)} reason(s)):\n" + "\n".join(f"  - {r}" for r in self.reasons))
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, cfg: EngineConfig = EngineConfig(), tokenizer: str = ""):
+        from memstack.train.distributed import resolve_device
+
+        policy, reasons = context_policy(model)
+        if reasons:
+            raise EngineError(reasons, what="model")
+        self.cfg, self.policy = cfg, policy
+        self.device = resolve_device(cfg.device)
+        self.model = model.to(self.device).eval()
+        dtype = next(model.parameters()).dtype
+        self.spec = KVSpec.of(model.cfg.backbone, cfg.block_size, dtype)
+        self.num_blocks = cfg.num_blocks or max(1, int(cfg.kv_memory_mb * 2**20) // self.spec.block_bytes)
+        self.namespace = CacheNamespace(model_fingerprint(model), tokenizer, str(dtype).removeprefix("torch."),
+                                        "none", cfg.block_size)
+        self.pool = BlockPool(self.num_blocks, cfg.enable_prefix_caching)
+        self.manager = KVCacheManager(self.pool, cfg.block_size)
+        self.cache = PagedKVCache(self.spec, self.num_blocks, self.device)
+        self.runner = ModelRunner(self.model, self.cache)
+        self.scheduler = Scheduler(self.manager, policy, cfg.max_num_seqs, cfg.max_num_batched_tokens, self._new_seq)
+        self.requests: dict[str, Request] = {}
+        self.tiers = None
+        if cfg.host_cache_blocks or cfg.disk_cache_dir:
+            from memstack.memory.kv.tiers import TieredStore
+
+            self.tiers = TieredStore(self.spec, self.namespace, cfg.host_cache_blocks, cfg.disk_cache_dir)
+        from memstack.engine.sessions import Sessions
+
+        self.sessions = Sessions(self)      # pin / TTL / unpin / export / import of prefixes
+        self._ids = itertools.count()
+        self.record_logits = False          # keep each request's sampling logits (tests, benchmarks)
+        self.vocab = model.cfg.backbone.vocab_size
+
+    # -- requests ------------------------------------------------------------------------------
+    def max_blocks(self, n_tokens: int) -> int:
+        """Most blocks a request of n_tokens (prompt + new) ever holds at once."""
+        need = self.spec.blocks_for(n_tokens)
+        vis = self.policy.max_visible()
+        return need if vis is None else min(need, self.spec.blocks_for(vis) + 1)
+
+    def check_request(self, prompt: list[int], params: SamplingConfig, compression=None) -> list[str]:
+        r = []
+        if compression is not None and compression.policy not in ("none", "streaming"):
+            r.append(f"the engine compresses with policy 'streaming' (whole blocks); {compression.policy!r} runs "
+                     "through the kv_paged memory (memory interface)")
+        if compression is not None and compression.policy == "streaming" and not self.policy.unbounded:
+            r.append("streaming compression needs a document-scope model without a window")
+        if not prompt:
+            r.append("the prompt is empty (give at least one token)")
+        bad = [t for t in prompt if not 0 <= t < self.vocab]
+        if bad:
+            r.append(f"token ids must be in [0, {self.vocab}); got {bad[:5]}")
+        total = len(prompt) + params.max_new_tokens
+        if self.cfg.max_model_len is not None and total > self.cfg.max_model_len:
+            r.append(f"prompt ({len(prompt)}) + max_new_tokens ({params.max_new_tokens}) = {total} tokens exceeds "
+                     f"max_model_len {self.cfg.max_model_len}")
+        need = self.max_blocks(total)
+        if compression is not None and compression.policy == "streaming":
+            chunk = self.spec.blocks_for(min(len(prompt), self.cfg.max_num_batched_tokens))
+            need = min(need, self._stream_budget(compression, total) + chunk + 1)
+        if need > self.num_blocks:
+            r.append(f"needs up to {need} KV blocks of {self.cfg.block_size} tokens, the pool has {self.num_blocks} "
+                     f"(raise num_blocks / kv_memory_mb or shorten the request)")
+        return r
+
+    def add_request(self, prompt: Iterable[int], params: SamplingConfig = SamplingConfig(), salt: str | None = None,
+                    request_id: str | None = None, compression: CompressionConfig | None = None) -> str:
+        """Queue a request. `compression` (StreamingLLM, policy="streaming") bounds its KV: after
+        every step, whole blocks between the sink blocks and the most recent ones are freed so the
+        request holds at most max(ceil(keep_ratio * tokens), sinks + 2 blocks) blocks."""
+        prompt = [int(t) for t in prompt]
+        reasons = self.check_request(prompt, params, compression)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests and not self.requests[rid].finished:
+            reasons.append(f"request id {rid!r} is in use")
+        if reasons:
+            raise EngineError(reasons)
+        gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.temperature > 0 else None
+        req = Request(rid, prompt, params, salt, generator=gen,
+                      compression=compression if compression is not None and compression.policy != "none" else None)
+        self.requests[rid] = req
+        if params.max_new_tokens == 0:
+            req.status, req.finish_reason = Status.FINISHED, "length"
+        else:
+            self.scheduler.add(req)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is not None and not req.finished:
+            self.scheduler.finish(req)
+            req.finish_reason = "aborted"
+
+    def _stream_budget(self, c: CompressionConfig, n_tokens: int) -> int:
+        bs = self.cfg.block_size
+        sinks = -(-c.sink_tokens // bs)
+        return max(-(-math.ceil(c.keep_ratio * n_tokens) // bs), sinks + 2)
+
+    def _compress(self, req: Request) -> None:
+        """StreamingLLM on blocks: keep the sink blocks and the most recent ones, free the rest."""
+        seq, c = req.seq, req.compression
+        sinks = -(-c.sink_tokens // self.cfg.block_size)
+        keep = self._stream_budget(c, seq.n_tokens)
+        n = len(seq.blocks)
+        if n > keep:
+            self.manager.drop_blocks(seq, list(range(sinks, n - (keep - sinks))))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    def _new_seq(self, req: Request) -> None:
+        """A fresh sequence for req, starting from the longest cached prefix (pool, then tiers)."""
+        seq = self.manager.new_seq(self.namespace.root(req.salt))
+        toks = req.tokens
+        hit = self.manager.match_prefix(seq, toks, len(toks) - 1)
+        if self.tiers is not None:
+            hit = self.tiers.extend_prefix(self, seq, toks, len(toks) - 1)
+        req.seq, req.cached_tokens = seq, max(req.cached_tokens, hit)
+
+    # -- one step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        outs: list[RequestOutput] = []
+        self.sessions.expire()
+        work, copies = self.scheduler.schedule()
+        for req, why in self.scheduler.failed:
+            req.status, req.finish_reason = Status.FINISHED, "error"
+            outs.append(RequestOutput(req.id, [], True, "error", why))
+        self.scheduler.failed.clear()
+        if not work:
+            return outs
+        self.cache.copy_blocks(copies)
+        items = []
+        for req, n in work:
+            s = req.seq
+            items.append(Work(req.tokens[s.n_tokens:s.n_tokens + n], s.n_tokens, s.n_slots, s.start, s.block_ids))
+        logits = self.runner.run(items)
+        greedy = logits.argmax(-1).tolist()
+        for row, (req, n) in enumerate(work):
+            stored = self.manager.commit(req.seq, req.tokens, n)
+            if self.tiers is not None and stored:
+                self.tiers.offload(self.cache, req.seq, stored)
+            if req.compression is not None:
+                self._compress(req)
+            if req.remaining:
+                continue                                        # a prompt chunk: nothing to sample yet
+            p = req.params
+            if self.record_logits:
+                req.logits.append(logits[row].clone())
+            tok = greedy[row] if p.temperature == 0 else int(sample(logits[row:row + 1], p, req.generator)[0])
+            req.output.append(tok)
+            if req.first_token_time is None:
+                req.first_token_time = time.perf_counter()
+            reason = None
+            if tok in p.stop_ids:
+                reason = "stop"
+            elif len(req.output) >= p.max_new_tokens or (
+                    self.cfg.max_model_len is not None and len(req.tokens) >= self.cfg.max_model_len):
+                reason = "length"
+            if reason:
+                self.scheduler.finish(req)
+                req.finish_reason = reason
+            outs.append(RequestOutput(req.id, [tok], reason is not None, reason))
+        return outs
+
+    # -- conveniences --------------------------------------------------------------------------
+    def generate(self, prompts: list[list[int]], params: SamplingConfig | list[SamplingConfig] = SamplingConfig(),
+                 salt: str | None = None) -> list[list[int]]:
+        """Run prompts to completion (together, continuously batched); their generated tokens."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp, salt) for p, sp in zip(prompts, plist)]
+        while not all(self.requests[i].finished for i in ids):
+            for o in self.step():
+                if o.error:
+                    raise EngineError(o.error)
+        return [self.requests.pop(i).output for i in ids]
+
+    def stream(self, prompt: list[int], params: SamplingConfig = SamplingConfig(), salt: str | None = None) -> Iterator[int]:
+        """Yield one request's tokens as they are generated (other requests keep running)."""
+        rid = self.add_request(prompt, params, salt)
+        try:
+            while not self.requests[rid].finished:
+                for o in self.step():
+                    if o.request_id == rid:
+                        if o.error:
+                            raise EngineError(o.error)
+                        yield from o.new_tokens
+        finally:
+            self.abort(rid)
+            self.requests.pop(rid, None)
+
+    def kv_stats(self) -> dict[str, float]:
+        """Blocks in use, and the share of reserved slots holding no visible token (waste)."""
+        bs = self.cfg.block_size
+        seqs = [r.seq for r in self.scheduler.running if r.seq is not None]
+        reserved = sum(len(s.blocks) for s in seqs) * bs
+        used = sum(s.n_slots - s.start for s in seqs)
+        return {"blocks_used": self.pool.num_blocks - self.pool.num_free, "blocks_total": self.pool.num_blocks,
+                "reserved_slots": reserved, "used_slots": used, "waste": 1 - used / reserved if reserved else 0.0}

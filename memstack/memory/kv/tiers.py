@@ -1,0 +1,222 @@
+"""KV tiers below the device pool: host memory, then disk -- prefix blocks that outlive the pool
+and the process (LMCache's storage hierarchy, SGLang's HiCache, vLLM's offloading connector).
+
+Unit of transfer: a run of whole blocks, each contiguous across all layers (store.py), gathered
+into one contiguous tensor -- never per-layer or per-token pieces (the reference note's finding:
+offload throughput is set by the transfer unit). Keys are the prefix keys of memory/kv/hashing.py,
+so a block is found again by any request, in any process, whose prefix (and namespace, salt)
+matches.
+
+    write:  full blocks computed on the device are copied to host memory and, with a disk tier,
+            written through to a chunk file -- asynchronously, on a worker thread (on CUDA the
+            device-to-host copy is a non-blocking copy into pinned memory); a lookup never waits
+            for them (a block not yet written is a miss, recomputed: correct, just slower)
+    read:   on a new request, after the device pool's prefix hit, the chain continues in host
+            memory, then on disk; found blocks are loaded into fresh device blocks in one copy
+            and become ordinary cached blocks.
+
+Disk layout: <dir>/<namespace digest>/<first key>-<n>.kv.safetensors + .json manifest (the
+namespace, the keys, the SHA-256 of the tensor file), written atomically (memstack/atomic.py).
+A directory holding another namespace's files is never read for this one (its digest differs);
+a manifest whose namespace or checksum does not match is refused, not used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from memstack.errors import CheckpointError
+from memstack.memory.kv.hashing import CacheNamespace, block_hash
+from memstack.memory.kv.store import KVSpec, PagedKVCache
+
+
+class HostTier:
+    """Whole blocks in (pinned, with CUDA) host memory, LRU over `capacity` blocks."""
+
+    def __init__(self, spec: KVSpec, capacity: int):
+        pin = torch.cuda.is_available()
+        self.buf = torch.zeros((capacity, *spec.block_shape), dtype=spec.dtype, pin_memory=pin)
+        self.where: OrderedDict[bytes, int] = OrderedDict()     # key -> slot, least recent first
+        self.free = list(range(capacity))
+        self.lock = threading.Lock()
+
+    def __contains__(self, key: bytes) -> bool:
+        with self.lock:
+            return key in self.where
+
+    def put(self, keys: list[bytes], data: Tensor) -> None:
+        with self.lock:
+            for key, blk in zip(keys, data):
+                if key in self.where:
+                    self.where.move_to_end(key)
+                    continue
+                slot = self.free.pop() if self.free else self.where.popitem(last=False)[1]
+                self.buf[slot].copy_(blk)
+                self.where[key] = slot
+
+    def get(self, keys: list[bytes]) -> Tensor:
+        with self.lock:
+            slots = [self.where[k] for k in keys]
+            for k in keys:
+                self.where.move_to_end(k)
+            return self.buf[torch.tensor(slots)]                                 # one contiguous (n, *block) copy
+
+
+class DiskTier:
+    def __init__(self, root: str | Path, namespace: CacheNamespace):
+        self.namespace = namespace
+        digest = hashlib.sha256(json.dumps(namespace.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        self.dir = Path(root) / digest
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.index: dict[bytes, tuple[Path, int, str]] = {}                   # key -> (file, row, sha256)
+        self.lock = threading.Lock()
+        self.refused: list[str] = []                                             # manifests that failed checks
+        for m in sorted(self.dir.glob("*.kv.json")):
+            self._index(m)
+
+    def _index(self, manifest: Path) -> None:
+        try:
+            meta = json.loads(manifest.read_text())
+            ns = CacheNamespace(**meta["namespace"])
+            keys, name, sha = meta["keys"], meta["tensors"], meta["sha256"]
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            self.refused.append(f"{manifest.name}: unreadable ({e})")
+            return
+        bad = self.namespace.mismatches(ns)
+        if bad:
+            self.refused.append(f"{manifest.name}: " + "; ".join(bad))
+            return
+        for i, k in enumerate(keys):
+            self.index.setdefault(bytes.fromhex(k), (self.dir / name, i, sha))
+
+    def __contains__(self, key: bytes) -> bool:
+        with self.lock:
+            return key in self.index
+
+    def put(self, keys: list[bytes], data: Tensor) -> None:
+        """One chunk file for a run of blocks (one large sequential write), then its manifest."""
+        from memstack.atomic import save_tensors_versioned, write_json_atomic
+
+        with self.lock:
+            if all(k in self.index for k in keys):
+                return
+        stem = f"{keys[0].hex()[:24]}-{len(keys)}"
+        name, sha = save_tensors_versioned({"kv": data.contiguous().cpu()}, self.dir, stem + ".kv")
+        write_json_atomic(self.dir / f"{stem}.kv.json", {"namespace": self.namespace.to_dict(),
+                                                        "keys": [k.hex() for k in keys], "tensors": name, "sha256": sha})
+        with self.lock:
+            for i, k in enumerate(keys):
+                self.index.setdefault(k, (self.dir / name, i, sha))
+
+    def get(self, keys: list[bytes]) -> Tensor:
+        """The blocks of `keys` (n, *block_shape); each file is checksummed before use."""
+        from safetensors.torch import load_file
+
+        from memstack.atomic import sha256_file
+
+        out, files = [], {}
+        for k in keys:
+            path, i, sha = self.index[k]
+            if path not in files:
+                if not path.is_file() or sha256_file(path) != sha:
+                    raise CheckpointError(f"{path}: missing or checksum mismatch -- the KV file is corrupted; refusing it")
+                files[path] = load_file(str(path))["kv"]
+            out.append(files[path][i])
+        return torch.stack(out)
+
+
+class TieredStore:
+    """Host + disk tiers for one engine, with asynchronous write-back on a worker thread."""
+
+    def __init__(self, spec: KVSpec, namespace: CacheNamespace, host_blocks: int = 0, disk_dir: str | None = None):
+        self.spec = spec
+        self.host = HostTier(spec, host_blocks) if host_blocks else None
+        self.disk = DiskTier(disk_dir, namespace) if disk_dir else None
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memstack-kv-tiers")
+        self.pending: list[Future] = []
+        self.stats = {"host_hits": 0, "disk_hits": 0, "offloaded": 0}
+
+    # -- write ---------------------------------------------------------------------------------
+    def offload(self, cache: PagedKVCache, seq, block_ids: list[int]) -> None:
+        """Copy newly cached full blocks (ids in the device pool, keys in the pool) down the tiers."""
+        keys = [b.key for b in seq.blocks if b.id in set(block_ids)]
+        ids = [b.id for b in seq.blocks if b.id in set(block_ids)]
+        if not keys:
+            return
+        data = cache.read_blocks(ids)                                            # gathered once, contiguous
+        if data.is_cuda:
+            host = torch.empty(data.shape, dtype=data.dtype, pin_memory=True)
+            host.copy_(data, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = data, None
+        self.stats["offloaded"] += len(keys)
+        self.pending = [f for f in self.pending if not f.done()]
+        self.pending.append(self.worker.submit(self._write, keys, host, done))
+
+    def _write(self, keys: list[bytes], data: Tensor, done) -> None:
+        if done is not None:
+            done.synchronize()
+        if self.host is not None:
+            self.host.put(keys, data)
+        if self.disk is not None:
+            self.disk.put(keys, data)
+
+    def flush(self) -> None:
+        """Wait for every transfer in flight (raises the first error any of them hit)."""
+        for f in self.pending:
+            f.result()
+        self.pending = []
+
+    # -- read ----------------------------------------------------------------------------------
+    def extend_prefix(self, engine, seq, tokens: list[int], max_tokens: int) -> int:
+        """Continue `seq`'s cached prefix from host memory, then disk; returns its tokens."""
+        bs = self.spec.block_size
+        keys, where = [], []
+        parent = seq.hashes[-1] if seq.hashes else seq.root
+        for i in range(len(seq.hashes), min(max_tokens, len(tokens)) // bs):
+            parent = block_hash(parent, tokens[i * bs:(i + 1) * bs])
+            tier = "host" if self.host is not None and parent in self.host else (
+                "disk" if self.disk is not None and parent in self.disk else None)
+            if tier is None:
+                break
+            keys.append(parent)
+            where.append(tier)
+        n = min(len(keys), engine.pool.num_free)
+        if not n:
+            return seq.n_tokens
+        keys, where = keys[:n], where[:n]
+        blocks = engine.pool.allocate(n)
+        host_keys = [k for k, w in zip(keys, where) if w == "host"]
+        disk_keys = [k for k, w in zip(keys, where) if w == "disk"]
+        parts = {}
+        if host_keys:
+            parts.update(zip(host_keys, self.host.get(host_keys)))
+            self.stats["host_hits"] += len(host_keys)
+        if disk_keys:
+            try:
+                parts.update(zip(disk_keys, self.disk.get(disk_keys)))
+            except CheckpointError as e:                                          # refused: recompute instead
+                self.disk.refused.append(str(e))
+                with self.disk.lock:
+                    for k in disk_keys:
+                        self.disk.index.pop(k, None)
+                engine.pool.release(blocks)
+                return seq.n_tokens
+            self.stats["disk_hits"] += len(disk_keys)
+        engine.cache.write_blocks([b.id for b in blocks], torch.stack([parts[k] for k in keys]))
+        for b, k in zip(blocks, keys):
+            engine.pool.cache(b, k)
+        seq.blocks.extend(blocks)
+        seq.hashes.extend(keys)
+        seq.n_slots += n * bs
+        seq.n_tokens += n * bs
+        return seq.n_tokens
