@@ -89,6 +89,11 @@ class MemoryStack(nn.Module):
             out, states[i] = self.memories[i].attn_out(layer, q, out, states[i], ctx)
         return out
 
+    def block_in(self, layer: int, h: Tensor, states: list[Any], ctx: StepContext) -> Tensor:
+        for i in self._block_at[layer]:
+            h, states[i] = self.memories[i].block_in(layer, h, states[i], ctx)
+        return h
+
     def block(self, layer: int, h: Tensor, states: list[Any], ctx: StepContext) -> Tensor:
         for i in self._block_at[layer]:
             h, states[i] = self.memories[i].block(layer, h, states[i], ctx)
