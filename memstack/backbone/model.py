@@ -221,7 +221,8 @@ class MemoryModel(nn.Module):
         prefixes, suffixes, spans = self.memory.embed(x, states, ctx) if len(self.memory) else ([], [], [])
         P, Q = sum(p.shape[1] for p in prefixes), sum(s.shape[1] for s in suffixes)
         positions = state.pos[:, None] + torch.arange(-P, T + Q, device=tokens.device)  # (B, P+T+Q)
-        ctx = ctx.with_(n_prefix=P, n_suffix=Q, positions=positions)
+        ctx = ctx.with_(n_prefix=P, n_suffix=Q, positions=positions,
+                        embed_slots=self.memory.slots(spans, P, T) if spans else {})
         h = torch.cat(prefixes + [x] + suffixes, dim=1) if P or Q else x
         cos, sin = rope_tables(positions, self.cfg.backbone.head_dim, self.cfg.backbone.rope_theta, h.dtype)
         for block in self.blocks:

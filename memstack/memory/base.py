@@ -110,6 +110,9 @@ class StepContext:
     # memories that summarise text with the backbone itself (HMT's representation pass). Set by
     # the model; None when a memory is driven outside a model.
     encode: Callable[[Tensor, Tensor], Tensor] | None = None
+    # id(memory) -> (its prefix slice, its suffix slice) in the extended chunk, for EMBED memories
+    # that read their own tokens at other sites (ARMT writes from its tokens after every block)
+    embed_slots: dict[int, tuple[slice, slice]] = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
@@ -119,6 +122,12 @@ class StepContext:
     def real(self) -> slice:
         """Where the real tokens sit in the extended chunk."""
         return slice(self.n_prefix, self.n_prefix + self.n_tokens)
+
+    def slots_of(self, memory: "Memory") -> tuple[slice, slice]:
+        """Where `memory`'s own prefix and suffix tokens sit in the extended chunk (empty slices
+        when it added none to this chunk)."""
+        empty = slice(self.n_prefix, self.n_prefix)
+        return self.embed_slots.get(id(memory), (empty, empty))
 
     def with_(self, **kw: Any) -> "StepContext":
         return replace(self, **kw)

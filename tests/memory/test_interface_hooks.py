@@ -140,3 +140,61 @@ def test_memories_see_encode_in_their_context(shift_registered):
     with torch.no_grad():
         model(torch.randint(0, 53, (B, T)))
     assert got["encode"] is not None and got["encode"].__self__ is model
+
+
+@dataclass(frozen=True)
+class SlotsAConfig(MemoryConfig):
+    kind: ClassVar[str] = "test_slots_a"
+    p: int = 2
+    q: int = 3
+
+
+@dataclass(frozen=True)
+class SlotsBConfig(SlotsAConfig):
+    kind: ClassVar[str] = "test_slots_b"
+
+
+class Slots(Memory):
+    """Adds p prefix and q suffix tokens (distinct constants); records, at the last block, the
+    stream at the slots `ctx.slots_of(self)` names, and in embed_out what the stack hands over."""
+
+    sites: ClassVar[frozenset[Site]] = frozenset({Site.EMBED, Site.BLOCK})
+
+    def __init__(self, cfg, backbone):
+        super().__init__(cfg, backbone)
+        self.pre = nn.Parameter(torch.randn(cfg.p, backbone.d_model))
+        self.suf = nn.Parameter(torch.randn(cfg.q, backbone.d_model))
+
+    def init_state(self, batch, device, dtype):
+        return {}
+
+    def embed(self, x, state, ctx):
+        B = x.shape[0]
+        return self.pre.expand(B, -1, -1), self.suf.expand(B, -1, -1), state
+
+    def block(self, layer, h, state, ctx):
+        if layer == self.backbone.n_layers - 1:
+            pre, suf = ctx.slots_of(self)
+            state = {**state, "pre": h[:, pre].clone(), "suf": h[:, suf].clone()}
+        return h, state
+
+    def embed_out(self, h_prefix, h_suffix, state, ctx):
+        return {**state, "out_pre": h_prefix.clone(), "out_suf": h_suffix.clone()}
+
+
+def test_embed_slots_locate_each_memorys_own_tokens():
+    register_memory("test_slots_a", config=SlotsAConfig, replace=True)(Slots)
+    register_memory("test_slots_b", config=SlotsBConfig, replace=True)(Slots)
+    try:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(BACKBONE, (SlotsAConfig(p=2, q=3), SlotsBConfig(p=1, q=4)))).eval()
+        with torch.no_grad():
+            _, state = model(torch.randint(0, 53, (B, T)))
+    finally:
+        MEMORIES.remove("test_slots_a")
+        MEMORIES.remove("test_slots_b")
+    for st, (p, q) in zip(state.memories, [(2, 3), (1, 4)]):
+        assert st["pre"].shape[1] == p and st["suf"].shape[1] == q
+        assert torch.equal(st["pre"], st["out_pre"]) and torch.equal(st["suf"], st["out_suf"])
+    a, b = state.memories
+    assert not torch.equal(a["suf"][:, :1], b["suf"][:, :1])   # different slots, different tokens
