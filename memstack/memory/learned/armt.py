@@ -51,6 +51,11 @@ def dpfp(x: Tensor, nu: int) -> Tensor:
     return r.repeat(*([1] * (r.dim() - 1)), nu) * rolled                    # (..., 2*nu*d)
 
 
+def _f32(lin: nn.Linear, x: Tensor) -> Tensor:
+    """lin(x) in fp32 whatever the parameters' dtype (the memory is computed in fp32)."""
+    return F.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
+
+
 @dataclass
 class ARMTState:
     A: tuple[Tensor, ...]   # per memory layer (B, d_key, D) fp32
@@ -101,12 +106,13 @@ class ARMT(Memory):
         return None, self.tokens.to(x.dtype).expand(x.shape[0], -1, -1), state     # (B, m, D)
 
     def _phi(self, x: Tensor) -> Tensor:
-        return F.normalize(dpfp(x.float(), self.cfg.nu), dim=-1)
+        return F.normalize(dpfp(x, self.cfg.nu), dim=-1)
+
 
     def block_in(self, layer: int, h: Tensor, state: ARMTState, ctx: StepContext) -> tuple[Tensor, ARMTState]:
         j = self.slot[layer]
         with torch.autocast(h.device.type, enabled=False):
-            q = self._phi(self.w_q[j](h.float()))                                   # (B, T', d_key)
+            q = self._phi(_f32(self.w_q[j], h))                                     # (B, T', d_key)
             read = memory_read(q[:, None], state.A[j][:, None], state.z[j][:, None], self.cfg.eps)[:, 0]  # (B, T', D)
         return h + read.to(h.dtype), state
 
@@ -117,9 +123,9 @@ class ARMT(Memory):
         j = self.slot[layer]
         with torch.autocast(h.device.type, enabled=False):
             w = h[:, suf].float()                                                   # (B, m, D)
-            k = self._phi(self.w_k[j](w))[:, None]                                  # (B, 1, m, d_key)
-            v = self.w_v[j](w)[:, None]                                             # (B, 1, m, D)
-            beta = torch.sigmoid(self.w_b[j](w))[..., 0][:, None]                   # (B, 1, m)
+            k = self._phi(_f32(self.w_k[j], w))[:, None]                            # (B, 1, m, d_key)
+            v = _f32(self.w_v[j], w)[:, None]                                       # (B, 1, m, D)
+            beta = torch.sigmoid(_f32(self.w_b[j], w))[..., 0][:, None]             # (B, 1, m)
             _, dA, dz = linear_memory(k, k, v, state.A[j][:, None], state.z[j][:, None], beta, rule="delta",
                                       z_rule="new_info" if self.cfg.correction else "sum", eps=self.cfg.eps)
         A, z = list(state.A), list(state.z)
