@@ -35,6 +35,10 @@ class SegmentARTaskConfig(TaskConfig):
     eval_pairs: tuple[int, ...] = ()    # extra test sets at these pair counts (acc@P)
     follow_curriculum: bool = False     # train on n pairs when the trainer asks for n segments
 
+    @property
+    def label(self) -> str:
+        return "segment_ar_rewrite" if self.rewrite else "segment_ar"
+
     def vocab_size(self) -> int:
         return self.vocab
 

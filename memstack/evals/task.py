@@ -25,6 +25,12 @@ class TaskConfig(Checked):
 
     kind: ClassVar[str] = ""
 
+    @property
+    def label(self) -> str:
+        """The task's name in records and leaderboards (default: `kind`); a variant that a suite
+        may list beside its plain version names itself apart (segment_ar_rewrite)."""
+        return self.kind
+
     def vocab_size(self) -> int:
         """The vocabulary the model needs for this task."""
         raise NotImplementedError
