@@ -7,6 +7,8 @@ corrections (C x dk) @ (dk x dv), the write (dk x C) @ (C x dv). Across blocks:
 - linear rule with z_rule "sum": a block's write does not depend on the state, so every block's
   write is computed at once and the block-start states are an exclusive prefix sum -- no loop;
 - otherwise (delta rule, or ARMT's new-information z): a loop over blocks (not tokens).
+With many small blocks (nb x dk x dv > T^2) the linear rule uses the masked quadratic form instead
+(token t sees token s iff s sits in an earlier block), which never builds per-block states.
 The whole computation runs in fp32 with autocast off (long sums of keys overflow half precision).
 """
 from __future__ import annotations
@@ -57,6 +59,18 @@ def linear_memory_chunked(q: Tensor, k: Tensor, v: Tensor, M: Tensor, z: Tensor,
         kb, vb = k.reshape(B, Hkv, nb, C, dk), v.reshape(B, Hkv, nb, C, dv)
         if nb == 0:
             return q.new_zeros(B, H, 0, dv), torch.zeros_like(M), torch.zeros_like(z)
+        if rule == "linear" and z_rule == "sum" and nb * dk * dv > T * T:
+            # many small blocks: every block-start state would be materialised (nb x dk x dv);
+            # the masked quadratic form is cheaper -- token t sees token s iff block(s) < block(t)
+            u = v * bf[..., None] if beta is not None else v                    # (B, Hkv, T', dv)
+            blk = torch.arange(nb * C, device=q.device) // C
+            vis = (blk[None, :] < blk[:, None]).to(q.dtype)                     # (T', T') strict block-causal
+            qg = q.reshape(B, Hkv, G, nb * C, dk)
+            A = torch.einsum("bhgtk,bhsk->bhgts", qg, k) * vis                  # (B, Hkv, G, T', T')
+            num = torch.einsum("bhgts,bhsv->bhgtv", A, u) + torch.einsum("bhgtk,bhkv->bhgtv", qg, M)
+            den = A.sum(-1) + torch.einsum("bhgtk,bhk->bhgt", qg, z) + eps
+            o = (num / den[..., None]).reshape(B, H, nb * C, dv)[:, :, :T]
+            return o, torch.einsum("bhsk,bhsv->bhkv", k, u), k.sum(2)
         if rule == "linear" and z_rule == "sum":
             ub = vb * bf.reshape(B, Hkv, nb, C, 1) if beta is not None else vb
             dMs, dzs = _write(kb, ub, z, z_rule, eps)                # (B, Hkv, nb, dk, dv), (B, Hkv, nb, dk)
