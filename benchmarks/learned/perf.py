@@ -235,7 +235,7 @@ def plot(out: Path) -> None:
             spec = [r for r in rows if not r["measured"]]
             if spec:
                 ax.plot([meas[-1]["tokens"]] + [r["tokens"] for r in spec],
-                        [meas[-1]["state_bytes"] / 2**20] + [r["state_bytes"] / 2**20 for r in spec], "--",
+                        [meas[-1]["state_bytes"] / 2**20] + [r["state_bytes_logical"] / 2**20 for r in spec], "--",
                         color=ax.lines[-1].get_color(), label=label + " (spec, not run)")
         ax.set_xscale("log", base=2), ax.set_yscale("log")
         ax.set_xlabel("context length (tokens)"), ax.set_ylabel("memory state (MiB, batch 1)")
