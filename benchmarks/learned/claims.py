@@ -152,6 +152,28 @@ def train_one(name: str, steps: int | None, out: Path) -> dict:
     return rec
 
 
+def by_pairs(name: str, out: Path, pairs=(1, 2, 4, 8, 16)) -> dict:
+    """Re-evaluate a finished segment_ar run's checkpoint at several pair counts (accuracy vs
+    length, with and without its memory); added to <out>/<run>.json as `by_pairs`."""
+    from memstack.checkpoint import load_checkpoint
+    from memstack.evals.task import build_task
+    from memstack.train.trainer import resolve_step_dir
+
+    rec_path = out / f"{name}.json"
+    rec = json.loads(rec_path.read_text())
+    model, _ = load_checkpoint(resolve_step_dir(REPO / "runs" / "claims" / name / "ckpt"))
+    model.eval()
+    run = RUNS[name]
+    base = run["task"]()
+    pairs = [p for p in pairs if not (base.rewrite and p < 2)]
+    task = build_task(dataclasses.replace(base, eval_pairs=tuple(pairs)), run["seg_len"])
+    with torch.no_grad():
+        m, z = task.evaluate(model), task.evaluate(ZeroedMemory(model))
+    rec["by_pairs"] = {str(p): {"acc": m[f"acc@{p}"], "acc_memory_zeroed": z[f"acc@{p}"]} for p in pairs}
+    rec_path.write_text(json.dumps(rec, indent=1))
+    return rec["by_pairs"]
+
+
 # ---------------------------------------------------------------------------------- report
 
 def report(out: Path) -> str:
@@ -198,6 +220,20 @@ def report(out: Path) -> str:
         img = out.parent / "img"
         img.mkdir(parents=True, exist_ok=True)
         fig.savefig(img / "learned-a-claims.png", dpi=110)
+        bp = {n: r["by_pairs"] for n, r in recs.items() if "by_pairs" in r}
+        if bp:
+            fig, ax = plt.subplots(figsize=(6.5, 4))
+            for n, d in bp.items():
+                xs = sorted(int(k) for k in d)
+                line = ax.plot(xs, [d[str(x)]["acc"] for x in xs], "o-", label=n)[0]
+                ax.plot(xs, [d[str(x)]["acc_memory_zeroed"] for x in xs], ":", color=line.get_color(), lw=1)
+            ax.axvline(4, color="k", lw=0.8, ls="--")
+            ax.axhline(1 / 16, color="gray", lw=0.8)
+            ax.set_xscale("log", base=2), ax.set_xlabel("pairs (segments) at evaluation; dashed: longest trained")
+            ax.set_ylabel("answer accuracy (dotted: memory zeroed; grey: chance)"), ax.legend(fontsize=7)
+            ax.set_title("segment-level associative retrieval vs length")
+            fig.tight_layout()
+            fig.savefig(img / "learned-a-claims-by-pairs.png", dpi=110)
     return "\n".join(lines)
 
 
@@ -207,11 +243,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="override the run's steps (the curriculum scales along)")
     ap.add_argument("--out", default=str(OUT), help="where the JSON results go")
     ap.add_argument("--report", action="store_true", help="print the table and write the plot")
+    ap.add_argument("--by-pairs", metavar="RUN", help="re-evaluate a finished segment_ar run at 1..16 pairs")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.run:
         rec = train_one(args.run, args.steps, Path(args.out))
         print(json.dumps({k: rec[k] for k in ("run", "params", "metrics", "metrics_memory_zeroed", "wall_s")}, indent=1))
+    if args.by_pairs:
+        print(json.dumps(by_pairs(args.by_pairs, Path(args.out)), indent=1))
     if args.report:
         print(report(Path(args.out)))
 
