@@ -79,6 +79,15 @@ for _name, _cfg, _impl, _summary in [
      "learned tokens prepended to every segment (Memory Transformer, non-recurrent)"),
     ("xl", "memstack.memory.learned.config:XLConfig", "memstack.memory.learned.xl:TransformerXL",
      "Transformer-XL: stop-gradient hidden states of the last mem_len tokens per layer"),
+    # learned memory state: recurrent memory tokens and associative memories (issue 3, part A)
+    ("rmt", "memstack.memory.learned.config:RMTConfig", "memstack.memory.learned.rmt:RMT",
+     "Recurrent Memory Transformer: read/write memory tokens carried across segments"),
+    ("armt", "memstack.memory.learned.config:ARMTConfig", "memstack.memory.learned.armt:ARMT",
+     "Associative RMT: per-layer associative matrix written by delta rule from write tokens"),
+    ("infini", "memstack.memory.learned.config:InfiniConfig", "memstack.memory.learned.infini:Infini",
+     "Infini-attention: per-head compressive linear-attention memory gated with local attention"),
+    ("hmt", "memstack.memory.learned.config:HMTConfig", "memstack.memory.learned.hmt:HMT",
+     "Hierarchical Memory Transformer: sensory tokens, recall over a cache of memory embeddings"),
     ("kv_dense", "memstack.memory.kv.config:DenseKVConfig", "memstack.memory.kv.dense:DenseKV",
      "dense KV cache: segment-scoped for decoding, or document-scoped (optionally windowed)"),
     # runtime memory (issue 5): paged KV with whole-block freeing and compression

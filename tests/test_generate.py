@@ -15,7 +15,7 @@ from memstack.errors import ConfigError
 from memstack.generate import Decoder, SamplingConfig, decoding_model, generate, sample
 from memstack.memory.baseline import NoMemoryConfig
 from memstack.memory.kv.config import DenseKVConfig, PagedKVConfig
-from memstack.memory.learned.config import MemoryTokensConfig, XLConfig
+from memstack.memory.learned.config import ARMTConfig, HMTConfig, InfiniConfig, MemoryTokensConfig, RMTConfig, XLConfig
 from memstack.registry import MEMORIES
 
 SEG = 8
@@ -28,6 +28,10 @@ MEMORY_CONFIGS = {
     "kv_dense": [DenseKVConfig(scope="document")],
     "kv_dense_window": [DenseKVConfig(scope="document", window=5)],
     "kv_paged": [PagedKVConfig(scope="document", block_size=4)],
+    "rmt": [RMTConfig(n_tokens=2)],
+    "armt": [ARMTConfig(n_tokens=2, d_mem=4, nu=2)],
+    "infini": [InfiniConfig(rule="delta", gate_init=0.0)],
+    "hmt": [HMTConfig(n_sensory=2, n_summary=3, cache_size=2)],
 }
 
 

@@ -6,8 +6,8 @@ Notable features
   never materialised (ops/attention/sdpa.py folds the query groups instead).
 - PyTorch SDPA, with the plain reference (ops/attention/reference.py) beside it.
 - Optional tied input/output embeddings.
-- Memory sites: EMBED before the first block, ATTN inside every attention, BLOCK after every
-  block, LOGITS after the head. The backbone knows `Site` and `MemoryStack`, and no family.
+- Memory sites: EMBED before the first block, ATTN inside every attention, BLOCK before
+  (`block_in`) and after (`block`) every block, LOGITS after the head. The backbone knows `Site` and `MemoryStack`, and no family.
 
 Positions. Each example carries `state.pos`, the number of tokens of its document seen so far;
 the chunk's tokens get RoPE positions pos, pos+1, ...; memory tokens prepended by EMBED memories
@@ -106,6 +106,8 @@ class Block(nn.Module):
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, stack: MemoryStack, states: list, ctx: StepContext) -> Tensor:
         B, T, D = h.shape
+        if len(stack):
+            h = stack.block_in(self.layer, h, states, ctx)
         x = self.attn_norm(h)
         q = self.attn.q(x, cos, sin)                                  # (B, H, T, hd)
         k, v = self.attn.kv(x, cos, sin)                              # (B, Hkv, T, hd)
@@ -176,6 +178,21 @@ class MemoryModel(nn.Module):
         mask = mask.to(device=state.pos.device, dtype=torch.bool)
         return ModelState(state.pos.masked_fill(mask, 0), self.memory.reset(state.memories, mask))
 
+    def encode(self, x: Tensor, positions: Tensor) -> Tensor:
+        """The backbone's blocks over embeddings x (B,L,D) at RoPE positions (B,L), causal, with no
+        memory attached; returns the last block's output (B,L,D), before the final norm. Memories
+        reach it as `StepContext.encode` (HMT summarises a segment with the backbone itself)."""
+        b = self.cfg.backbone
+        bare = MemoryStack((), b)
+        B, L = positions.shape
+        ctx = StepContext(positions.new_zeros(B, 0), positions[:, 0], positions.new_zeros(B, dtype=torch.bool),
+                          True, True, self.training, positions=positions)
+        cos, sin = rope_tables(positions, b.head_dim, b.rope_theta, x.dtype)
+        h = x
+        for block in self.blocks:
+            h = block(h, cos, sin, bare, [], ctx)
+        return h
+
     def forward(self, tokens: Tensor, state: ModelState | None = None, step: Step | None = None) -> tuple[ModelOutput, ModelState]:
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, length), got {tuple(tokens.shape)}")
@@ -196,14 +213,16 @@ class MemoryModel(nn.Module):
             if not step.seg_start and bool(reset.any()):
                 raise ValueError("a row can only start a new document at a segment start (step.seg_start=True)")
             state = self.reset_state(state, reset)
-        ctx = StepContext(tokens, state.pos, reset.bool(), step.seg_start, step.seg_end, self.training)
+        ctx = StepContext(tokens, state.pos, reset.bool(), step.seg_start, step.seg_end, self.training,
+                          encode=self.encode)
         states = list(state.memories)
 
         x = self.tok_emb(tokens)                                      # (B, T, D)
         prefixes, suffixes, spans = self.memory.embed(x, states, ctx) if len(self.memory) else ([], [], [])
         P, Q = sum(p.shape[1] for p in prefixes), sum(s.shape[1] for s in suffixes)
         positions = state.pos[:, None] + torch.arange(-P, T + Q, device=tokens.device)  # (B, P+T+Q)
-        ctx = ctx.with_(n_prefix=P, n_suffix=Q, positions=positions)
+        ctx = ctx.with_(n_prefix=P, n_suffix=Q, positions=positions,
+                        embed_slots=self.memory.slots(spans, P, T) if spans else {})
         h = torch.cat(prefixes + [x] + suffixes, dim=1) if P or Q else x
         cos, sin = rope_tables(positions, self.cfg.backbone.head_dim, self.cfg.backbone.rope_theta, h.dtype)
         for block in self.blocks:

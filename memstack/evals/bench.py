@@ -169,7 +169,7 @@ def run_cell(suite: SuiteConfig, mem: MemoryConfig, task_cfg: TaskConfig, lr: fl
     wall = time.perf_counter() - t0
     ctx_tokens = task_cfg.context_tokens() or (getattr(task_cfg, "num_pairs", 0) + 1) * backbone.seg_len
     return {
-        "suite": suite.name, "memory": mem.kind, "task": task_cfg.kind, "lr": lr, "seed": suite.seed,
+        "suite": suite.name, "memory": mem.kind, "task": task_cfg.label, "lr": lr, "seed": suite.seed,
         "metrics": rec.get("eval", {}), "primary": task.primary, "higher_is_better": task.higher_is_better,
         "train_loss": rec.get("loss"), "steps": trainer.step, "train_tokens": trainer.tokens,
         "tok_per_s": trainer.tokens / max(trainer.train_time, 1e-9),

@@ -3,7 +3,11 @@ real-text filler: training filler from Jane Austen's novels, evaluation filler f
 (so a model cannot pass by memorising the haystack). Training examples have `train_len`
 tokens and a random depth; the grid goes beyond it. Inputs longer than `seg_len` are processed
 in segments, so the needle must be carried by memory. Metric: exact match of the key
-(teacher-forced argmax on every answer token = greedy decoding's output)."""
+(teacher-forced argmax on every answer token = greedy decoding's output).
+
+Curriculum: with `follow_curriculum`, training examples are generated per batch with exactly
+n_segments * seg_len tokens when the trainer asks for n segments (TrainConfig.curriculum /
+vary_segments set the training length; `train_len` and `n_train` are then unused)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,7 +19,8 @@ from torch import nn
 
 from memstack.data.packing import ExampleSource
 from memstack.data.synthetic import passkey, passkey_grid
-from memstack.evals.task import Task, TaskConfig, accuracy_metrics, example_predictions, tokenizer_reasons, tokenizer_vocab
+from memstack.evals.task import (GeneratedSource, Task, TaskConfig, accuracy_metrics, example_predictions,
+                                 tokenizer_reasons, tokenizer_vocab)
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,7 @@ class PasskeyTaskConfig(TaskConfig):
     train_filler: Literal["austen", "moby_dick"] = "austen"
     eval_filler: Literal["austen", "moby_dick"] = "moby_dick"
     seed: int = 0
+    follow_curriculum: bool = False   # train on n_segments * seg_len tokens when asked for n segments
 
     def vocab_size(self) -> int:
         return tokenizer_vocab(self.tokenizer)
@@ -75,8 +81,18 @@ class PasskeyTask(Task):
         return passkey_grid(self.tokenizer, filler_ids(self.tokenizer, c.eval_filler), c.lengths, c.depths,
                             c.per_cell, c.seed + 1_000_003, n_digits=c.n_digits)
 
-    def train_source(self, rows: int, seed: int, rank: int = 0, world: int = 1) -> ExampleSource:
+    def train_source(self, rows: int, seed: int, rank: int = 0, world: int = 1):
         c = self.cfg
+        if c.follow_curriculum:
+            filler = filler_ids(self.tokenizer, c.train_filler)
+
+            def make(n_segments: int, n: int, s):
+                d = passkey(self.tokenizer, filler, n, n_segments * self.seg_len, None, (c.seed, *s),
+                            n_digits=c.n_digits)
+                return d.inputs, d.labels
+
+            return GeneratedSource(make, rows, self.seg_len, seed=seed, pad_id=self.tokenizer.eot_id, rank=rank,
+                                   world=world)
         d = passkey(self.tokenizer, filler_ids(self.tokenizer, c.train_filler), c.n_train, c.train_len, None,
                     c.seed, n_digits=c.n_digits)
         return ExampleSource(d.inputs, d.labels, rows, self.seg_len, pad_id=self.tokenizer.eot_id, seed=seed,

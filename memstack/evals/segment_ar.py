@@ -1,7 +1,13 @@
 """Segment-level associative retrieval (ARMT, arXiv 2407.04841): one key-value pair per segment,
 the query in a final segment -- answerable only through memory that crosses segments. The
 `rewrite` variant repeats keys; the latest value must be returned. Segments are the backbone's
-`seg_len`. Metric: accuracy of the answer token."""
+`seg_len`. Metric: accuracy of the answer token.
+
+Longer than trained: `eval_pairs` adds test sets with other pair counts (acc@P each), e.g. 4x
+the trained segments. Curriculum: with `follow_curriculum`, training examples are generated per
+batch with as many pairs as the trainer asks for segments (n pair segments + the query segment),
+so `TrainConfig.curriculum` (1 -> 2 -> 4 ...) and `vary_segments` set the training length;
+`num_pairs` and `n_train` then only describe the main test set."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +18,7 @@ from torch import nn
 
 from memstack.data.packing import ExampleSource
 from memstack.data.synthetic import segment_ar, segment_ar_layout
-from memstack.evals.task import Task, TaskConfig, accuracy_metrics, example_predictions
+from memstack.evals.task import GeneratedSource, Task, TaskConfig, accuracy_metrics, example_predictions
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,12 @@ class SegmentARTaskConfig(TaskConfig):
     n_train: int = 20000
     n_test: int = 1000
     seed: int = 0
+    eval_pairs: tuple[int, ...] = ()    # extra test sets at these pair counts (acc@P)
+    follow_curriculum: bool = False     # train on n pairs when the trainer asks for n segments
+
+    @property
+    def label(self) -> str:
+        return "segment_ar_rewrite" if self.rewrite else "segment_ar"
 
     def vocab_size(self) -> int:
         return self.vocab
@@ -40,6 +52,8 @@ class SegmentARTaskConfig(TaskConfig):
             r.append(f"vocab must be >= {need} for {self.n_key_symbols} key symbols and {self.n_values} values")
         if self.num_pairs < 1:
             r.append(f"num_pairs must be >= 1, got {self.num_pairs}")
+        if any(p < 1 or (self.rewrite and p < 2) for p in self.eval_pairs):
+            r.append(f"eval_pairs must be >= {2 if self.rewrite else 1}, got {list(self.eval_pairs)}")
         if self.n_train < 1 or self.n_test < 1:
             r.append(f"n_train and n_test must be >= 1, got {self.n_train}, {self.n_test}")
         return r
@@ -49,19 +63,43 @@ class SegmentARTask(Task):
     primary = "acc"
     higher_is_better = True
 
-    def _data(self, n: int, seed: int):
+    def _data(self, n: int, seed, pairs: int | None = None):
         c = self.cfg
-        return segment_ar(n, c.num_pairs, self.seg_len, c.vocab, seed, n_key_symbols=c.n_key_symbols,
+        return segment_ar(n, pairs or c.num_pairs, self.seg_len, c.vocab, seed, n_key_symbols=c.n_key_symbols,
                           n_values=c.n_values, rewrite=c.rewrite)
 
     @cached_property
     def test(self):
         return self._data(self.cfg.n_test, self.cfg.seed + 1_000_003)
 
-    def train_source(self, rows: int, seed: int, rank: int = 0, world: int = 1) -> ExampleSource:
+    def test_at(self, pairs: int):
+        """The test set with `pairs` pairs (the main one at num_pairs)."""
+        if pairs == self.cfg.num_pairs:
+            return self.test
+        cache = self.__dict__.setdefault("_tests", {})
+        if pairs not in cache:
+            cache[pairs] = self._data(self.cfg.n_test, (self.cfg.seed + 1_000_003, pairs), pairs)
+        return cache[pairs]
+
+    def train_source(self, rows: int, seed: int, rank: int = 0, world: int = 1):
+        if self.cfg.follow_curriculum:
+            def make(n_segments: int, n: int, s):
+                if self.cfg.rewrite and n_segments < 2:
+                    raise ValueError(f"segment_ar with rewrite needs >= 2 pair segments per example, the trainer "
+                                     f"asked for {n_segments} (start the curriculum / min_segments at 2)")
+                d = self._data(n, (self.cfg.seed, *s), n_segments)
+                return d.inputs, d.labels
+
+            return GeneratedSource(make, rows, self.seg_len, seed=seed, rank=rank, world=world,
+                                   segments=lambda n: n + 1)
         d = self._data(self.cfg.n_train, self.cfg.seed)
         return ExampleSource(d.inputs, d.labels, rows, self.seg_len, seed=seed, rank=rank, world=world)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         correct, mask = example_predictions(model, self.test.inputs, self.test.labels, self.seg_len)
-        return accuracy_metrics(correct, mask)
+        out = accuracy_metrics(correct, mask)
+        for p in self.cfg.eval_pairs:
+            d = self.test_at(p)
+            c, m = example_predictions(model, d.inputs, d.labels, self.seg_len)
+            out[f"acc@{p}"] = accuracy_metrics(c, m)["acc"]
+        return out

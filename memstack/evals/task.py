@@ -25,6 +25,12 @@ class TaskConfig(Checked):
 
     kind: ClassVar[str] = ""
 
+    @property
+    def label(self) -> str:
+        """The task's name in records and leaderboards (default: `kind`); a variant that a suite
+        may list beside its plain version names itself apart (segment_ar_rewrite)."""
+        return self.kind
+
     def vocab_size(self) -> int:
         """The vocabulary the model needs for this task."""
         raise NotImplementedError
@@ -48,6 +54,50 @@ class Task:
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         raise NotImplementedError
+
+
+class GeneratedSource:
+    """Examples generated per batch at the segment count the trainer asks for -- what lets a
+    task follow `TrainConfig.curriculum` / `vary_segments` (ExampleSource has a fixed length).
+
+    make(n_segments, n_examples, seed) -> (inputs, labels) int64 arrays of shape
+    (n_examples, L) with L <= (segments the batch has) * seg_len; `segments(n)` says how many
+    segments a batch for n has (a task may add a query segment). Batch b is generated from
+    seed (seed, b), so the stream is deterministic and resumes exactly (state = batches served).
+    Under data parallelism every rank generates the global batch and keeps its rows.
+    """
+
+    def __init__(self, make, rows: int, seg_len: int, *, seed: int = 0, pad_id: int = 0, rank: int = 0, world: int = 1,
+                 segments=lambda n: n):
+        if rows % world:
+            raise ValueError(f"rows ({rows}) must be divisible by the number of processes ({world})")
+        self.make, self.rows, self.seg_len, self.seed, self.pad_id = make, rows, seg_len, seed, pad_id
+        self.segments = segments
+        self.lo, self.hi = rank * rows // world, (rank + 1) * rows // world
+        self.served = 0
+
+    def next(self, n_segments: int) -> "Batch":
+        from memstack.data.packing import Batch
+
+        inputs, labels = self.make(n_segments, self.rows, (self.seed, self.served))
+        self.served += 1
+        N = self.segments(n_segments)
+        L = inputs.shape[1]
+        if L > N * self.seg_len:
+            raise ValueError(f"generated examples of {L} tokens do not fit {N} segments of {self.seg_len}")
+        pad = N * self.seg_len - L
+        x = np.pad(inputs, ((0, 0), (0, pad)), constant_values=self.pad_id).reshape(self.rows, N, self.seg_len)
+        y = np.pad(labels, ((0, 0), (0, pad)), constant_values=IGNORE).reshape(self.rows, N, self.seg_len)
+        reset = np.zeros((self.rows, N), dtype=bool)
+        reset[:, 0] = True
+        sl = slice(self.lo, self.hi)
+        return Batch(torch.from_numpy(x[sl].copy()), torch.from_numpy(y[sl].copy()), torch.from_numpy(reset[sl].copy()))
+
+    def state_dict(self) -> dict:
+        return {"served": self.served}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.served = int(d["served"])
 
 
 def build_task(cfg: TaskConfig, seg_len: int) -> Task:

@@ -5,7 +5,7 @@ touch a forward pass:
 
     EMBED   add tokens before (prefix) or after (suffix) the chunk's tokens; see their outputs
     ATTN    supply extra keys/values to a layer's attention, or mix a second attention output
-    BLOCK   add to the residual stream after a block
+    BLOCK   change the residual stream entering a block (`block_in`) or leaving it (`block`)
     LOGITS  change the next-token distribution
 
 A memory declares its sites; the backbone calls only those, and the defaults are no-ops.
@@ -105,6 +105,14 @@ class StepContext:
     # auxiliary training losses memories add during this call (name -> scalar, already weighted);
     # one dict per forward call, shared by every copy of this context
     losses: dict[str, Tensor] = field(default_factory=dict)
+    # encode(x (B,L,D) embeddings, positions (B,L)) -> (B,L,D): the backbone's blocks run over x
+    # with NO memory attached, returning the last block's output (before the final norm). For
+    # memories that summarise text with the backbone itself (HMT's representation pass). Set by
+    # the model; None when a memory is driven outside a model.
+    encode: Callable[[Tensor, Tensor], Tensor] | None = None
+    # id(memory) -> (its prefix slice, its suffix slice) in the extended chunk, for EMBED memories
+    # that read their own tokens at other sites (ARMT writes from its tokens after every block)
+    embed_slots: dict[int, tuple[slice, slice]] = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
@@ -114,6 +122,12 @@ class StepContext:
     def real(self) -> slice:
         """Where the real tokens sit in the extended chunk."""
         return slice(self.n_prefix, self.n_prefix + self.n_tokens)
+
+    def slots_of(self, memory: "Memory") -> tuple[slice, slice]:
+        """Where `memory`'s own prefix and suffix tokens sit in the extended chunk (empty slices
+        when it added none to this chunk)."""
+        empty = slice(self.n_prefix, self.n_prefix)
+        return self.embed_slots.get(id(memory), (empty, empty))
 
     def with_(self, **kw: Any) -> "StepContext":
         return replace(self, **kw)
@@ -220,6 +234,11 @@ class Memory(nn.Module):
     def attn_out(self, layer: int, q: Tensor, out: Tensor, state: Any, ctx: StepContext) -> tuple[Tensor, Any]:
         """ATTN: mix a second attention output into out (B, n_heads, T', head_dim)."""
         return out, state
+
+    def block_in(self, layer: int, h: Tensor, state: Any, ctx: StepContext) -> tuple[Tensor, Any]:
+        """BLOCK: h (B,T',D) entering block `layer` (before its attention norm); return the
+        residual stream the block gets (ARMT reads its associative memory here)."""
+        return h, state
 
     def block(self, layer: int, h: Tensor, state: Any, ctx: StepContext) -> tuple[Tensor, Any]:
         """BLOCK: h (B,T',D) after block `layer`; return the new residual stream."""

@@ -67,6 +67,14 @@ class MemoryStack(nn.Module):
                 suffixes.append(suf)
         return prefixes, suffixes, spans
 
+    def slots(self, spans: list[tuple[int, int, int, int]], n_prefix: int, n_tokens: int) -> dict[int, tuple[slice, slice]]:
+        """id(memory) -> (prefix slice, suffix slice) in the extended chunk (StepContext.embed_slots)."""
+        out, suf_at = {}, n_prefix + n_tokens
+        for i, off, p, q in spans:
+            out[id(self.memories[i])] = (slice(off, off + p), slice(suf_at, suf_at + q))
+            suf_at += q
+        return out
+
     def embed_out(self, h: Tensor, spans: list[tuple[int, int, int, int]], states: list[Any], ctx: StepContext) -> None:
         """h (B, P+T+Q, D): hand each EMBED memory the final hidden states of its own slots."""
         suf_at = ctx.n_prefix + ctx.n_tokens
@@ -88,6 +96,11 @@ class MemoryStack(nn.Module):
         for i in self._attn_at[layer]:
             out, states[i] = self.memories[i].attn_out(layer, q, out, states[i], ctx)
         return out
+
+    def block_in(self, layer: int, h: Tensor, states: list[Any], ctx: StepContext) -> Tensor:
+        for i in self._block_at[layer]:
+            h, states[i] = self.memories[i].block_in(layer, h, states[i], ctx)
+        return h
 
     def block(self, layer: int, h: Tensor, states: list[Any], ctx: StepContext) -> Tensor:
         for i in self._block_at[layer]:

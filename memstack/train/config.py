@@ -35,6 +35,10 @@ class TrainConfig(Checked):
     batch_size: int = 16                   # global batch (rows); split over data-parallel ranks
     n_segments: int = 1                    # segments per row per step (the BPTT window)
     curriculum: tuple[tuple[int, int], ...] = ()  # ((from_step, n_segments), ...): overrides n_segments
+    # each step trains on a segment count drawn uniformly from [min_segments, segments_at(step)]
+    # (RMT's --vary_n_segments), from (seed, step): a resumed run draws the same counts
+    vary_segments: bool = False
+    min_segments: int = 1
     bptt: Literal["full", "truncated", "detached"] = "full"
     bptt_k: int = 1                        # truncated: gradient crosses at most k-1 segment boundaries
     precision: Literal["auto", "fp32", "bf16"] = "auto"   # auto: bf16 autocast on CUDA, fp32 on CPU
@@ -57,7 +61,7 @@ class TrainConfig(Checked):
         for name in ("warmup_steps", "log_every", "eval_every", "ckpt_every"):
             if getattr(self, name) < 0:
                 r.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_steps", "batch_size", "n_segments", "bptt_k"):
+        for name in ("max_steps", "batch_size", "n_segments", "bptt_k", "min_segments"):
             if getattr(self, name) < 1:
                 r.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -79,6 +83,17 @@ class TrainConfig(Checked):
             if not isinstance(g, GroupConfig):
                 r.append(f"groups.{name} must be a GroupConfig")
         return r
+
+    def segments_for(self, step: int) -> int:
+        """Segments per row that step `step` trains on: `segments_at(step)`, or with vary_segments a
+        count drawn uniformly from [min_segments, segments_at(step)] (deterministic in seed, step)."""
+        n = self.segments_at(step)
+        if not self.vary_segments or n <= self.min_segments:
+            return n
+        import numpy as np
+
+        rng = np.random.Generator(np.random.PCG64([self.seed, step, 0x5E6]))
+        return int(rng.integers(self.min_segments, n + 1))
 
     def segments_at(self, step: int) -> int:
         """Segments per row at `step` (the curriculum hook: 1 -> 2 -> 4 ... with carried weights)."""

@@ -75,7 +75,7 @@ class Trainer:
     # ------------------------------------------------------------------------------- training
     def train_step(self) -> dict:
         cfg, dev = self.cfg, self.dist.device
-        n_seg = cfg.segments_at(self.step)
+        n_seg = cfg.segments_for(self.step)
         batch = self.source.next(n_seg).to(dev)
         B = batch.tokens.shape[0]
         if self.state is None or self.state.batch_size != B:

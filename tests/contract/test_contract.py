@@ -189,7 +189,7 @@ def test_bad_config_lists_every_reason(name):
 @pytest.mark.parametrize("name", MEMORIES.names())
 def test_declared_sites_have_hooks(name):
     cls = MEMORIES.target_class(name)
-    hooks = {Site.EMBED: ("embed", "embed_out"), Site.ATTN: ("attn", "attn_out"), Site.BLOCK: ("block",),
+    hooks = {Site.EMBED: ("embed", "embed_out"), Site.ATTN: ("attn", "attn_out"), Site.BLOCK: ("block", "block_in"),
              Site.LOGITS: ("logits",)}
     for site in cls.sites:
         assert any(getattr(cls, h) is not getattr(Memory, h) for h in hooks[site]), f"{name} declares {site} but overrides no hook"

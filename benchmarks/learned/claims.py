@@ -1,0 +1,259 @@
+"""Paper claims for RMT / ARMT, checked on our harness (issue 3, part A). Measures, never asserts.
+
+    python benchmarks/learned/claims.py --run segar_rmt          # one training run (minutes on CPU)
+    python benchmarks/learned/claims.py --report                 # table + plots from the stored results
+
+Claims:
+1. RMT and ARMT trained on up to N segments still solve segment-level associative retrieval and
+   passkey retrieval at 4 x N segments (RMT 2207.06881 / 2304.11062, ARMT 2407.04841).
+2. ARMT beats RMT on associative retrieval with rewrites at equal parameter count (ARMT paper):
+   the RMT model's MLP width is raised until its parameter count matches the ARMT model's.
+Every run also evaluates with the memory zeroed at every segment (the state reset before each
+segment): if accuracy does not drop, the memory is not what solves the task.
+
+Each run writes <out>/<run>.json (config, parameter counts, training curve, metrics, ablation,
+wall time, machine) and keeps its final checkpoint under runs/claims/<run>/.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[2]
+OUT = REPO / "docs" / "benchmarks" / "learned-a-data"
+
+
+def segar(rewrite: bool, eval_pairs=(16,)):
+    from memstack.evals.segment_ar import SegmentARTaskConfig
+
+    return SegmentARTaskConfig(vocab=64, num_pairs=4, rewrite=rewrite, n_key_symbols=16, n_values=16, n_test=500,
+                               eval_pairs=tuple(eval_pairs), follow_curriculum=True)
+
+
+def passkey_task():
+    from memstack.evals.passkey import PasskeyTaskConfig
+
+    return PasskeyTaskConfig(tokenizer="bpe512", train_len=256, lengths=(256, 512, 1024), depths=(0.0, 0.5, 1.0),
+                             per_cell=32, n_train=20000)
+
+
+RMT = ("rmt", {"n_tokens": 8})
+ARMT = ("armt", {"n_tokens": 4, "d_mem": 16, "nu": 3})
+
+# name -> run definition (backbone d_model 64, 2 layers, 4 heads / 2 KV heads)
+RUNS = {
+    # claim 1 on segment-level AR: curriculum 1 -> 2 -> 4 pair segments (+ the query segment), varied
+    # counts, evaluated at 4 pairs (trained) and 16 pairs (4x)
+    "segar_rmt": dict(memory=RMT, task=lambda: segar(False), seg_len=16, batch=32, steps=2400,
+                      curriculum=((0, 1), (600, 2), (1200, 4)), min_segments=1),
+    "segar_armt": dict(memory=ARMT, task=lambda: segar(False), seg_len=16, batch=32, steps=2400,
+                       curriculum=((0, 1), (600, 2), (1200, 4)), min_segments=1),
+    # claim 2: rewrites (a repeated key must return its latest value), equal parameter count
+    "segar_rw_rmt": dict(memory=RMT, task=lambda: segar(True), seg_len=16, batch=32, steps=2400,
+                         curriculum=((0, 2), (1200, 4)), min_segments=2, match_params=ARMT),
+    "segar_rw_armt": dict(memory=ARMT, task=lambda: segar(True), seg_len=16, batch=32, steps=2400,
+                          curriculum=((0, 2), (1200, 4)), min_segments=2),
+    # claim 1 on passkey: trained on 256 tokens = 4 segments of 64, evaluated up to 1024 = 16 segments
+    "passkey_rmt": dict(memory=RMT, task=passkey_task, seg_len=64, batch=16, steps=1500, n_segments=4),
+    "passkey_armt": dict(memory=ARMT, task=passkey_task, seg_len=64, batch=16, steps=1500, n_segments=4),
+}
+
+
+class ZeroedMemory(nn.Module):
+    """Evaluation wrapper: every segment starts from a fresh memory state (the ablation)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.inner = model
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def init_state(self, batch, device=None):
+        return self.inner.init_state(batch, device)
+
+    def forward(self, tokens, state=None, step=None):
+        from memstack.memory.base import Step
+
+        reset = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        return self.inner(tokens, state, Step(reset=reset, seg_start=True, seg_end=True))
+
+
+def build(run: dict, vocab: int):
+    from memstack.backbone.model import build_model
+    from memstack.config import BackboneConfig, ModelConfig
+    from memstack.registry import memory_config
+
+    def make(mem, d_ff=None):
+        bb = BackboneConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, seg_len=run["seg_len"],
+                            d_ff=d_ff)
+        torch.manual_seed(0)
+        return build_model(ModelConfig(bb, (memory_config(mem[0], **mem[1]),)))
+
+    model = make(run["memory"])
+    if run.get("match_params"):
+        target = make(run["match_params"]).num_params()
+        base, ff = model.num_params(), model.cfg.backbone.ff_dim
+        per_unit = 3 * 64 * 2                                   # SwiGLU: 3 matrices per layer, 2 layers
+        model = make(run["memory"], d_ff=ff + round((target - base) / per_unit))
+    return model
+
+
+def train_one(name: str, steps: int | None, out: Path) -> dict:
+    from memstack.evals.task import build_task
+    from memstack.train.config import TrainConfig
+    from memstack.train.trainer import Trainer
+
+    run = RUNS[name]
+    task_cfg = run["task"]()
+    task = build_task(task_cfg, run["seg_len"])
+    model = build(run, task_cfg.vocab_size())
+    steps = steps or run["steps"]
+    scale = steps / run["steps"]
+    curriculum = tuple((int(s * scale), n) for s, n in run.get("curriculum", ()))
+    tcfg = TrainConfig(lr=1e-3, warmup_steps=max(1, steps // 20), max_steps=steps, batch_size=run["batch"],
+                       n_segments=run.get("n_segments", 1), curriculum=curriculum, vary_segments=bool(curriculum),
+                       min_segments=run.get("min_segments", 1), bptt="full", weight_decay=0.01, log_every=50,
+                       progress=True, seed=0)
+    ckpt = REPO / "runs" / "claims" / name
+    tr = Trainer(model, tcfg, task.train_source(run["batch"], 0), out_dir=ckpt)
+    t0 = time.time()
+    tr.fit()
+    wall = time.time() - t0
+    model.eval()
+    with torch.no_grad():
+        metrics = task.evaluate(model)
+        zeroed = task.evaluate(ZeroedMemory(model))
+    mem = model.memory.memories[0]
+    rec = {
+        "run": name, "memory": model.memory.kinds[0], "memory_config": dataclasses.asdict(model.cfg.memories[0]),
+        "task": task_cfg.label, "task_config": dataclasses.asdict(task_cfg), "train": dataclasses.asdict(tcfg),
+        "backbone": dataclasses.asdict(model.cfg.backbone), "params": model.num_params(),
+        "memory_params": sum(p.numel() for p in mem.parameters()),
+        "state_size": model.memory.state_size(0), "metrics": metrics, "metrics_memory_zeroed": zeroed,
+        "curve": [{k: r[k] for k in ("step", "loss", "segments")} for r in tr.history],
+        "wall_s": wall, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+                   "2 CPU cores shared with other jobs", "torch": torch.__version__,
+        "command": " ".join(["python"] + sys.argv),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(rec, indent=1))
+    return rec
+
+
+def by_pairs(name: str, out: Path, pairs=(1, 2, 4, 8, 16)) -> dict:
+    """Re-evaluate a finished segment_ar run's checkpoint at several pair counts (accuracy vs
+    length, with and without its memory); added to <out>/<run>.json as `by_pairs`."""
+    from memstack.checkpoint import load_checkpoint
+    from memstack.evals.task import build_task
+    from memstack.train.trainer import resolve_step_dir
+
+    rec_path = out / f"{name}.json"
+    rec = json.loads(rec_path.read_text())
+    model, _ = load_checkpoint(resolve_step_dir(REPO / "runs" / "claims" / name / "ckpt"))
+    model.eval()
+    run = RUNS[name]
+    base = run["task"]()
+    pairs = [p for p in pairs if not (base.rewrite and p < 2)]
+    task = build_task(dataclasses.replace(base, eval_pairs=tuple(pairs)), run["seg_len"])
+    with torch.no_grad():
+        m, z = task.evaluate(model), task.evaluate(ZeroedMemory(model))
+    rec["by_pairs"] = {str(p): {"acc": m[f"acc@{p}"], "acc_memory_zeroed": z[f"acc@{p}"]} for p in pairs}
+    rec_path.write_text(json.dumps(rec, indent=1))
+    return rec["by_pairs"]
+
+
+# ---------------------------------------------------------------------------------- report
+
+def report(out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+    lines = ["| run | memory | task | params | state (floats) | trained | 4x trained | memory zeroed (trained / 4x) | steps | wall |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in recs.items():
+        m, z = r["metrics"], r["metrics_memory_zeroed"]
+        if r["task"].startswith("segment_ar"):
+            tr, far = m["acc"], m.get("acc@16")
+            ztr, zfar = z["acc"], z.get("acc@16")
+            unit = "acc @4 pairs / @16 pairs"
+        else:
+            tr, far = m.get("exact@256"), m.get("exact@1024")
+            ztr, zfar = z.get("exact@256"), z.get("exact@1024")
+            unit = "exact @256 / @1024 tokens"
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        lines.append(f"| {name} | {r['memory']} | {r['task']} ({unit}) | {r['params']:,} | {r['state_size']:,} | "
+                     f"{fmt(tr)} | {fmt(far)} | {fmt(ztr)} / {fmt(zfar)} | {r['train']['max_steps']} | {r['wall_s'] / 60:.0f} min |")
+    if recs:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for name, r in recs.items():
+            c = r["curve"]
+            axes[0].plot([x["step"] for x in c], [x["loss"] for x in c], label=name)
+        axes[0].set_xlabel("step"), axes[0].set_ylabel("training loss (per target token)"), axes[0].set_yscale("log")
+        axes[0].legend(fontsize=7), axes[0].set_title("training curves")
+        names = list(recs)
+        for i, name in enumerate(names):
+            r = recs[name]
+            m = r["metrics"]
+            if r["task"].startswith("segment_ar"):
+                vals = [m["acc"], m.get("acc@16", 0.0)]
+            else:
+                vals = [m.get("exact@256", 0.0), m.get("exact@1024", 0.0)]
+            axes[1].bar([i - 0.2, i + 0.2], vals, width=0.4, color=["tab:blue", "tab:orange"])
+        axes[1].set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+        axes[1].set_ylabel("accuracy"), axes[1].set_title("trained length (blue) vs 4x (orange)")
+        fig.tight_layout()
+        img = out.parent / "img"
+        img.mkdir(parents=True, exist_ok=True)
+        fig.savefig(img / "learned-a-claims.png", dpi=110)
+        bp = {n: r["by_pairs"] for n, r in recs.items() if "by_pairs" in r}
+        if bp:
+            fig, ax = plt.subplots(figsize=(6.5, 4))
+            for n, d in bp.items():
+                xs = sorted(int(k) for k in d)
+                line = ax.plot(xs, [d[str(x)]["acc"] for x in xs], "o-", label=n)[0]
+                ax.plot(xs, [d[str(x)]["acc_memory_zeroed"] for x in xs], ":", color=line.get_color(), lw=1)
+            ax.axvline(4, color="k", lw=0.8, ls="--")
+            ax.axhline(1 / 16, color="gray", lw=0.8)
+            ax.set_xscale("log", base=2), ax.set_xlabel("pairs (segments) at evaluation; dashed: longest trained")
+            ax.set_ylabel("answer accuracy (dotted: memory zeroed; grey: chance)"), ax.legend(fontsize=7)
+            ax.set_title("segment-level associative retrieval vs length")
+            fig.tight_layout()
+            fig.savefig(img / "learned-a-claims-by-pairs.png", dpi=110)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", choices=sorted(RUNS), help="train and evaluate one run")
+    ap.add_argument("--steps", type=int, help="override the run's steps (the curriculum scales along)")
+    ap.add_argument("--out", default=str(OUT), help="where the JSON results go")
+    ap.add_argument("--report", action="store_true", help="print the table and write the plot")
+    ap.add_argument("--by-pairs", metavar="RUN", help="re-evaluate a finished segment_ar run at 1..16 pairs")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    if args.run:
+        rec = train_one(args.run, args.steps, Path(args.out))
+        print(json.dumps({k: rec[k] for k in ("run", "params", "metrics", "metrics_memory_zeroed", "wall_s")}, indent=1))
+    if args.by_pairs:
+        print(json.dumps(by_pairs(args.by_pairs, Path(args.out)), indent=1))
+    if args.report:
+        print(report(Path(args.out)))
+
+
+if __name__ == "__main__":
+    main()
