@@ -168,35 +168,44 @@ def _style(i: int) -> dict:
 
 
 def _frontier(plt, best: dict, records: list[dict], tasks: list[str], memories: list[str], out_dir: Path) -> Path:
-    """Quality against state size (the Zoology frontier): one labelled marker per memory, log-scale
-    state axis; with ablation records, a hollow marker joined by a dotted line shows the same model
-    with its memory switched off."""
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.4 * len(tasks), 4.4), squeeze=False)
+    """Quality against state size (the Zoology frontier): one labelled marker per memory on a
+    log-scale state axis. Memories of equal state size (e.g. several stateless ones at 0) are
+    spread slightly along the axis and their labels stacked, so every one stays visible; the
+    label carries the exact size."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks) + 1.8, 4.6), squeeze=False)
     for ax, t in zip(axes[0], tasks):
+        pts = []
         for i, m in enumerate(memories):
             r = best.get((m, t))
-            if not r:
-                continue
-            st = _style(i)
-            x, y = max(r["state_size"], 1), r["metrics"][r["primary"]]
-            ax.scatter([x], [y], s=55, color=st["color"], marker=st["marker"], edgecolor="black", linewidth=0.5,
-                       zorder=3, label=m)
-            ax.annotate(m, (x, y), textcoords="offset points", xytext=(6, 4 if i % 2 == 0 else -10), fontsize=8,
-                        color=st["color"])
-            off = r.get("metrics_ablated", {}).get(r["primary"])
-            if off is not None and not math.isnan(off):
-                ax.scatter([x], [off], s=55, facecolors="none", edgecolors=st["color"], marker=st["marker"], zorder=3)
-                ax.plot([x, x], [y, off], color=st["color"], linestyle=":", linewidth=1)
+            if r:
+                pts.append((i, m, r["state_size"], r["metrics"][r["primary"]]))
+        groups: dict[int, list] = {}
+        for p in pts:
+            groups.setdefault(round(math.log10(max(p[2], 1)) / 0.15), []).append(p)
+        for grp in groups.values():
+            grp.sort(key=lambda p: p[3])
+            n = len(grp)
+            for k, (i, m, size, y) in enumerate(grp):
+                st = _style(i)
+                x = max(size, 1) * 10 ** (0.05 * (k - (n - 1) / 2))          # spread equal sizes
+                ax.scatter([x], [y], s=60, color=st["color"], marker=st["marker"], edgecolor="black", linewidth=0.5,
+                           zorder=3, label=f"{m} ({_size(size)})")
+                ax.annotate(m, (x, y), textcoords="offset points", xytext=(7, 11 * (k - (n - 1) / 2) - 3), fontsize=8,
+                            color=st["color"])
+        if pts:
+            xs = [max(p[2], 1) for p in pts]
+            ax.set_xlim(min(xs) / 4, max(xs) * 6)
+            ax.margins(y=0.12)
         r0 = next(r for r in records if r["task"] == t)
         ax.set_xscale("log")
         ax.set_xlabel(f"state size (elements per example at {r0['state_size_at_tokens']} tokens; 0 plotted at 1)")
         ax.set_ylabel(f"{r0['primary']} ({'higher' if r0['higher_is_better'] else 'lower'} is better)")
-        ax.set_title(t + ("  (hollow: memory off)" if any("metrics_ablated" in r for r in records) else ""), fontsize=10)
+        ax.set_title(t, fontsize=10)
         ax.grid(alpha=0.3, which="both")
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles, labels = axes[0][-1].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
+        fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False, title="memory (state)", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 1.7 / fig.get_size_inches()[0] if handles else 1, 1))
     path = out_dir / "quality_vs_state_size.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
