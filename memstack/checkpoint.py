@@ -116,6 +116,39 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> dict:
     return data.get("meta", {})
 
 
+def load_backbone_weights(model: torch.nn.Module, path: str | Path) -> dict:
+    """Load the backbone of checkpoint `path` -- every tensor outside the memory stack -- into
+    `model`, whose memories may differ (e.g. a prefix to tune on a backbone trained without one).
+    The backbone configs must be equal; the model's memory parameters are left as they are.
+    Refuses a corrupted file or any mismatch, listing every one. Returns the checkpoint's meta."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    data = _read_config(path)
+    diff = _config_diff(data["model"].get("backbone"), to_dict(model.cfg.backbone), "backbone")
+    if diff:
+        raise CheckpointError(f"{path} holds a different backbone:\n" + "\n".join(f"  - {d}" for d in diff))
+    wfile = path / data["weights"]
+    if not wfile.is_file():
+        raise CheckpointError(f"{path}: weights file {data['weights']} is missing")
+    if sha256_file(wfile) != data["sha256"]:
+        raise CheckpointError(f"{wfile}: checksum mismatch -- the file is corrupted or was modified")
+    backbone = lambda d: {k: v for k, v in d.items() if not k.startswith("memory.")}  # noqa: E731
+    saved, want = backbone(load_file(str(wfile))), backbone(unique_state_dict(model))
+    problems = [f"missing tensor {k} {tuple(v.shape)}" for k, v in want.items() if k not in saved]
+    problems += [f"unexpected tensor {k} {tuple(v.shape)}" for k, v in saved.items() if k not in want]
+    problems += [f"{k}: shape {tuple(saved[k].shape)} in checkpoint, model has {tuple(v.shape)}"
+                 for k, v in want.items() if k in saved and saved[k].shape != v.shape]
+    if problems:
+        raise CheckpointError(f"{path}: backbone does not match the model ({len(problems)} problem(s)):\n"
+                              + "\n".join(f"  - {p}" for p in problems))
+    params = dict(model.state_dict())
+    with torch.no_grad():
+        for k, t in saved.items():
+            params[k].copy_(t)
+    return data.get("meta", {})
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", expect: ModelConfig | None = None):
     """Build the model stored in `path` and load its weights. With `expect`, refuse a checkpoint
     whose config differs from it. Returns (model, meta)."""

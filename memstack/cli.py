@@ -119,7 +119,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.task and args.task != stored.get("kind"):
             stored = {"kind": args.task}  # another task: start from its defaults
         task = from_dict(TaskConfig, {**stored, **data.get("task", {})}, what="task config")
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, task, args.device or "auto"), indent=1))
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, task, args.device or "auto", ablate=args.ablate_memory), indent=1))
     return 0
 
 
@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True, help="a checkpoint dir, or a training out_dir")
     s.add_argument("--task", help="task name (see `memstack list`)")
     s.add_argument("--device")
+    s.add_argument("--ablate-memory", action="store_true",
+                   help="also evaluate with every memory switched off (stateful memories reset at every segment, "
+                   "stateless ones closed or zeroed; see memstack/evals/ablation.py) and report both, with the change")
     s.add_argument("overrides", nargs="*", help="task overrides, e.g. task.eval_split=val")
     s.set_defaults(fn=cmd_eval)
 

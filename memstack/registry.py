@@ -88,6 +88,16 @@ for _name, _cfg, _impl, _summary in [
      "Infini-attention: per-head compressive linear-attention memory gated with local attention"),
     ("hmt", "memstack.memory.learned.config:HMTConfig", "memstack.memory.learned.hmt:HMT",
      "Hierarchical Memory Transformer: sensory tokens, recall over a cache of memory embeddings"),
+    # learned memory state, part B: compression, gated memory bank, latents, prefixes
+    ("compressive", "memstack.memory.learned.config:CompressiveConfig",
+     "memstack.memory.learned.compressive:Compressive",
+     "Compressive Transformer: XL memory plus a compressed memory of evicted states (pool/conv/most-used)"),
+    ("lm2", "memstack.memory.learned.config:LM2Config", "memstack.memory.learned.lm2:LM2",
+     "LM2: per-layer memory bank read by gated cross-attention, written with input/forget gates"),
+    ("latents", "memstack.memory.learned.config:LatentConfig", "memstack.memory.learned.latents:Latents",
+     "Perceiver-style latents: cross-attend to each segment, carried on, read as extra keys/values"),
+    ("prefix", "memstack.memory.learned.config:PrefixConfig", "memstack.memory.learned.prefix:Prefix",
+     "prefix-tuning: a learned key/value prefix per layer (MLP-reparameterised), trainable on a frozen backbone"),
     ("kv_dense", "memstack.memory.kv.config:DenseKVConfig", "memstack.memory.kv.dense:DenseKV",
      "dense KV cache: segment-scoped for decoding, or document-scoped (optionally windowed)"),
     # runtime memory (issue 5): paged KV with whole-block freeing and compression

@@ -50,6 +50,9 @@ class SuiteConfig(Checked):
     warmup_frac: float = 0.05
     device: str = "auto"
     seed: int = 0
+    # also evaluate each trained cell with its memory switched off (evals/ablation.py); the
+    # ablated metrics go into `metrics_ablated` (this evaluation is not in the time budget)
+    ablate: bool = False
 
     def check(self) -> list[str]:
         r = []
@@ -167,6 +170,13 @@ def run_cell(suite: SuiteConfig, mem: MemoryConfig, task_cfg: TaskConfig, lr: fl
     with PeakMemory(device) as peak:
         rec = trainer.fit(progress=False)
     wall = time.perf_counter() - t0
+    ablation = {}
+    if suite.ablate:
+        from memstack.evals.ablation import ablated
+
+        off = ablated(model.eval())
+        with torch.no_grad():
+            ablation = {"metrics_ablated": task.evaluate(off), "ablation": off.ablation}
     ctx_tokens = task_cfg.context_tokens() or (getattr(task_cfg, "num_pairs", 0) + 1) * backbone.seg_len
     return {
         "suite": suite.name, "memory": mem.kind, "task": task_cfg.label, "lr": lr, "seed": suite.seed,
@@ -178,7 +188,7 @@ def run_cell(suite: SuiteConfig, mem: MemoryConfig, task_cfg: TaskConfig, lr: fl
         "state_size": model.memory.state_size(ctx_tokens), "state_size_at_tokens": ctx_tokens,
         "state_bytes": model.memory.state_bytes(ctx_tokens),
         "config": {"backbone": to_dict(backbone), "memory": to_dict(mem), "task": to_dict(task_cfg), "train": to_dict(tcfg)},
-        **env,
+        **ablation, **env,
     }
 
 

@@ -26,13 +26,18 @@ def leaderboard_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     memories = list(dict.fromkeys(r["memory"] for r in records))
     tasks = list(dict.fromkeys(r["task"] for r in records))
     base_tps = {t: best[("none", t)]["tok_per_s"] for t in tasks if ("none", t) in best}
-    header = ["memory"] + [f"{t} {best_or(records, t)}" for t in tasks] + ["state size", "params", "tok/s vs none"]
+    ablate = any("metrics_ablated" in r for r in records)
+    header = ["memory"] + [f"{t} {best_or(records, t)}" + (" [memory off]" if ablate else "") for t in tasks]
+    header += ["state size", "params", "tok/s vs none"]
     rows = []
     for m in memories:
         row = [m]
         for t in tasks:
             r = best.get((m, t))
-            row.append(f"{_fmt(r['metrics'][r['primary']])} (lr {r['lr']:g})" if r else "-")
+            cell = f"{_fmt(r['metrics'][r['primary']])} (lr {r['lr']:g})" if r else "-"
+            if r and "metrics_ablated" in r:
+                cell += f" [{_fmt(r['metrics_ablated'].get(r['primary'], math.nan))}]"
+            row.append(cell)
         any_r = next((best[(m, t)] for t in tasks if (m, t) in best), None)
         sizes = sorted({(best[(m, t)]["state_size"], best[(m, t)]["state_size_at_tokens"]) for t in tasks if (m, t) in best})
         row.append(", ".join(f"{_size(s)}@{n}" for s, n in sizes) if sizes else "-")
@@ -73,8 +78,11 @@ def write_report(records: list[dict], out_dir: str | Path, command: str = "") ->
           + (f" (scaled by {scale:.3g} to fit the time budget)" if scale < 1 else ""),
           f"- backbone: {_backbone_line(r0)}",
           f"- learning rates swept: {sorted({r['lr'] for r in records})}; best of the sweep per cell is shown",
-          "- state size: elements of memory state per example at the given context length (Zoology's axis)",
-          "", markdown_table(header, rows), ""]
+          "- state size: elements of memory state per example at the given context length (Zoology's axis)"]
+    if any("metrics_ablated" in r for r in records):
+        md.append("- [memory off]: the same trained model evaluated with its memory switched off "
+                  "(stateful memories reset at every segment, stateless ones closed or zeroed; memstack/evals/ablation.py)")
+    md += ["", markdown_table(header, rows), ""]
     md += _details(records)
     plots = _plots(records, out_dir)
     md += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
@@ -109,24 +117,9 @@ def _plots(records: list[dict], out_dir: Path) -> list[Path]:
     memories = list(dict.fromkeys(r["memory"] for r in records))
     paths = []
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
-    for ax, t in zip(axes[0], tasks):
-        for m in memories:
-            r = best.get((m, t))
-            if r:
-                x, y = max(r["state_size"], 1), r["metrics"][r["primary"]]
-                ax.scatter([x], [y], s=40)
-                ax.annotate(m, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        r0 = next(r for r in records if r["task"] == t)
-        ax.set_xscale("log")
-        ax.set_xlabel(f"state size (elements, at {r0['state_size_at_tokens']} tokens; 0 plotted at 1)")
-        ax.set_ylabel(f"{r0['primary']} ({'higher' if r0['higher_is_better'] else 'lower'} is better)")
-        ax.set_title(t)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(out_dir / "quality_vs_state_size.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_frontier(plt, best, records, tasks, memories, out_dir))
+    if any("metrics_ablated" in r for r in records):
+        paths.append(_ablation_plot(plt, best, records, tasks, memories, out_dir))
 
     if "lm" in tasks and any((m, "lm") in best for m in memories):
         ms = [m for m in memories if (m, "lm") in best]
@@ -163,3 +156,79 @@ def _plots(records: list[dict], out_dir: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     return paths
+
+
+_MARKERS = "os^DvP*Xh<>p"
+
+
+def _style(i: int) -> dict:
+    import matplotlib.pyplot as plt
+
+    return {"color": plt.get_cmap("tab10" if i < 10 else "tab20")(i % 20), "marker": _MARKERS[i % len(_MARKERS)]}
+
+
+def _frontier(plt, best: dict, records: list[dict], tasks: list[str], memories: list[str], out_dir: Path) -> Path:
+    """Quality against state size (the Zoology frontier): one labelled marker per memory on a
+    log-scale state axis. Memories of equal state size (e.g. several stateless ones at 0) are
+    spread slightly along the axis and their labels stacked, so every one stays visible; the
+    label carries the exact size."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.2 * len(tasks) + 1.8, 4.6), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        pts = []
+        for i, m in enumerate(memories):
+            r = best.get((m, t))
+            if r:
+                pts.append((i, m, r["state_size"], r["metrics"][r["primary"]]))
+        groups: dict[int, list] = {}
+        for p in pts:
+            groups.setdefault(round(math.log10(max(p[2], 1)) / 0.15), []).append(p)
+        for grp in groups.values():
+            grp.sort(key=lambda p: p[3])
+            n = len(grp)
+            for k, (i, m, size, y) in enumerate(grp):
+                st = _style(i)
+                x = max(size, 1) * 10 ** (0.05 * (k - (n - 1) / 2))          # spread equal sizes
+                ax.scatter([x], [y], s=60, color=st["color"], marker=st["marker"], edgecolor="black", linewidth=0.5,
+                           zorder=3, label=f"{m} ({_size(size)})")
+                ax.annotate(m, (x, y), textcoords="offset points", xytext=(7, 11 * (k - (n - 1) / 2) - 3), fontsize=8,
+                            color=st["color"])
+        if pts:
+            xs = [max(p[2], 1) for p in pts]
+            ax.set_xlim(min(xs) / 4, max(xs) * 6)
+            ax.margins(y=0.12)
+        r0 = next(r for r in records if r["task"] == t)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"state size (elements per example at {r0['state_size_at_tokens']} tokens; 0 plotted at 1)")
+        ax.set_ylabel(f"{r0['primary']} ({'higher' if r0['higher_is_better'] else 'lower'} is better)")
+        ax.set_title(t, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False, title="memory (state)", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - 1.7 / fig.get_size_inches()[0] if handles else 1, 1))
+    path = out_dir / "quality_vs_state_size.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _ablation_plot(plt, best: dict, records: list[dict], tasks: list[str], memories: list[str], out_dir: Path) -> Path:
+    """Per task, each memory's primary metric with its memory on and switched off."""
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.0, 0.9 * len(memories) + 1.5) * len(tasks), 3.6), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        ms = [m for m in memories if (m, t) in best and "metrics_ablated" in best[(m, t)]]
+        on = [best[(m, t)]["metrics"][best[(m, t)]["primary"]] for m in ms]
+        off = [best[(m, t)]["metrics_ablated"].get(best[(m, t)]["primary"], math.nan) for m in ms]
+        xs = range(len(ms))
+        ax.bar([x - 0.2 for x in xs], on, width=0.4, label="memory on", color="tab:blue")
+        ax.bar([x + 0.2 for x in xs], off, width=0.4, label="memory off", color="tab:gray")
+        ax.set_xticks(list(xs), ms, rotation=30, ha="right", fontsize=8)
+        r0 = next(r for r in records if r["task"] == t)
+        ax.set_ylabel(f"{r0['primary']} ({'higher' if r0['higher_is_better'] else 'lower'} is better)")
+        ax.set_title(t, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "memory_ablation.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -6,6 +6,8 @@
     train:    TrainConfig fields
     device:   auto | cpu | cuda
     out_dir:  where checkpoints and log.jsonl go
+    init_from: a checkpoint (or training out_dir) whose backbone initialises the model; the
+              memories start fresh (e.g. prefix-tuning a trained backbone with train.trainable: memory)
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ class RunConfig(Checked):
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "auto"
     out_dir: str | None = None
+    init_from: str | None = None
 
     def check(self) -> list[str]:
         r = [] if self.task is not None else ["task is required, e.g. task: {kind: lm}"]
@@ -70,10 +73,16 @@ def run_training(cfg: RunConfig, resume: str | Path | None = None, progress: boo
         task = build_task(cfg.task, cfg.model.seg_len)
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model_config()).to(dist.device)
+        if cfg.init_from:
+            from memstack.checkpoint import load_backbone_weights
+
+            load_backbone_weights(model, latest_checkpoint(cfg.init_from))
         if cfg.train.batch_size % dist.world:
             raise ValueError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the {dist.world} processes")
         source = task.train_source(cfg.train.batch_size, cfg.train.seed, dist.rank, dist.world)
         meta = {"task": to_dict(cfg.task), "train": to_dict(cfg.train)}
+        if cfg.init_from:
+            meta["init_from"] = str(cfg.init_from)
         tok = getattr(task, "tokenizer", None)
         if tok is not None:
             meta.update(tokenizer=tok.name, tokenizer_fingerprint=tok.fingerprint())
@@ -121,7 +130,10 @@ def load_for_inference(path: str | Path, device: str = "auto"):
     return model, meta, tokenizer
 
 
-def evaluate_checkpoint(path: str | Path, task_cfg: TaskConfig | None = None, device: str = "auto") -> dict:
+def evaluate_checkpoint(path: str | Path, task_cfg: TaskConfig | None = None, device: str = "auto",
+                        ablate: bool = False) -> dict:
+    """The task's metrics for a checkpoint. With `ablate`, {"metrics", "ablated", "ablation", "delta"}:
+    also the metrics with every memory switched off (memstack/evals/ablation.py)."""
     model, meta, _ = load_for_inference(path, device)
     if task_cfg is None:
         if "task" not in meta:
@@ -132,6 +144,10 @@ def evaluate_checkpoint(path: str | Path, task_cfg: TaskConfig | None = None, de
                          f"{model.cfg.backbone.vocab_size}")
     task = build_task(task_cfg, model.cfg.backbone.seg_len)
     model.eval()
+    if ablate:
+        from memstack.evals.ablation import evaluate_with_ablation
+
+        return evaluate_with_ablation(task, model)
     return task.evaluate(model)
 
 

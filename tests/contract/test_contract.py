@@ -11,7 +11,7 @@ is tested without anyone editing this file:
 - state survives save/load: continuing from a reloaded state equals continuing from the original;
 - `MemorySpec` predicts the held state exactly and bounds the allocation;
 - rows are independent, and a per-row reset makes that row equal to a fresh run;
-- the memory's parameters (if any) receive gradient;
+- the memory's parameters (if any) receive gradient from the training loss (LM + auxiliary losses);
 - bad config fields are refused with every reason.
 """
 from __future__ import annotations
@@ -171,8 +171,13 @@ def test_memory_parameters_get_gradient(name, fields):
     if not params:
         pytest.skip(f"{name} has no parameters")
     tokens = torch.randint(0, 97, (2, 3 * S))
-    logits, _ = run_whole(model, tokens)
-    cross_entropy(logits[:, :-1], tokens[:, 1:]).backward()
+    # the training loss: LM loss plus the memories' auxiliary losses (a compressor may learn from
+    # its own auxiliary loss only, as the Compressive Transformer's does)
+    state, loss = None, 0.0
+    for s in range(3):
+        out, state = model(tokens[:, s * S:(s + 1) * S], state)
+        loss = loss + cross_entropy(out.logits[:, :-1], tokens[:, s * S + 1:(s + 1) * S]) + out.aux_loss
+    loss.backward()
     for pname, p in params.items():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{pname} got no gradient"
 

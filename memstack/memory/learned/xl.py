@@ -40,6 +40,15 @@ class XLState:
     pending_pos: Tensor           # (B, Tp)
 
 
+@dataclass
+class Evicted:
+    """What the FIFO memory of one layer dropped at a segment end (oldest first)."""
+
+    h: Tensor       # (B, E, D) hidden states, stop-gradient
+    pos: Tensor     # (B, E) positions
+    valid: Tensor   # (B, E) bool
+
+
 def _keep_last(x: Tensor, n: int) -> Tensor:
     """The last n entries along dim 1, as their own tensor (a slice would keep the whole alive)."""
     return x[:, -n:].clone() if x.shape[1] > n else x
@@ -66,18 +75,38 @@ class TransformerXL(Memory):
         return MemorySpec(bytes_per_token=per_tok, max_tokens=self.cfg.mem_len, dtype_bytes=dtype_bytes(dtype))
 
     def attn(self, io: AttnIO, state: XLState, ctx: StepContext) -> tuple[KVBlock | None, XLState]:
+        block = self.read(io, state)
+        state, _ = self.write(io, state, ctx)
+        return block, state
+
+    def read(self, io: AttnIO, state: XLState) -> KVBlock | None:
+        """K/V of layer io.layer's memory, re-projected with the layer's current weights."""
         j = self.slot[io.layer]
-        block = None
-        if state.mems[j].shape[1]:
-            k, v = io.project_kv(state.mems[j], state.pos)           # (B, Hkv, M, hd)
-            block = KVBlock(k, v, state.valid)
+        if not state.mems[j].shape[1]:
+            return None
+        k, v = io.project_kv(state.mems[j], state.pos)               # (B, Hkv, M, hd)
+        return KVBlock(k, v, state.valid)
+
+    def write(self, io: AttnIO, state: XLState, ctx: StepContext) -> tuple[XLState, Evicted | None]:
+        """Append the chunk's (stop-gradient) states; at a segment end push the segment into the
+        FIFO memory. Returns the new state and what the FIFO dropped at this layer (None if nothing)."""
+        j = self.slot[io.layer]
         h_new = io.h[:, ctx.real].detach()                            # (B, T, D) stop-gradient
         pos_new = ctx.positions[:, ctx.real]
         pending = torch.cat([state.pending[j], h_new], dim=1)
         pending_pos = torch.cat([state.pending_pos, pos_new], dim=1)
         mems, pend = list(state.mems), list(state.pending)
+        evicted = None
         if ctx.seg_end:  # the segment is complete: push it into the FIFO memory
-            mems[j] = _keep_last(torch.cat([state.mems[j], pending], dim=1), self.cfg.mem_len)
+            full = torch.cat([state.mems[j], pending], dim=1)         # (B, M + Tp, D)
+            n_out = full.shape[1] - self.cfg.mem_len
+            if n_out > 0:
+                # pos/valid are shared by all layers and only updated at the last one, so every
+                # layer sees the pre-update values here
+                full_pos = torch.cat([state.pos, pending_pos], dim=1)
+                full_valid = torch.cat([state.valid, torch.ones_like(pending_pos, dtype=torch.bool)], dim=1)
+                evicted = Evicted(full[:, :n_out], full_pos[:, :n_out], full_valid[:, :n_out])
+            mems[j] = _keep_last(full, self.cfg.mem_len)
             pend[j] = pending.new_zeros(pending.shape[0], 0, pending.shape[2])
         else:
             pend[j] = pending
@@ -89,7 +118,7 @@ class TransformerXL(Memory):
                 ppos = pending_pos.new_zeros(pending_pos.shape[0], 0)
             else:
                 ppos = pending_pos
-        return block, XLState(tuple(mems), pos, valid, tuple(pend), ppos)
+        return XLState(tuple(mems), pos, valid, tuple(pend), ppos), evicted
 
     @classmethod
     def contract_configs(cls) -> list[dict]:
