@@ -106,6 +106,11 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> dict:
                  for k, v in want.items() if k in saved and saved[k].shape != v.shape]
     problems += [f"{k}: dtype {saved[k].dtype} in checkpoint, model has {v.dtype}"
                  for k, v in want.items() if k in saved and saved[k].shape == v.shape and saved[k].dtype != v.dtype]
+    stack = getattr(model, "memory", None)
+    for i, mem in enumerate(stack.memories if stack is not None else []):
+        pre = f"memory.memories.{i}."
+        problems += [f"memory {i} ({mem.cfg.kind}): {r}"
+                     for r in mem.check_loaded({k[len(pre):]: v for k, v in saved.items() if k.startswith(pre)})]
     if problems:
         raise CheckpointError(f"{path} does not match the model ({len(problems)} problem(s)):\n"
                               + "\n".join(f"  - {p}" for p in problems))

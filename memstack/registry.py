@@ -81,6 +81,11 @@ for _name, _cfg, _impl, _summary in [
      "Transformer-XL: stop-gradient hidden states of the last mem_len tokens per layer"),
     ("kv_dense", "memstack.memory.kv.config:DenseKVConfig", "memstack.memory.kv.dense:DenseKV",
      "dense KV cache: segment-scoped for decoding, or document-scoped (optionally windowed)"),
+    # sparse memory tables (memory/sparse/)
+    ("engram", "memstack.memory.sparse.config:EngramConfig", "memstack.memory.sparse.engram:Engram",
+     "Engram: hashed token N-gram table rows, gated into the residual stream at chosen layers"),
+    ("pkm", "memstack.memory.sparse.config:PKMConfig", "memstack.memory.sparse.pkm:ProductKeyMemory",
+     "product-key memory / Memory+: learned query, top-k of n_keys^2 value rows, SiLU-gated output"),
 ]:
     MEMORIES.add(_name, _cfg, _impl, _summary)
 

@@ -31,6 +31,7 @@ from memstack.memory.state import ModelState, detach, load_state, save_state, tr
 from memstack.train.config import TrainConfig
 from memstack.train.distributed import DistInfo, all_reduce_sum
 from memstack.train.optim import apply_trainable, build_optimizer, lr_at, set_lr
+from memstack.train.sparse_optim import grad_norm_and_clip
 from memstack.train.segments import SegmentLoop
 
 TRAINER_FORMAT = 1
@@ -93,7 +94,9 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in self.opt.param_groups for p in g["params"]]
-        if cfg.grad_clip > 0:
+        if any(p.grad is not None and (p.grad.is_sparse or getattr(p, "sharded", False)) for p in params):
+            gnorm = grad_norm_and_clip(params, cfg.grad_clip, self._sharded_sq)  # sparse / sharded rows
+        elif cfg.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
@@ -111,6 +114,10 @@ class Trainer:
         return {"step": self.step, "loss": float(total) / max(float(count), 1.0), "lr": lr, "grad_norm": float(gnorm),
                 "segments": n_seg, "tokens": self.tokens, "target_tokens": self.target_tokens,
                 "tok_per_s": n_tok / dt, "step_s": dt}
+
+    def _sharded_sq(self, local_sq: torch.Tensor) -> torch.Tensor:
+        """Sum over processes of the squared gradient norms of rank-local (row-sharded) parameters."""
+        return all_reduce_sum(local_sq, self.dist)
 
     def done(self) -> bool:
         cfg = self.cfg
