@@ -98,6 +98,8 @@ for _name, _cfg, _impl, _summary in [
      "passkey retrieval in real-text filler; exact-match accuracy over a depth x length grid"),
     ("segment_ar", "memstack.evals.segment_ar:SegmentARTaskConfig", "memstack.evals.segment_ar:SegmentARTask",
      "one key-value pair per segment, query in the last segment (ARMT-style); accuracy"),
+    ("facts", "memstack.evals.facts:FactsTaskConfig", "memstack.evals.facts:FactsTask",
+     "synthetic key -> value facts: closed-book recall of trained facts, and the in-context variant"),
 ]:
     TASKS.add(_name, _cfg, _impl, _summary)
 

@@ -164,16 +164,15 @@ class SparseTable(nn.Module):
 
     def namespace_of(self, global_rows: Tensor) -> list[str]:
         """The namespace name of each global row (for reports, deltas and quotas)."""
-        out = []
-        for r in global_rows.tolist():
-            for ns in self.specs:
-                if self.offsets[ns.name] <= r < self.offsets[ns.name] + ns.rows:
-                    out.append(ns.name)
-                    break
-        return out
+        starts = torch.tensor([self.offsets[ns.name] for ns in self.specs])
+        at = torch.searchsorted(starts, global_rows.reshape(-1).cpu().long(), right=True) - 1
+        return [self.specs[i].name for i in at.tolist()]
 
     # -- the only two places rows are touched (namespaces call them with checked global rows) --
     def _gather(self, rows: Tensor, prefetched: Tensor | None = None) -> Tensor:
+        for rec in _RECORDERS:
+            if rec.table is self:
+                rec.add(rows)
         w = self.weight
         if rows.device != w.device and prefetched is None:   # an offloaded table: gather where it lives
             out = gather_rows(w, rows.to(w.device))
@@ -190,3 +189,45 @@ class SparseTable(nn.Module):
     def extra_repr(self) -> str:
         spaces = ", ".join(f"{s.name}:{s.addressing}x{s.rows}" for s in self.specs)
         return f"rows={self.n_rows}, dim={self.dim}, namespaces=[{spaces}]"
+
+
+_RECORDERS: list["AccessRecorder"] = []   # active `record_accesses` blocks (empty outside them)
+
+
+class AccessRecorder:
+    """Per-row access counts of one table while active (observability, and the term/document
+    frequencies of sparse memory finetuning's slot selection)."""
+
+    def __init__(self, table: SparseTable):
+        self.table = table
+        self.counts = torch.zeros(table.n_rows, dtype=torch.int64)    # lookups per row
+        self.docs = torch.zeros(table.n_rows, dtype=torch.int64)      # "documents" (see next_doc) touching a row
+        self.n_docs = 0
+        self._doc_rows: list[Tensor] = []
+
+    def add(self, rows: Tensor) -> None:
+        r = rows.detach().reshape(-1).cpu()
+        r = r[r >= 0]
+        self.counts += torch.bincount(r, minlength=self.table.n_rows)
+        self._doc_rows.append(r)
+
+    def next_doc(self) -> None:
+        """Close the current document: every row it touched counts once in `docs`."""
+        if self._doc_rows:
+            self.docs[torch.unique(torch.cat(self._doc_rows))] += 1
+        self._doc_rows = []
+        self.n_docs += 1
+
+    def __enter__(self) -> "AccessRecorder":
+        _RECORDERS.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._doc_rows:
+            self.next_doc()
+        _RECORDERS.remove(self)
+
+
+def record_accesses(table: SparseTable) -> AccessRecorder:
+    """`with record_accesses(table) as rec: model(...)`: rec.counts[r] = lookups of row r."""
+    return AccessRecorder(table)
