@@ -95,7 +95,7 @@ class FactsTask(Task):
     def _enc(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def _row(self, pieces: list[tuple[str, bool]]) -> tuple[np.ndarray, np.ndarray]:
+    def _row(self, pieces: list[tuple[str, bool]], truncate: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Concatenate text pieces (text, labelled) into one example: [eot] + tokens, cut/padded to
         seq_len; labels are the next tokens inside labelled pieces (all pieces when training)."""
         L, eot = self.cfg.seq_len, self.tokenizer.eot_id
@@ -104,7 +104,7 @@ class FactsTask(Task):
             t = self._enc(text)
             ids += t
             lab += [labelled] * len(t)
-        if any(lab[L + 1:]) and not all(lab):
+        if any(lab[L + 1:]) and not truncate:
             raise ValueError(f"a facts example needs {len(ids) - 1} tokens but seq_len is {L}; raise seq_len "
                              "or lower icl_pairs")
         ids, lab = ids[: L + 1], lab[: L + 1]
@@ -127,7 +127,8 @@ class FactsTask(Task):
 
     def train_arrays(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.cfg.seed, seed, 11])
-        rows = [self._row(self._icl_pieces(rng, True) if rng.random() < self.cfg.icl_frac else self._closed_pieces(rng))
+        rows = [(self._row(self._icl_pieces(rng, True)) if rng.random() < self.cfg.icl_frac
+                else self._row(self._closed_pieces(rng), truncate=True))
                 for _ in range(n)]
         return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
