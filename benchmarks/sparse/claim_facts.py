@@ -12,6 +12,7 @@ Writes docs/benchmarks/sparse/claim_facts.json. Measures; asserts nothing.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from common import backbone, train_cell, write_json
@@ -34,18 +35,19 @@ def without_memories(model: torch.nn.Module) -> torch.nn.Module:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
     task = FactsTaskConfig(n_facts=200, seq_len=128, icl_frac=0.5, n_train=20000, n_icl_test=200)
-    train = TrainConfig(lr=args.lr, warmup_steps=20, max_steps=args.steps, batch_size=16, log_every=100, progress=False)
+    train = TrainConfig(lr=args.lr, warmup_steps=20, max_steps=args.steps, batch_size=args.batch, log_every=100, progress=False)
     bb = backbone(seg_len=128)
     eng = EngramConfig(layers=(0,), orders=(2, 3), heads=4, head_dim=8, rows_per_head=4093, tokenizer="bpe512")
-    res = {"steps": args.steps, "lr": args.lr, "task": task.__dict__, "runs": {}}
-    plain_model, rec, secs = train_cell(ModelConfig(bb, ()), task, train)
+    res = {"steps": args.steps, "lr": args.lr, "batch": args.batch, "task": task.__dict__, "runs": {}}
+    plain_model, rec, secs = train_cell(ModelConfig(bb, ()), task, train, out_dir=Path("runs/claims/facts_plain"))
     res["runs"]["plain"] = {**rec["eval"], "seconds": secs}
     print("plain", res["runs"]["plain"], flush=True)
-    model, rec, secs = train_cell(ModelConfig(bb, (eng,)), task, train)
+    model, rec, secs = train_cell(ModelConfig(bb, (eng,)), task, train, out_dir=Path("runs/claims/facts_engram"))
     res["runs"]["engram"] = {**rec["eval"], "seconds": secs}
     t = build_task(task, bb.seg_len)
     res["runs"]["engram_tables_off"] = t.evaluate(without_memories(model))

@@ -20,18 +20,19 @@ from memstack.train.config import TrainConfig
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--rows", default="1,64,512,4096,32768", help="rows_per_head values")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--save", default="runs/claims", help="checkpoints go here (the SMF claim reuses one)")
     args = ap.parse_args()
-    task = LMTaskConfig(corpus="sotu", tokenizer="bpe512", eval_split="val", eval_tokens=30000)
-    train = TrainConfig(lr=args.lr, warmup_steps=20, max_steps=args.steps, batch_size=16, n_segments=2, log_every=50,
+    task = LMTaskConfig(corpus="sotu", tokenizer="bpe512", eval_split="val", eval_tokens=20000)
+    train = TrainConfig(lr=args.lr, warmup_steps=20, max_steps=args.steps, batch_size=args.batch, n_segments=2, log_every=50,
                         progress=False)
     bb = backbone()
     eng = lambda r: EngramConfig(layers=(0,), orders=(2, 3), heads=4, head_dim=8, rows_per_head=r, tokenizer="bpe512")  # noqa: E731
     wide, plain_extra, dense = matched_plain(eng(1), bb)
-    results = {"steps": args.steps, "lr": args.lr, "tokens": args.steps * 16 * 2 * 64, "engram_dense_params": dense,
+    results = {"steps": args.steps, "lr": args.lr, "tokens": args.steps * args.batch * 2 * 64, "batch": args.batch, "engram_dense_params": dense,
                "plain_extra_params": plain_extra, "plain_d_ff": wide.ff_dim, "runs": []}
     print(f"plain backbone widened to d_ff {wide.ff_dim} (+{plain_extra} params) vs Engram's {dense} dense params")
     cells = [("plain", ModelConfig(wide, ()), 0)] + [(f"engram_r{r}", ModelConfig(bb, (eng(r),)), r)
