@@ -252,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
     s.add_argument("--device")
     s.set_defaults(fn=cmd_generate)
+
+    from memstack.memory.sparse.cli import add_parser as add_memory_parser   # argparse only; no torch import
+
+    add_memory_parser(sub)
     return p
 
 

@@ -57,6 +57,9 @@ class TrainConfig(Checked):
     # "all": every parameter trains; "memory": the backbone is frozen (requires_grad off) and only
     # the memories' parameters train (prefix-tuning, tables on a frozen backbone)
     trainable: Literal["all", "memory"] = "all"
+    # under torchrun: split every sparse table row-wise over the processes (all-to-all lookups,
+    # memory/sparse/shard.py) instead of replicating it; the dense part stays data-parallel
+    shard_tables: bool = False
     progress: bool = True
 
     def check(self) -> list[str]:

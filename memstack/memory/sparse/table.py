@@ -174,14 +174,30 @@ class SparseTable(nn.Module):
             if rec.table is self:
                 rec.add(rows)
         w = self.weight
+        shard = getattr(self, "shard", None)
+        if shard is not None:                                   # row-sharded over processes (shard.py)
+            from memstack.memory.sparse.shard import sharded_gather
+
+            return sharded_gather(w, rows.to(w.device), self.n_rows, shard[1]).to(rows.device)
         if rows.device != w.device and prefetched is None:   # an offloaded table: gather where it lives
             out = gather_rows(w, rows.to(w.device))
             return out.to(rows.device, non_blocking=True)
         return gather_rows(w, rows, prefetched)
 
     def _write(self, rows: Tensor, values: Tensor) -> None:
+        if getattr(self, "shard", None) is not None:
+            raise NotImplementedError("online writes to a row-sharded table are not supported; update an unsharded copy")
         with torch.no_grad():
             self.weight.index_copy_(0, rows.to(self.weight.device), values.to(self.weight.device, self.weight.dtype))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """A row-sharded table's rows are saved by every rank beside the checkpoint (shard.py),
+        not in the weights file."""
+        if getattr(self, "shard", None) is None:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, buf in self._buffers.items():
+            if buf is not None and name not in self._non_persistent_buffers_set:
+                destination[prefix + name] = buf if keep_vars else buf.detach()
 
     def nbytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
