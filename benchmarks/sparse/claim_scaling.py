@@ -25,7 +25,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--save", default="runs/claims", help="checkpoints go here (the SMF claim reuses one)")
+    ap.add_argument("--tag", default="", help="suffix of the result file (parallel partial runs)")
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain backbone cell")
+    ap.add_argument("--merge", action="store_true", help="merge claim_scaling*.json into claim_scaling.json and plot")
     args = ap.parse_args()
+    if args.merge:
+        return merge()
     task = LMTaskConfig(corpus="sotu", tokenizer="bpe512", eval_split="val", eval_tokens=20000)
     train = TrainConfig(lr=args.lr, warmup_steps=20, max_steps=args.steps, batch_size=args.batch, n_segments=2, log_every=50,
                         progress=False)
@@ -35,7 +40,7 @@ def main() -> None:
     results = {"steps": args.steps, "lr": args.lr, "tokens": args.steps * args.batch * 2 * 64, "batch": args.batch, "engram_dense_params": dense,
                "plain_extra_params": plain_extra, "plain_d_ff": wide.ff_dim, "runs": []}
     print(f"plain backbone widened to d_ff {wide.ff_dim} (+{plain_extra} params) vs Engram's {dense} dense params")
-    cells = [("plain", ModelConfig(wide, ()), 0)] + [(f"engram_r{r}", ModelConfig(bb, (eng(r),)), r)
+    cells = ([] if args.no_plain else [("plain", ModelConfig(wide, ()), 0)]) + [(f"engram_r{r}", ModelConfig(bb, (eng(r),)), r)
                                                       for r in map(int, args.rows.split(","))]
     from pathlib import Path
 
@@ -47,8 +52,22 @@ def main() -> None:
                "train_loss": rec["loss"], "seconds": secs}
         results["runs"].append(row)
         print(row, flush=True)
-        write_json("claim_scaling", results)
-    plot(results)
+        write_json("claim_scaling" + args.tag, results)
+    if not args.tag:
+        plot(results)
+
+
+def merge() -> None:
+    import json
+
+    parts = [json.loads(p.read_text()) for p in sorted(OUT.glob("claim_scaling*.json")) if p.name != "claim_scaling.json"]
+    base = json.loads((OUT / "claim_scaling.json").read_text()) if (OUT / "claim_scaling.json").exists() else parts[0]
+    runs = {r["name"]: r for r in base["runs"]}
+    for p in parts:
+        runs.update({r["name"]: r for r in p["runs"]})
+    base["runs"] = sorted(runs.values(), key=lambda r: (r["name"] != "plain", r["rows_per_head"]))
+    write_json("claim_scaling", base)
+    plot(base)
 
 
 def plot(results: dict) -> None:
