@@ -39,7 +39,9 @@ def _default_impl(table: Tensor) -> str:
 
 
 def gather_torch(table: Tensor, idx: Tensor) -> Tensor:
-    """index_select on the clamped ids, misses zeroed in place (one pass, no extra (N, D) temp)."""
+    """index_select; with misses, on the clamped ids with the misses zeroed in place."""
+    if idx.numel() == 0 or int(idx.min()) >= 0:                       # the common case: plain index_select
+        return table.index_select(0, idx)
     out = table.index_select(0, idx.clamp(min=0))                     # (N, D)
     miss = idx < 0
     if bool(miss.any()):
