@@ -34,16 +34,16 @@ from memstack.train.run import load_for_inference
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default="runs/claims/engram_r4096")
-    ap.add_argument("--facts", type=int, default=30)
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--every", type=int, default=15)
+    ap.add_argument("--facts", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--every", type=int, default=20)
     ap.add_argument("--top-t", type=int, default=500)
     ap.add_argument("--lr-smf", type=float, default=3e-2)
     ap.add_argument("--lr-full", type=float, default=1e-3)
     args = ap.parse_args()
     base, _, _ = load_for_inference(args.ckpt, "cpu")
     seg = base.cfg.backbone.seg_len
-    lm = LMTask(LMTaskConfig(corpus="sotu", tokenizer="bpe512", eval_split="val", eval_tokens=20000), seg)
+    lm = LMTask(LMTaskConfig(corpus="sotu", tokenizer="bpe512", eval_split="val", eval_tokens=10000), seg)
     facts = FactsTask(FactsTaskConfig(n_facts=args.facts, seq_len=seg, seed=123), seg)
     x, y = facts.fact_test                       # statements; train on the whole statement
     rows = [facts._row([(f"the code of {k} is {v}.", True)]) for k, v in facts.facts]

@@ -25,7 +25,7 @@ CONFIG = """\
 model: {d_model: 32, n_layers: 2, n_heads: 4, seg_len: 16}
 memories: [{kind: engram, layers: [0], heads: 2, head_dim: 4, rows_per_head: 101}]
 task: {kind: lm, tokenizer: byte, eval_tokens: 500, eval_split: val}
-train: {lr: 0.01, warmup_steps: 1, batch_size: 6, max_steps: 4, n_segments: 2, log_every: 1, ckpt_every: 2, shard_tables: SHARD}
+train: {lr: 0.003, warmup_steps: 1, batch_size: 6, max_steps: 4, n_segments: 2, log_every: 1, ckpt_every: 2, shard_tables: SHARD}
 device: cpu
 """
 
