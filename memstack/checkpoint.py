@@ -98,14 +98,33 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> dict:
         raise CheckpointError(f"{path}: weights file {data['weights']} is missing")
     if sha256_file(wfile) != data["sha256"]:
         raise CheckpointError(f"{wfile}: checksum mismatch -- the file is corrupted or was modified")
-    saved = load_file(str(wfile))
+    saved = saved_full = load_file(str(wfile))
     want = unique_state_dict(model)
-    problems = [f"missing tensor {k} {tuple(v.shape)}" for k, v in want.items() if k not in saved]
+    in_shards: list[str] = []
+    problems: list[str] = []
+    sliced = _shard_slices(model, saved)   # full tables in the file, row-sharded in this process
+    saved = {k: v for k, v in saved.items() if k not in sliced}
+    if (path / "shards").is_dir():  # row-sharded tables, saved by every rank (memory/sparse/shard.py)
+        from memstack.memory.sparse.shard import shard_index, table_modules
+
+        index = shard_index(path)
+        tables = table_modules(model)
+        in_shards = sorted(set(tables) & set(index))
+        want = {k: v for k, v in want.items() if k not in index}
+        problems += [f"{k}: the checkpoint holds a ({index[k]['rows']}, {index[k]['dim']}) table, the model "
+                     f"({tables[k].n_rows}, {tables[k].dim})" for k in in_shards
+                     if (index[k]["rows"], index[k]["dim"]) != (tables[k].n_rows, tables[k].dim)]
+    problems += [f"missing tensor {k} {tuple(v.shape)}" for k, v in want.items() if k not in saved]
     problems += [f"unexpected tensor {k} {tuple(v.shape)}" for k, v in saved.items() if k not in want]
     problems += [f"{k}: shape {tuple(saved[k].shape)} in checkpoint, model has {tuple(v.shape)}"
                  for k, v in want.items() if k in saved and saved[k].shape != v.shape]
     problems += [f"{k}: dtype {saved[k].dtype} in checkpoint, model has {v.dtype}"
                  for k, v in want.items() if k in saved and saved[k].shape == v.shape and saved[k].dtype != v.dtype]
+    stack = getattr(model, "memory", None)
+    for i, mem in enumerate(stack.memories if stack is not None else []):
+        pre = f"memory.memories.{i}."
+        problems += [f"memory {i} ({mem.cfg.kind}): {r}"
+                     for r in mem.check_loaded({k[len(pre):]: v for k, v in saved.items() if k.startswith(pre)})]
     if problems:
         raise CheckpointError(f"{path} does not match the model ({len(problems)} problem(s)):\n"
                               + "\n".join(f"  - {p}" for p in problems))
@@ -113,6 +132,13 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> dict:
     with torch.no_grad():
         for k, t in saved.items():
             params[k].copy_(t)
+    with torch.no_grad():
+        for k, (param, lo, hi) in sliced.items():
+            param.copy_(saved_full[k][lo:hi])
+    if in_shards:
+        from memstack.memory.sparse.shard import load_shards_into
+
+        load_shards_into(model, path, in_shards)
     return data.get("meta", {})
 
 
@@ -147,6 +173,16 @@ def load_backbone_weights(model: torch.nn.Module, path: str | Path) -> dict:
         for k, t in saved.items():
             params[k].copy_(t)
     return data.get("meta", {})
+def _shard_slices(model: torch.nn.Module, saved: dict[str, Tensor]) -> dict[str, tuple[Tensor, int, int]]:
+    """Tables stored whole in `saved` whose model copy holds one row block (a row-sharded run
+    resuming an unsharded checkpoint): name -> (parameter, lo, hi)."""
+    out = {}
+    for name, mod in model.named_modules():
+        shard = getattr(mod, "shard", None)
+        key = f"{name}.weight"
+        if shard is not None and key in saved and saved[key].shape[0] == getattr(mod, "n_rows", -1):
+            out[key] = (mod.weight, shard[2], shard[3])
+    return out
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", expect: ModelConfig | None = None):

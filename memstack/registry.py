@@ -103,6 +103,11 @@ for _name, _cfg, _impl, _summary in [
     # runtime memory (issue 5): paged KV with whole-block freeing and compression
     ("kv_paged", "memstack.memory.kv.config:PagedKVConfig", "memstack.memory.kv.paged:PagedKV",
      "paged KV cache (block table, whole-block freeing); optional StreamingLLM/H2O/SnapKV/KIVI compression"),
+    # sparse memory tables (memory/sparse/)
+    ("engram", "memstack.memory.sparse.config:EngramConfig", "memstack.memory.sparse.engram:Engram",
+     "Engram: hashed token N-gram table rows, gated into the residual stream at chosen layers"),
+    ("pkm", "memstack.memory.sparse.config:PKMConfig", "memstack.memory.sparse.pkm:ProductKeyMemory",
+     "product-key memory / Memory+: learned query, top-k of n_keys^2 value rows, SiLU-gated output"),
 ]:
     MEMORIES.add(_name, _cfg, _impl, _summary)
 
@@ -115,6 +120,8 @@ for _name, _cfg, _impl, _summary in [
      "passkey retrieval in real-text filler; exact-match accuracy over a depth x length grid"),
     ("segment_ar", "memstack.evals.segment_ar:SegmentARTaskConfig", "memstack.evals.segment_ar:SegmentARTask",
      "one key-value pair per segment, query in the last segment (ARMT-style); accuracy"),
+    ("facts", "memstack.evals.facts:FactsTaskConfig", "memstack.evals.facts:FactsTask",
+     "synthetic key -> value facts: closed-book recall of trained facts, and the in-context variant"),
 ]:
     TASKS.add(_name, _cfg, _impl, _summary)
 

@@ -216,6 +216,8 @@ class MemoryModel(nn.Module):
         ctx = StepContext(tokens, state.pos, reset.bool(), step.seg_start, step.seg_end, self.training,
                           encode=self.encode)
         states = list(state.memories)
+        if len(self.memory):
+            self.memory.prepare(states, ctx)   # e.g. start fetching offloaded table rows
 
         x = self.tok_emb(tokens)                                      # (B, T, D)
         prefixes, suffixes, spans = self.memory.embed(x, states, ctx) if len(self.memory) else ([], [], [])

@@ -113,6 +113,9 @@ class StepContext:
     # id(memory) -> (its prefix slice, its suffix slice) in the extended chunk, for EMBED memories
     # that read their own tokens at other sites (ARMT writes from its tokens after every block)
     embed_slots: dict[int, tuple[slice, slice]] = field(default_factory=dict)
+    # per-call scratch space shared by every copy of this context (e.g. rows a memory started
+    # fetching in `prepare`, picked up by its `block` hook); gone when the call returns
+    scratch: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
@@ -212,6 +215,21 @@ class Memory(nn.Module):
         """Set parameters so the memory leaves the backbone's output unchanged (close its output
         gate) and return True; return False if the memory has no such setting."""
         return False
+
+    def prepare(self, state: Any, ctx: StepContext) -> None:
+        """Called once per forward call, before the first block runs, for memories that override
+        it: start work that depends only on the token ids (e.g. prefetching table rows from host
+        memory or disk), leaving handles in `ctx.scratch` for the site hooks. Must not change state."""
+
+    def check_loaded(self, saved: dict[str, Tensor]) -> list[str]:
+        """Reasons a checkpoint's tensors for this memory (names relative to the memory) cannot be
+        loaded into it, beyond shapes and dtypes (e.g. a hash layout derived differently). [] = fine."""
+        return []
+
+    def optim_defaults(self) -> dict[str, Any]:
+        """Default `GroupConfig`s of the optimizer groups this memory's `optim_group` names (the
+        paper's recipe); `TrainConfig.groups` overrides them."""
+        return {}
 
     def applies_to(self, layer: int) -> bool:
         """ATTN / BLOCK memories: whether this layer is touched. Default: config `layers`, else all."""

@@ -24,6 +24,7 @@ class MemoryStack(nn.Module):
         self.memories = nn.ModuleList(modules)
         on = lambda site: [i for i, m in enumerate(self.memories) if site in m.sites]  # noqa: E731
         self._embed, self._attn, self._block, self._logits = (on(s) for s in (Site.EMBED, Site.ATTN, Site.BLOCK, Site.LOGITS))
+        self._prepare = [i for i, m in enumerate(self.memories) if type(m).prepare is not Memory.prepare]
         self._attn_at = [[i for i in self._attn if self.memories[i].applies_to(l)] for l in range(backbone.n_layers)]
         self._block_at = [[i for i in self._block if self.memories[i].applies_to(l)] for l in range(backbone.n_layers)]
 
@@ -52,6 +53,10 @@ class MemoryStack(nn.Module):
         return sum(s.state_size(n_tokens) for s in self.specs(dtype))
 
     # -- sites: `states` is the forward pass's working list, updated in place ------------------
+    def prepare(self, states: list[Any], ctx: StepContext) -> None:
+        for i in self._prepare:
+            self.memories[i].prepare(states[i], ctx)
+
     def embed(self, x: Tensor, states: list[Any], ctx: StepContext) -> tuple[list[Tensor], list[Tensor], list[tuple[int, int, int, int]]]:
         """Collect prefixes and suffixes. Returns (prefixes, suffixes, spans) where spans[j] =
         (memory index, prefix offset, prefix len, suffix len) in stack order."""

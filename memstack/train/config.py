@@ -9,16 +9,27 @@ from memstack.config import Checked
 
 @dataclass(frozen=True)
 class GroupConfig(Checked):
-    """Optimizer settings for a named parameter group (memories assign parameters to groups)."""
+    """Optimizer settings for a named parameter group (memories assign parameters to groups).
+
+    optimizer: "adamw" (dense, torch.optim.AdamW), or one of the row-sparse optimizers of
+    train/optim.py that accept sparse gradients and touch only the rows a step touched:
+    "adam" (lazy Adam, per-row step counts) and "rowwise_adagrad" (one state scalar per row).
+    Parameters with sparse gradients (table rows) must be in a row-sparse group.
+    """
 
     lr_scale: float = 1.0
-    weight_decay: float | None = None     # None: the run's weight_decay
-    optimizer: Literal["adamw"] = "adamw"
+    weight_decay: float | None = None     # None: the run's weight_decay (a memory's own group: 0)
+    optimizer: Literal["adamw", "adam", "rowwise_adagrad"] = "adamw"
+    eps: float = 1e-8
 
     def check(self) -> list[str]:
         r = [] if self.lr_scale > 0 else [f"lr_scale must be > 0, got {self.lr_scale}"]
         if self.weight_decay is not None and self.weight_decay < 0:
             r.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.optimizer not in ("adamw", "adam", "rowwise_adagrad"):
+            r.append(f"optimizer must be adamw, adam or rowwise_adagrad, got {self.optimizer!r}")
+        if not self.eps > 0:
+            r.append(f"eps must be > 0, got {self.eps}")
         return r
 
 
@@ -50,6 +61,9 @@ class TrainConfig(Checked):
     # "all": every parameter trains; "memory": the backbone is frozen (requires_grad off) and only
     # the memories' parameters train (prefix-tuning, tables on a frozen backbone)
     trainable: Literal["all", "memory"] = "all"
+    # under torchrun: split every sparse table row-wise over the processes (all-to-all lookups,
+    # memory/sparse/shard.py) instead of replicating it; the dense part stays data-parallel
+    shard_tables: bool = False
     progress: bool = True
 
     def check(self) -> list[str]:

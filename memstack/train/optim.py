@@ -5,6 +5,12 @@ gains, biases: anything 1-D, and what a memory exempts, e.g. memory tokens). A m
 parameters into its own group by defining `optim_group(param_name) -> str | None` (the name is
 relative to the memory module); `TrainConfig.groups[name]` then sets that group's learning-rate
 scale, weight decay and optimizer -- how large sparse tables get their own learning rate.
+A memory may give its groups defaults (`optim_defaults()`, e.g. Engram's tables: Adam at 5x
+the base learning rate, no weight decay); `TrainConfig.groups` overrides them.
+
+Groups whose optimizer is "adam" or "rowwise_adagrad" go to the row-sparse optimizer
+(train/sparse_optim.py), which takes sparse gradients; a parameter marked `sparse_grad` (table
+rows, whose gradient is sparse) in an "adamw" group is refused with the fix.
 """
 from __future__ import annotations
 
@@ -53,17 +59,45 @@ def apply_trainable(model: nn.Module, trainable: str) -> None:
                           "(the model's memories have no parameters)", what="train config")
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    groups = []
+def group_defaults(model: nn.Module) -> dict[str, GroupConfig]:
+    """The memories' default settings of their own optimizer groups."""
+    out: dict[str, GroupConfig] = {}
+    stack = getattr(model, "memory", None)
+    for mem in (stack.memories if stack is not None else []):
+        fn = getattr(mem, "optim_defaults", None)
+        out.update(fn() if fn else {})
+    return out
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig):
+    """torch.optim.AdamW over the dense groups; with row-sparse groups, a MultiOptimizer of
+    AdamW and the row-sparse optimizer (same param_groups / state_dict interface)."""
+    from memstack.errors import ConfigError
+    from memstack.train.sparse_optim import MultiOptimizer, RowSparseOptimizer
+
+    defaults = group_defaults(model)
+    dense, sparse, bad = [], [], []
     for gname, params in sorted(assign_groups(model).items()):
-        gc = cfg.groups.get(gname, GroupConfig())
+        gc = cfg.groups.get(gname) or defaults.get(gname) or GroupConfig()
         wd = gc.weight_decay if gc.weight_decay is not None else (cfg.weight_decay if gname == "decay" else 0.0)
         if gname not in ("decay", "no_decay") and gc.weight_decay is None:
             wd = 0.0  # a memory's own group defaults to no decay (tables, gates)
-        groups.append({"params": [p for _, p in params], "names": [n for n, _ in params], "group": gname,
-                       "weight_decay": wd, "lr_scale": gc.lr_scale, "lr": cfg.lr * gc.lr_scale})
-    fused = None if not any(p.is_cuda for g in groups for p in g["params"]) else True
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+        g = {"params": [p for _, p in params], "names": [n for n, _ in params], "group": gname,
+             "weight_decay": wd, "lr_scale": gc.lr_scale, "lr": cfg.lr * gc.lr_scale}
+        if gc.optimizer == "adamw":
+            bad += [f"groups.{gname}: {n} has sparse (row) gradients; set train.groups.{gname}.optimizer to adam or "
+                    "rowwise_adagrad" for n, p in params if getattr(p, "sparse_grad", False)]
+            dense.append(g)
+        else:
+            sparse.append({**g, "optimizer": gc.optimizer, "eps": gc.eps, "betas": cfg.betas})
+    if bad:
+        raise ConfigError(bad, what="optimizer groups")
+    fused = None if not any(p.is_cuda for g in dense for p in g["params"]) else True
+    opts = [torch.optim.AdamW(dense, lr=cfg.lr, betas=cfg.betas, fused=fused)] if dense else []
+    if not sparse:
+        return opts[0]
+    opts.append(RowSparseOptimizer(sparse, lr=cfg.lr, betas=cfg.betas))
+    return MultiOptimizer(opts)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

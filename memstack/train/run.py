@@ -86,7 +86,8 @@ def run_training(cfg: RunConfig, resume: str | Path | None = None, progress: boo
         tok = getattr(task, "tokenizer", None)
         if tok is not None:
             meta.update(tokenizer=tok.name, tokenizer_fingerprint=tok.fingerprint())
-        evaluate = task.evaluate if dist.is_main else None
+        # row-sharded tables answer lookups collectively: every rank runs the (identical) evaluation
+        evaluate = task.evaluate if dist.is_main or cfg.train.shard_tables else None
         trainer = Trainer(model, cfg.train, source, out_dir=cfg.out_dir, evaluate=evaluate, dist=dist, meta=meta)
         if resume:
             trainer.resume(resume)

@@ -31,6 +31,7 @@ from memstack.memory.state import ModelState, detach, load_state, save_state, tr
 from memstack.train.config import TrainConfig
 from memstack.train.distributed import DistInfo, all_reduce_sum
 from memstack.train.optim import apply_trainable, build_optimizer, lr_at, set_lr
+from memstack.train.sparse_optim import grad_norm_and_clip
 from memstack.train.segments import SegmentLoop
 
 TRAINER_FORMAT = 1
@@ -57,11 +58,18 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir else None
         self.meta = meta or {}
         apply_trainable(model, cfg.trainable)
+        self.sharded: list[str] = []
+        if cfg.shard_tables and self.dist.world > 1:  # row-wise table shards, one block per process
+            from memstack.memory.sparse.shard import shard_tables
+
+            self.sharded = shard_tables(model, self.dist.rank, self.dist.world)
         self.opt = build_optimizer(model, cfg)
         loop = SegmentLoop(model)
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
+            if self.sharded:  # each rank owns different rows: not DDP's to average
+                DDP._set_params_and_buffers_to_ignore_for_model(loop, [f"model.{n}" for n in self.sharded])
             loop = DDP(loop, device_ids=[self.dist.local_rank] if self.dist.device.type == "cuda" else None)
         self.loop = loop
         self.step = 0
@@ -93,7 +101,9 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in self.opt.param_groups for p in g["params"]]
-        if cfg.grad_clip > 0:
+        if any(p.grad is not None and (p.grad.is_sparse or getattr(p, "sharded", False)) for p in params):
+            gnorm = grad_norm_and_clip(params, cfg.grad_clip, self._sharded_sq)  # sparse / sharded rows
+        elif cfg.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         else:
             gnorm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
@@ -111,6 +121,10 @@ class Trainer:
         return {"step": self.step, "loss": float(total) / max(float(count), 1.0), "lr": lr, "grad_norm": float(gnorm),
                 "segments": n_seg, "tokens": self.tokens, "target_tokens": self.target_tokens,
                 "tok_per_s": n_tok / dt, "step_s": dt}
+
+    def _sharded_sq(self, local_sq: torch.Tensor) -> torch.Tensor:
+        """Sum over processes of the squared gradient norms of rank-local (row-sharded) parameters."""
+        return all_reduce_sum(local_sq, self.dist)
 
     def done(self) -> bool:
         cfg = self.cfg
@@ -175,19 +189,22 @@ class Trainer:
         """Write a resumable checkpoint under root/step-XXXXXXX. Every process must call it (the
         carried memory state is gathered from all ranks); the main process writes."""
         state = self._gather_state()
-        if not self.dist.is_main:
-            return None
         root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-step-*"):  # left by a crash during an earlier save
-            shutil.rmtree(stale, ignore_errors=True)
         final = root / f"step-{self.step:07d}"
         tmp = root / f".tmp-step-{self.step:07d}-{os.getpid()}"
-        tmp.mkdir()
+        if self.sharded:  # every rank writes its table rows (and their optimizer state) into tmp
+            tmp = self._sharded_save(root, tmp)
+        if not self.dist.is_main:
+            return None
+        if not self.sharded:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp-step-*"):  # left by a crash during an earlier save
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
         save_checkpoint(self.model, tmp, meta=self.meta)
         from safetensors.torch import save_file
 
-        flat, groups = _flatten_optimizer(self.opt.state_dict())
+        flat, groups = _flatten_optimizer(self.opt.state_dict(), self._shard_pids())
         flat["rng.torch"] = torch.get_rng_state()
         save_file(flat, str(tmp / "optim.safetensors"))
         if state is not None:
@@ -208,6 +225,35 @@ class Trainer:
         for stale in sorted(root.glob("step-*"))[:-2]:  # keep the last two
             shutil.rmtree(stale, ignore_errors=True)
         return final
+
+    def _shard_pids(self) -> set[int]:
+        """Optimizer state ids of the row-sharded parameters (their state is saved in shards)."""
+        names = set(self.sharded)
+        order = [p for g in self.opt.param_groups for p in g["params"]]
+        by_name = {id(p): n for n, p in self.model.named_parameters()}
+        return {i for i, p in enumerate(order) if by_name.get(id(p)) in names}
+
+    def _sharded_save(self, root: Path, tmp: Path) -> Path:
+        """All ranks: agree on one temporary directory, write this rank's shards (rows and their
+        optimizer state) into it, wait for each other; rank 0 then indexes them."""
+        import torch.distributed as tdist
+
+        from memstack.memory.sparse.shard import write_shard_index, write_shards, write_state_shards
+
+        if self.dist.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp-step-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        box = [str(tmp)]
+        tdist.broadcast_object_list(box, src=0)
+        tmp = Path(box[0])
+        write_shards(self.model, tmp)
+        write_state_shards(self.model, self.opt, tmp)
+        tdist.barrier()
+        if self.dist.is_main:
+            write_shard_index(self.model, tmp)
+        return tmp
 
     def _gather_state(self) -> ModelState | None:
         """The carried state of the global batch: every rank's rows, in rank order (state tensors
@@ -237,7 +283,21 @@ class Trainer:
         load_weights(self.model, path)
         flat = load_file(str(path / "optim.safetensors"))
         torch.set_rng_state(flat.pop("rng.torch"))
-        self.opt.load_state_dict(_unflatten_optimizer(flat, meta["param_groups"], self.dist.device))
+        osd = _unflatten_optimizer(flat, meta["param_groups"], self.dist.device)
+        if self.sharded and not (path / "shards").is_dir():   # unsharded checkpoint, sharded run: slice rows
+            mods = {n: m for n, m in self.model.named_modules() if getattr(m, "shard", None)}
+            order = [p for g in self.opt.param_groups for p in g["params"]]
+            for pid in self._shard_pids():
+                mod = next(m for m in mods.values() if m.weight is order[pid])
+                _, _, lo, hi = mod.shard
+                for k, t in osd["state"].get(pid, {}).items():
+                    if t.dim() and t.shape[0] == mod.n_rows:
+                        osd["state"][pid][k] = t[lo:hi].clone()
+        self.opt.load_state_dict(osd)
+        if self.sharded or (path / "shards").is_dir():
+            from memstack.memory.sparse.shard import load_state_shards
+
+            load_state_shards(self.model, self.opt, path)
         self.state = None
         if meta["has_state"]:
             state = load_state(path / "carry", self.model.memory.kinds, self.dist.device)
@@ -262,9 +322,11 @@ def resolve_step_dir(path: Path) -> Path:
     raise CheckpointError(f"{path} is not a trainer checkpoint (no trainer.json, no complete step-* directory)")
 
 
-def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def _flatten_optimizer(sd: dict, skip: set[int] = frozenset()) -> tuple[dict[str, torch.Tensor], list[dict]]:
     flat = {}
     for pid, st in sd["state"].items():
+        if pid in skip:  # row-sharded parameters: their state is saved by their ranks
+            continue
         for k, v in st.items():
             t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
             flat[f"state.{pid}.{k}"] = t.detach().contiguous().cpu()

@@ -1,0 +1,113 @@
+"""Compose docs/benchmarks/sparse.md from the JSON records in docs/benchmarks/sparse/.
+
+    .venv/bin/python benchmarks/sparse/report.py
+"""
+from __future__ import annotations
+
+import json
+
+from common import OUT, REPO
+
+
+def _load(name: str) -> dict | None:
+    p = OUT / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _env(d: dict) -> str:
+    e = d.get("env", {})
+    return f"{e.get('device', '?')}, torch {e.get('torch', '?')}, git {e.get('git_sha', '?')[:12]}, {d.get('date', '?')}"
+
+
+def main() -> None:
+    L = ["# Sparse tables: measured figures", "",
+         "Machine: the shared 2-core CPU development machine (no GPU in this task), **heavily shared**: six "
+         "helpers ran tests and benchmarks at the same time (load average 18-34 during these runs), timings "
+         "taken under `flock /tmp/memstack-timing.lock` with torch single-threaded. Treat absolute times as "
+         "noisy; ratios are measured in the same run. GPU figures: **not measured yet (no GPU in this task)** -- "
+         "the Triton gather kernel vs `index_select` and vs HBM bandwidth, host-offloaded generation over PCIe.",
+         "", "Records: `docs/benchmarks/sparse/*.json` (config, git SHA, device, versions). "
+         "Regenerate this page with `.venv/bin/python benchmarks/sparse/report.py`.", ""]
+    perf = _load("perf")
+    L += ["## Performance", "", "Command: `flock /tmp/memstack-timing.lock .venv/bin/python benchmarks/sparse/perf.py --quick`"]
+    if perf:
+        L += [f"({_env(perf)})", ""]
+        if perf.get("train_step"):
+            L += ["### Training step, Engram vs plain backbone at equal activated parameters (target <= 5%)", "",
+                  "| d_model x layers | plain step (s) | Engram step (s) | overhead | active params plain / Engram |",
+                  "|---|---|---|---|---|"]
+            for r in perf["train_step"]:
+                L.append(f"| {r['d_model']} x {r['n_layers']} | {r['plain_step_s']:.4f} | {r['engram_step_s']:.4f} | "
+                         f"{100 * r['overhead']:+.1f}% | {r['plain_params']:,} / {r['engram_active_params']:,} |")
+            L.append("")
+        if perf.get("gather"):
+            L += ["### Row gather on CPU (256-byte rows), vs index_select / nn.Embedding / a contiguous copy", "",
+                  "| table rows | lookups | gather_rows GB/s | index_select GB/s | nn.Embedding GB/s | copy GB/s | gather / index_select speed | gather / copy bandwidth |",
+                  "|---|---|---|---|---|---|---|---|"]
+            for r in perf["gather"]:
+                L.append(f"| {r['rows']:,} | {r['lookups']:,} | {r['gather_rows_GBps']:.2f} | {r['index_select_GBps']:.2f} | "
+                         f"{r['nn.Embedding_GBps']:.2f} | {r['contiguous_copy_GBps']:.2f} | {r['gather_vs_index_select']:.2f}x | "
+                         f"{r['gather_vs_copy_bandwidth']:.2f} |")
+            L += ["", "GPU (Triton kernel vs index_select vs the ~3 TB/s HBM limit): not measured yet (no GPU in this task).", ""]
+        if perf.get("generation"):
+            r = perf["generation"][0]
+            L += ["### Generation with the table memory-mapped from a file + prefetch vs resident (target <= 3%)", "",
+                  f"Table {r['table_rows']:,} rows ({r['table_MB']:.0f} MB), batch {r['batch']}, {r['new_tokens']} new tokens, greedy.", "",
+                  "| resident tok/s | mmap + prefetch tok/s | mmap, no prefetch tok/s | slowdown with prefetch | without | same tokens |",
+                  "|---|---|---|---|---|---|",
+                  f"| {r['resident_tok_per_s']:.1f} | {r['disk_prefetch_tok_per_s']:.1f} | {r['disk_sync_tok_per_s']:.1f} | "
+                  f"{100 * r['disk_prefetch_slowdown']:+.1f}% | {100 * r['disk_sync_slowdown']:+.1f}% | "
+                  f"{r['disk_prefetch_same_tokens'] and r['disk_sync_same_tokens']} |", "", f"Note: {r['note']}.", ""]
+        if perf.get("online"):
+            r = perf["online"][0]
+            L += ["### Online update throughput with snapshots on", "",
+                  f"{r['updates']} updates of {r['batch_tokens']} tokens on a {r['table_rows']:,}-row table, a store commit "
+                  f"every 10: **{r['rows_per_s']:.0f} rows/s** ({r['updates_per_s']:.2f} updates/s, {r['rows_written']:,} rows "
+                  f"written, {r['commits']} commits); the initial full snapshot took {r['initial_full_snapshot_s']:.2f} s.", ""]
+    else:
+        L += ["", "not run yet", ""]
+    L += ["## Claims (issue 4), on our harness", ""]
+    sc = _load("claim_scaling")
+    L += ["### Engram vs plain backbone at equal activated parameters; slots vs loss", "",
+          "Command: `.venv/bin/python benchmarks/sparse/claim_scaling.py` (cells may be run in parallel with "
+          "`--rows ... --tag _x --no-plain` and merged with `--merge`)."]
+    if sc:
+        L += [f"({_env(sc)}; {sc['steps']} steps x batch {sc.get('batch', 16)} x 2 segments x 64 tokens = "
+              f"{sc['tokens']:,} training tokens per cell, lr {sc['lr']}, SOTU val 20k tokens, bpe512; the plain "
+              f"backbone's SwiGLU widened to d_ff {sc['plain_d_ff']} (+{sc['plain_extra_params']:,} params) to match "
+              f"Engram's {sc['engram_dense_params']:,} dense params)", "",
+              "| model | table slots | table params | active params | SOTU val bpb |", "|---|---|---|---|---|"]
+        for r in sc["runs"]:
+            L.append(f"| {r['name']} | {r['slots'] * 8 if r['rows_per_head'] else 0:,} | {r['table_params']:,} | "
+                     f"{r['active_params']:,} | {r['bpb']:.4f} |")
+        if "loglinear_slope_bpb_per_e" in sc:
+            L.append(f"\nLog-linear fit over the multi-row tables: {sc['loglinear_slope_bpb_per_e']:.4f} bpb per e-fold of slots.")
+        L += ["", "![slots vs bpb](sparse/claim_scaling.png)", ""]
+    fa = _load("claim_facts")
+    L += ["### Tables switched off: factual recall vs in-context (Engram §6.3)", "",
+          "Command: `.venv/bin/python benchmarks/sparse/claim_facts.py`"]
+    if fa:
+        L += [f"({_env(fa)}; {fa['steps']} steps x batch {fa.get('batch')} examples of 128 tokens)", "",
+              "| model | fact_acc (closed book) | fact token acc | icl_acc (in context) | icl token acc |", "|---|---|---|---|---|"]
+        for k, r in fa["runs"].items():
+            L.append(f"| {k} | {r['fact_acc']:.3f} | {r['fact_token_acc']:.3f} | {r['icl_acc']:.3f} | {r['icl_token_acc']:.3f} |")
+        L.append("")
+    smf = _load("claim_smf")
+    L += ["### Sparse memory finetuning vs full finetuning: forgetting at equal new-fact accuracy", "",
+          "Command: `.venv/bin/python benchmarks/sparse/claim_smf.py`"]
+    if smf:
+        L += [f"({_env(smf)}; base {smf['ckpt']}, {smf['facts']} new facts, base SOTU val bpb {smf['base_bpb']:.4f})", "",
+              "| method | step | fact_acc | SOTU bpb | forgetting (bpb increase) |", "|---|---|---|---|---|"]
+        for k, pts in smf["curves"].items():
+            for p in pts:
+                L.append(f"| {k} | {p['step']} | {p['fact_acc']:.3f} | {p['bpb']:.4f} | {100 * p['forgetting']:+.2f}% |")
+        if "at_equal_accuracy" in smf:
+            L.append(f"\nAt equal new-fact accuracy {smf['equal_accuracy']:.3f}: " + "; ".join(
+                f"{k}: forgetting {100 * p['forgetting']:+.2f}% (step {p['step']})" for k, p in smf["at_equal_accuracy"].items()))
+        L.append("")
+    (REPO / "docs" / "benchmarks" / "sparse.md").write_text("\n".join(L) + "\n")
+    print("\n".join(L))
+
+
+if __name__ == "__main__":
+    main()
