@@ -81,6 +81,9 @@ for _name, _cfg, _impl, _summary in [
      "Transformer-XL: stop-gradient hidden states of the last mem_len tokens per layer"),
     ("kv_dense", "memstack.memory.kv.config:DenseKVConfig", "memstack.memory.kv.dense:DenseKV",
      "dense KV cache: segment-scoped for decoding, or document-scoped (optionally windowed)"),
+    # runtime memory: learned bounded KV memory
+    ("trellis", "memstack.memory.kv.config:TrellisConfig", "memstack.memory.kv.trellis:Trellis",
+     "Trellis: fixed key/value slots written by test-time gradient steps with a forget gate, plus an exact window"),
 ]:
     MEMORIES.add(_name, _cfg, _impl, _summary)
 
