@@ -19,10 +19,13 @@ reference (ops/trellis/reference.py) up to rounding; the tests hold it to that, 
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from memstack.ops.trellis.reference import address
+from memstack.ops.trellis.reference import EPS
 
 
 def _value_chunk(V: Tensor, b: Tensor, v: Tensor, alpha: Tensor, theta: Tensor) -> Tensor:
@@ -44,23 +47,34 @@ def _value_chunk(V: Tensor, b: Tensor, v: Tensor, alpha: Tensor, theta: Tensor) 
 def trellis_write_chunked(K0: Tensor, V0: Tensor, k: Tensor, v: Tensor, alpha: Tensor, theta: Tensor,
                           mask: Tensor | None = None, chunk: int = 64) -> tuple[Tensor, Tensor]:
     """Same contract as `trellis_write_ref`."""
+    B, H, m, d = K0.shape
+    T = k.shape[2]
     dt = torch.promote_types(K0.dtype, torch.float32)                   # fp32 state (fp64 in tests)
     K, V = K0.to(dt), V0.to(dt)
     k, v, alpha, theta = k.to(dt), v.to(dt), alpha.to(dt), theta.to(dt)
     if mask is not None:                                                # a skipped token: alpha = theta = 0
-        on = mask[:, None, :].to(alpha.dtype)                           # (B,1,T)
+        on = mask[:, None, :].to(dt)                                    # (B,1,T)
         alpha, theta = alpha * on, theta * on
-    T = k.shape[2]
-    bs = []
-    for t in range(T):                                                  # pass 1: sequential
-        kt = k[:, :, t:t + 1]                                           # (B,H,1,d)
-        a = address(K, kt).transpose(-1, -2)                            # (B,H,m,1)
-        K = (1 - alpha[:, :, t, None, None]) * K + theta[:, :, t, None, None] * a * (kt - a.transpose(-1, -2) @ K)
-        bs.append(address(K, kt))                                       # (B,H,1,m) with the updated keys
     if not T:
         return K, V
-    b = torch.cat(bs, dim=2)                                            # (B,H,T,m)
+    # pass 1, sequential, on (B*H) stacks with as few ops per token as possible: one bmm gives both
+    # b_t = phi(K_t k_t) and the next token's a_{t+1} = phi(K_t k_{t+1}); the slot update is one baddbmm
+    BH = B * H
+    Kf = K.reshape(BH, m, d)
+    kf = k.reshape(BH, T, d)
+    ks = kf.transpose(1, 2) / math.sqrt(d)                              # (BH, d, T) scaled keys for addressing
+    keep = (1 - alpha).reshape(BH, T, 1, 1).unbind(1)                   # per token (BH, 1, 1)
+    step = theta.reshape(BH, T, 1, 1).unbind(1)
+    a = F.normalize(F.silu(torch.bmm(Kf, ks[:, :, :1])), dim=1, eps=EPS)    # (BH, m, 1) a_0
+    bs = []
+    for t in range(T):
+        diff = kf[:, t:t + 1] - torch.bmm(a.transpose(1, 2), Kf)        # (BH, 1, d) k_t - K^T a_t
+        Kf = torch.baddbmm(Kf * keep[t], a * step[t], diff)             # (BH, m, d)
+        w = F.normalize(F.silu(torch.bmm(Kf, ks[:, :, t:t + 2])), dim=1, eps=EPS)   # (BH, m, 1|2)
+        bs.append(w[:, :, 0])
+        a = w[:, :, 1:2]
+    b = torch.stack(bs, dim=1).reshape(B, H, T, m)                      # (B,H,T,m)
     for s in range(0, T, chunk):                                        # pass 2: chunkwise parallel
         e = min(s + chunk, T)
         V = _value_chunk(V, b[:, :, s:e], v[:, :, s:e], alpha[:, :, s:e], theta[:, :, s:e])
-    return K, V
+    return Kf.reshape(B, H, m, d), V

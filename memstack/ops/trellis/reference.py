@@ -2,7 +2,7 @@
 
 State per (example, head): a key memory K (m, d) and a value memory V (m, d): m slots.
 
-Addressing   phi(s) = silu(s) / (||silu(s)||_2 + eps), s = K x / sqrt(d)     (m,) over the slots
+Addressing   phi(s) = silu(s) / max(||silu(s)||_2, eps), s = K x / sqrt(d)  (m,) over the slots
 Read         o = V^T phi(K q / sqrt(d))                                        (d,)
 Write token t with key k_t, value v_t, forget gate alpha_t in [0,1), step size theta_t in [0,1):
   pass 1 (key memory):   a_t = phi(K_{t-1} k_t / sqrt(d))
@@ -28,8 +28,7 @@ EPS = 1e-6
 def address(K: Tensor, x: Tensor, eps: float = EPS) -> Tensor:
     """phi(K x / sqrt(d)): K (..., m, d), x (..., n, d) -> (..., n, m) slot weights of unit L2 norm."""
     s = torch.matmul(x, K.transpose(-1, -2)) / math.sqrt(K.shape[-1])   # (..., n, m)
-    a = F.silu(s)
-    return a / (a.norm(dim=-1, keepdim=True) + eps)
+    return F.normalize(F.silu(s), dim=-1, eps=eps)
 
 
 def trellis_read_ref(K: Tensor, V: Tensor, q: Tensor) -> Tensor:
