@@ -33,7 +33,7 @@ def _fwd_bwd(fn, leaves, mask, gK, gV, dtype, **kw):
 NAMES = ["K", "V", "dK0", "dV0", "dk", "dv", "dalpha", "dtheta"]
 
 
-@pytest.mark.parametrize("T,chunk", [(1, 64), (7, 3), (37, 16), (64, 64), (70, 32)])
+@pytest.mark.parametrize("T,chunk", [(1, 64), (7, 1), (7, 3), (37, 1), (37, 16), (64, 64), (70, 32)])
 @pytest.mark.parametrize("m,d", [(1, 2), (5, 8), (16, 6)])
 @pytest.mark.parametrize("masked", [False, True])
 def test_chunked_matches_reference_fwd_bwd(T, chunk, m, d, masked, poison_empty):
@@ -42,32 +42,32 @@ def test_chunked_matches_reference_fwd_bwd(T, chunk, m, d, masked, poison_empty)
     gK, gV = torch.randn(2, 3, m, d), torch.randn(2, 3, m, d)
     leaves = (K0, V0, k, v, alpha, theta)
     got = _fwd_bwd(trellis_write_chunked, leaves, mask, gK, gV, torch.float64, chunk=chunk)
-    ref = _fwd_bwd(trellis_write_ref, leaves, mask, gK, gV, torch.float64)
+    ref = _fwd_bwd(trellis_write_ref, leaves, mask, gK, gV, torch.float64, chunk=chunk)
     for name, a, b in zip(NAMES, got, ref):
         assert torch.isfinite(a).all(), name
         assert_close(a, b, msg=name)
 
 
-@pytest.mark.parametrize("T,chunk", [(13, 8), (64, 64), (100, 32)])
+@pytest.mark.parametrize("T,chunk", [(13, 1), (64, 16), (100, 32)])
 def test_chunked_fp32_no_less_accurate_than_reference(T, chunk, poison_empty):
     """The strict check is the fp64 one above (the algebra is exact). In float32 the recurrence
     amplifies rounding over many tokens -- the reference's own fp32 gradients are off by up to
-    ~1e-3 relative at T = 200 -- and the two paths round differently (pre-scaled keys, baddbmm), so
-    each fp32 result is one sample of that amplified noise. Both are measured against the fp64
-    result: the fast path's error must stay within 8x (the reference's error + the fp32 table
-    tolerance); the worst ratio measured over 120 seeded trials was 5.1."""
+    ~1e-3 relative at T = 200 -- and the two paths round differently, so each fp32 result is one
+    sample of that amplified noise. Both are measured against the fp64 result: the fast path's
+    error must stay within 2x (the reference's error + the fp32 table tolerance); the worst ratio
+    measured over 75 seeded trials was 0.42."""
     K0, V0, k, v, alpha, theta, mask = inputs(2, 3, 6, 8, T, mask_p=0.2)
     gK, gV = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8)
     leaves = (K0, V0, k, v, alpha, theta)
-    truth = _fwd_bwd(trellis_write_ref, leaves, mask, gK, gV, torch.float64)
+    truth = _fwd_bwd(trellis_write_ref, leaves, mask, gK, gV, torch.float64, chunk=chunk)
     fast = _fwd_bwd(trellis_write_chunked, leaves, mask, gK, gV, torch.float32, chunk=chunk)
-    ref = _fwd_bwd(trellis_write_ref, leaves, mask, gK, gV, torch.float32)
+    ref = _fwd_bwd(trellis_write_ref, leaves, mask, gK, gV, torch.float32, chunk=chunk)
     for name, f, r, t in zip(NAMES, fast, ref, truth):
         assert f.dtype == torch.float32 and torch.isfinite(f).all(), name
         err_f, err_r = (f.double() - t).abs().max().item(), (r.double() - t).abs().max().item()
         scale = t.abs().max().item()
         t32 = tol(torch.float32)
-        assert err_f <= 8 * (err_r + t32["atol"] + t32["rtol"] * scale), (name, err_f, err_r, scale)
+        assert err_f <= 2 * (err_r + t32["atol"] + t32["rtol"] * scale), (name, err_f, err_r, scale)
 
 
 def test_masked_tokens_are_skipped():
@@ -153,7 +153,7 @@ def _run_segments(n_seg: int, T: int, B: int = 2, H: int = 2, m: int = 8, d: int
             alpha, theta = torch.full((B, H, T), 1e-6), torch.full((B, H, T), 1 - 1e-6)
         else:
             alpha, theta = torch.rand(B, H, T), torch.rand(B, H, T)
-        K, V = trellis_write_chunked(K, V, k, v, alpha, theta)
+        K, V = trellis_write_chunked(K, V, k, v, alpha, theta, chunk=1 + s % 3)
         kmax, vmax = max(kmax, k.abs().max().item()), max(vmax, v.abs().max().item())
         norms.append(V.norm().item())
     assert torch.isfinite(K).all() and torch.isfinite(V).all()

@@ -56,6 +56,7 @@ class TrellisConfig(MemoryConfig):
     init_theta: float = 0.3                  # inner step size theta_t at initialisation
     init_key_std: float = 1.0                # std of the learned initial key slots
     gate_init: float = 0.0                   # output gate per query head (0: starts as the identity)
+    write_chunk: int = 16                    # tokens whose pass-1 addresses share one state (1: per token)
 
     @property
     def holds_context(self) -> bool:
@@ -70,6 +71,8 @@ class TrellisConfig(MemoryConfig):
         for name in ("init_alpha", "init_theta"):
             if not 0 < getattr(self, name) < 1:
                 r.append(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.write_chunk < 1:
+            r.append(f"write_chunk must be >= 1, got {self.write_chunk}")
         if self.init_key_std <= 0:
             r.append(f"init_key_std must be > 0, got {self.init_key_std}")
         return r

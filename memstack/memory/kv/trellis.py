@@ -43,6 +43,10 @@ abstract and the public descriptions of its Eqs. 13-14 -- see docs/benchmarks/tr
   number of segments (tested over thousands).
 - writes happen per segment (at segment ends), not per token: within a segment every token is
   seen exactly, so the memory only needs what has left the exact context.
+- `write_chunk` (default 16): pass-1 addresses of the tokens of one chunk are computed from the key
+  memory at the chunk's start (mini-batch test-time gradient descent, as in Titans), which makes
+  the whole write parallel inside a chunk; gates, steps and pass 2 stay per token. write_chunk=1
+  is the strict per-token recurrence (pass 1 then runs token by token, ~3x slower on CPU).
 - normalisation of phi is by the L2 norm (one public reimplementation does the same); the
   paper's exact normalisation constant was not verified.
 """
@@ -175,7 +179,8 @@ class Trellis(Memory):
                 raise FloatingPointError(f"trellis: refusing to write non-finite keys/values into the memory of "
                                          f"layer {layer}; the state passed in is left as it was")
             alpha, th = self._gates(j, k0, v0)
-            K[j], V[j] = trellis_write(state.K[j], state.V[j], k0, v0, alpha, th, valid_all[:, :n_out])
+            K[j], V[j] = trellis_write(state.K[j], state.V[j], k0, v0, alpha, th, valid_all[:, :n_out],
+                                       chunk=self.cfg.write_chunk)
         wk, wv, pk, pv = list(state.win_k), list(state.win_v), list(state.pend_k), list(state.pend_v)
         wk[j], wv[j] = k_all[:, :, n_out:], v_all[:, :, n_out:]
         pk[j], pv[j] = k_all[:, :, :0], v_all[:, :, :0]
@@ -195,4 +200,4 @@ class Trellis(Memory):
 
     @classmethod
     def contract_configs(cls) -> list[dict]:
-        return [{"slots": 8}, {"slots": 4, "window": 20}, {"slots": 6, "layers": [1], "window": 7}]
+        return [{"slots": 8}, {"slots": 4, "window": 20, "write_chunk": 1}, {"slots": 6, "layers": [1], "window": 7, "write_chunk": 5}]

@@ -1,6 +1,6 @@
 """Trellis memory op: `trellis_write` (the test-time update) and `trellis_read`.
 
-`trellis_write` dispatches to the chunked path (pass 2 in parallel per chunk) unless
+`trellis_write` dispatches to the chunked path (parallel inside each chunk) unless
 `set_impl("reference")` forces the per-token reference; both are plain torch and run anywhere.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ def set_impl(name: str | None) -> None:
 
 
 def trellis_write(K0: Tensor, V0: Tensor, k: Tensor, v: Tensor, alpha: Tensor, theta: Tensor,
-                  mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    return _IMPLS[_override or "chunked"](K0, V0, k, v, alpha, theta, mask)
+                  mask: Tensor | None = None, chunk: int = 1) -> tuple[Tensor, Tensor]:
+    return _IMPLS[_override or "chunked"](K0, V0, k, v, alpha, theta, mask, chunk=chunk)
 
 
 trellis_read = trellis_read_ref  # one batched matmul pair: the reference is already the fast path

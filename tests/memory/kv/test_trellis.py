@@ -57,25 +57,32 @@ def test_unrotate_inverts_rope():
     assert_close(_unrotate(apply_rope(x, cos, sin), pos, 10000.0), x)
 
 
-def test_segment_is_written_in_order_rope_free():
-    """Window 0: after two segments, layer 0's slots equal the reference write of all 32 tokens'
+def ref_writes(mem, k, v, calls):
+    """The reference write of layer 0, one call per token range in `calls` (as the segment ends made them)."""
+    K, V = mem.k_init[0].expand(k.shape[0], -1, -1, -1), mem.v_init[0].expand(k.shape[0], -1, -1, -1)
+    for a, b in calls:
+        alpha, theta = mem._gates(0, k[:, :, a:b], v[:, :, a:b])
+        K, V = trellis_write_ref(K, V, k[:, :, a:b], v[:, :, a:b], alpha, theta, chunk=mem.cfg.write_chunk)
+    return K, V
+
+
+@pytest.mark.parametrize("write_chunk", [1, 5, 16])
+def test_segment_is_written_in_order_rope_free(write_chunk):
+    """Window 0: after two segments, layer 0's slots equal the reference write of each segment's
     RoPE-free keys/values, in order, from the learned initial slots."""
-    model = make(slots=6).eval()
-    mem = model.memory.memories[0]
+    model = make(slots=6, write_chunk=write_chunk).eval()
     tokens = torch.randint(0, 97, (2, 2 * S))
     with torch.no_grad():
         _, st = run(model, tokens)
         k, v = layer0_kv(model, tokens)
-        alpha, theta = mem._gates(0, k, v)
-        K, V = trellis_write_ref(mem.k_init[0].expand(2, -1, -1, -1), mem.v_init[0].expand(2, -1, -1, -1), k, v, alpha, theta)
+        K, V = ref_writes(model.memory.memories[0], k, v, [(0, S), (S, 2 * S)])
     assert_close(st.memories[0].K[0], K)
     assert_close(st.memories[0].V[0], V)
 
 
 def test_window_holds_last_tokens_and_evicts_the_rest_into_slots():
     W = 20
-    model = make(slots=5, window=W).eval()
-    mem = model.memory.memories[0]
+    model = make(slots=5, window=W, write_chunk=8).eval()
     tokens = torch.randint(0, 97, (2, 3 * S))
     with torch.no_grad():
         _, st = run(model, tokens)
@@ -85,10 +92,8 @@ def test_window_holds_last_tokens_and_evicts_the_rest_into_slots():
         cos, sin = rope_tables(tr.win_pos, BB.head_dim, BB.rope_theta, k.dtype)
         assert_close(tr.win_k[0], apply_rope(k[:, :, -W:], cos, sin))   # the window is an exact KV cache
         assert_close(tr.win_v[0], v[:, :, -W:])
-        n = 3 * S - W                                                     # 28 tokens left the window
-        alpha, theta = mem._gates(0, k[:, :, :n], v[:, :, :n])
-        K, V = trellis_write_ref(mem.k_init[0].expand(2, -1, -1, -1), mem.v_init[0].expand(2, -1, -1, -1),
-                                 k[:, :, :n], v[:, :, :n], alpha, theta)
+        # segment 1 ends: 16 tokens fit the window; segment 2: 12 leave it; segment 3: 16 more
+        K, V = ref_writes(model.memory.memories[0], k, v, [(0, 12), (12, 28)])
     assert_close(tr.K[0], K)
     assert_close(tr.V[0], V)
 
