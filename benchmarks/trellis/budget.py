@@ -24,8 +24,8 @@ import torch
 from memstack.config import BackboneConfig, from_dict
 from memstack.evals.bench import SuiteConfig, environment, run_cell
 from memstack.evals.task import TaskConfig, build_task
-from memstack.memory.kv.config import DenseKVConfig, TrellisConfig
 from memstack.memory.baseline import NoMemoryConfig
+from memstack.memory.kv.config import DenseKVConfig, TrellisConfig
 from memstack.train.config import TrainConfig
 from memstack.train.distributed import resolve_device
 
@@ -41,32 +41,34 @@ def variants(budgets: list[int]) -> list[tuple[str, int | None, object]]:
     return out
 
 
+TASKS = {  # task config, segment length: examples span several segments, so answers need memory
+    "mqar": ({"kind": "mqar", "vocab": 128, "seq_len": 64, "num_kv_pairs": 4, "n_train": 20000, "n_test": 500}, 16),
+    "passkey": ({"kind": "passkey", "tokenizer": "bpe512", "train_len": 160, "lengths": [160, 320],
+                 "depths": [0.0, 0.5, 1.0], "per_cell": 16, "n_train": 8000, "n_digits": 3}, 32),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="reports/trellis_budget")
-    ap.add_argument("--budgets", type=int, nargs="+", default=[8, 16, 32])
-    ap.add_argument("--tasks", nargs="+", default=["mqar", "passkey"])
-    ap.add_argument("--tokens", type=int, default=1_500_000, help="training tokens per cell")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--tokens", type=int, default=400_000, help="training tokens per cell")
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--seg-len", type=int, default=32)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
 
-    tasks = {
-        "mqar": {"kind": "mqar", "vocab": 256, "seq_len": 128, "num_kv_pairs": 8, "n_train": 20000, "n_test": 500},
-        "passkey": {"kind": "passkey", "tokenizer": "bpe512", "train_len": 128, "lengths": [128, 256],
-                    "depths": [0.0, 0.5, 1.0], "per_cell": 16, "n_train": 8000, "n_digits": 3},
-    }
-    backbone = BackboneConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, seg_len=args.seg_len)
     train = TrainConfig(batch_size=16, n_segments=1, weight_decay=0.1, grad_clip=1.0, log_every=1000, progress=False)
     device = resolve_device(args.device)
     env = environment(device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     recs = []
-    with open(out / "records.jsonl", "w") as f:
+    with open(out / "records.jsonl", "a") as f:
         for tname in args.tasks:
-            tc = from_dict(TaskConfig, tasks[tname])
+            task_fields, seg_len = TASKS[tname]
+            tc = from_dict(TaskConfig, task_fields)
+            backbone = BackboneConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, seg_len=seg_len)
             suite = SuiteConfig(name="trellis-budget", backbone=backbone, memories=("none",), tasks=(tc,), train=train,
                                 lrs=(args.lr,), tokens_per_cell=args.tokens, device=args.device)
             task = build_task(tc, backbone.seg_len)
@@ -83,53 +85,55 @@ def main() -> None:
     write_summary(recs, out)
 
 
+def family(label: str) -> str:
+    if label.startswith("kv_dense window="):
+        return "kv_dense (sliding window)"
+    if label.startswith("trellis"):
+        return "trellis (slots + window)" if "window" in label else "trellis (slots only)"
+    return ""
+
+
 def write_summary(recs: list[dict], out: Path) -> None:
-    lines = ["| task | memory | budget (KV tokens) | state bytes / example | metric | tok/s (train) |", "|---|---|---|---|---|---|"]
+    lines = ["| task | memory | budget (KV tokens) | state bytes / example | metric | train tok/s |", "|---|---|---|---|---|---|"]
     for r in recs:
         v = r["metrics"].get(r["primary"], float("nan"))
         lines.append(f"| {r['task']} | {r['label']} | {r['budget_tokens'] or '-'} | {r['state_bytes']:,} | "
                      f"{r['primary']} {v:.3f} | {r['tok_per_s']:,.0f} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     tasks = list(dict.fromkeys(r["task"] for r in recs))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, t in zip(axes[0], tasks):
         rows = [r for r in recs if r["task"] == t]
-        fams = {"kv_dense window": "o-", "trellis slots=": "s-", "window=": "^-"}
-        for fam, style in [("kv_dense window=", "o-"), ("trellis slots={} window", "^-"), ("trellis slots={}", "s-")]:
-            pts = []
-            for r in rows:
-                lab = r["label"]
-                if fam == "kv_dense window=" and lab.startswith("kv_dense window="):
-                    pts.append(r)
-                elif fam == "trellis slots={} window" and lab.startswith("trellis") and "window" in lab:
-                    pts.append(r)
-                elif fam == "trellis slots={}" and lab.startswith("trellis") and "window" not in lab:
-                    pts.append(r)
+        for fam, style in [("kv_dense (sliding window)", "o-"), ("trellis (slots only)", "s-"), ("trellis (slots + window)", "^-")]:
+            pts = sorted((r for r in rows if family(r["label"]) == fam), key=lambda r: r["state_bytes"])
             if pts:
-                name = {"kv_dense window=": "kv_dense (sliding window)", "trellis slots={} window": "trellis (slots + window)",
-                        "trellis slots={}": "trellis (slots only)"}[fam]
-                ax.plot([p["state_bytes"] for p in pts], [p["metrics"][p["primary"]] for p in pts], style, label=name)
-        for r in rows:
-            if r["budget_tokens"] is None:
-                ax.axhline(r["metrics"][r["primary"]], ls="--", lw=0.8, color="gray")
-                ax.text(ax.get_xlim()[0], r["metrics"][r["primary"]], " " + r["label"], fontsize=7, va="bottom")
-        del fams
+                ax.plot([p["state_bytes"] for p in pts], [p["metrics"][p["primary"]] for p in pts], style, label=fam)
+        for r, color in zip([r for r in rows if r["budget_tokens"] is None], ["gray", "black"]):
+            ax.axhline(r["metrics"][r["primary"]], ls="--", lw=0.8, color=color, label=r["label"])
         ax.set_xscale("log")
-        ax.set_xlabel("state bytes per example")
+        ax.set_xlabel("state bytes per example (MemorySpec)")
         ax.set_ylabel(rows[0]["primary"])
         ax.set_title(t)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "accuracy_vs_budget.png", dpi=120)
 
 
+def summarize(path: str) -> None:
+    recs = [json.loads(x) for x in open(path)]
+    write_summary(recs, Path(path).parent)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--summarize":
+        summarize(sys.argv[2])
+    else:
+        main()
