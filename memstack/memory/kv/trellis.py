@@ -125,6 +125,7 @@ class Trellis(Memory):
         b, L = self.backbone, len(self.mem_layers)
         fixed = 2 * L * b.kv_heads * self.cfg.slots * b.head_dim * 4               # K and V slots, fp32
         per_tok = 2 * L * b.kv_heads * b.head_dim * dtype_bytes(dtype) + 8 + 1      # window K, V, pos, valid
+        # slack: a segment's keys/values wait in `pending` until it ends (decoding in pieces)
         return MemorySpec(bytes_per_token=per_tok, fixed_bytes=fixed, max_tokens=self.cfg.window,
                           slack_tokens=b.seg_len, dtype_bytes=4)
 
@@ -181,13 +182,14 @@ class Trellis(Memory):
             alpha, th = self._gates(j, k0, v0)
             K[j], V[j] = trellis_write(state.K[j], state.V[j], k0, v0, alpha, th, valid_all[:, :n_out],
                                        chunk=self.cfg.write_chunk)
+        # the kept window is copied out: a view would keep the whole segment's buffer alive
         wk, wv, pk, pv = list(state.win_k), list(state.win_v), list(state.pend_k), list(state.pend_v)
-        wk[j], wv[j] = k_all[:, :, n_out:], v_all[:, :, n_out:]
-        pk[j], pv[j] = k_all[:, :, :0], v_all[:, :, :0]
+        wk[j], wv[j] = k_all[:, :, n_out:].clone(), v_all[:, :, n_out:].clone()
+        pk[j], pv[j] = k_all.new_zeros(k_all[:, :, :0].shape), v_all.new_zeros(v_all[:, :, :0].shape)
         win_pos, win_valid, pend_pos = state.win_pos, state.win_valid, state.pend_pos
         if layer == self.last:  # bookkeeping shared by all layers: once, at the last
-            win_pos, win_valid = pos_all[:, n_out:], valid_all[:, n_out:]
-            pend_pos = pos_all[:, :0]
+            win_pos, win_valid = pos_all[:, n_out:].clone(), valid_all[:, n_out:].clone()
+            pend_pos = pos_all.new_zeros(pos_all.shape[0], 0)
         return TrellisState(tuple(K), tuple(V), tuple(wk), tuple(wv), win_pos, win_valid, tuple(pk), tuple(pv), pend_pos)
 
     def _gates(self, j: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
