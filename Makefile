@@ -26,8 +26,9 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# Longer runs: multi-process training, bigger training checks.
+# Longer runs: multi-process training, bigger training checks, the pretrained SmolLM2 (optional asset).
 test-slow: setup
+	$(BIN)/memstack data fetch smollm2 --no-progress
 	$(BIN)/python -m pytest -q -m slow
 
 clean:

@@ -76,11 +76,14 @@ def cmd_data(args: argparse.Namespace) -> int:
     from memstack.data import assets
 
     if args.action == "fetch":
-        paths = assets.fetch_all_and_prepare(progress=not args.no_progress)
+        paths = assets.fetch_all_and_prepare(progress=not args.no_progress, names=args.names)
         print(f"data ready in {assets.data_dir()} ({len(paths)} assets verified)")
     else:
         for s in assets.status():
-            print(f"  {s['name']:<12} {'ok' if s['verified'] else ('MISSING' if not s['present'] else 'CORRUPTED')}  {s['path']}")
+            state = 'ok' if s['verified'] else ('MISSING' if not s['present'] else 'CORRUPTED')
+            if state == "MISSING" and s.get("optional"):
+                state = "optional, not fetched"
+            print(f"  {s['name']:<12} {state}  {s['path']}")
     return 0
 
 
@@ -240,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "~/.cache/memstack). A file that does not match its pin is refused, never replaced. status: show "
                        "what is present.")
     s.add_argument("action", choices=["fetch", "status"])
+    s.add_argument("names", nargs="*", help="optional assets to fetch too, e.g. smollm2 (the pretrained SmolLM2-135M)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(fn=cmd_data)
 

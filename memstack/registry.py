@@ -108,6 +108,9 @@ for _name, _cfg, _impl, _summary in [
      "Engram: hashed token N-gram table rows, gated into the residual stream at chosen layers"),
     ("pkm", "memstack.memory.sparse.config:PKMConfig", "memstack.memory.sparse.pkm:ProductKeyMemory",
      "product-key memory / Memory+: learned query, top-k of n_keys^2 value rows, SiLU-gated output"),
+    # runtime memory: learned bounded KV memory
+    ("trellis", "memstack.memory.kv.config:TrellisConfig", "memstack.memory.kv.trellis:Trellis",
+     "Trellis: fixed key/value slots written by test-time gradient steps with a forget gate, plus an exact window"),
 ]:
     MEMORIES.add(_name, _cfg, _impl, _summary)
 

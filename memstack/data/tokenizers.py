@@ -47,7 +47,8 @@ GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2
 BPE_CACHE_FORMAT = 1
 TRAINER_VERSION = 1          # bump when train_bpe's output for a given corpus would change
 MIN_BPE_VOCAB, MAX_BPE_VOCAB = 258, 65536
-VALID_NAMES = ["byte", "gpt2", "bpe<N>"]
+VALID_NAMES = ["byte", "gpt2", "bpe<N>", "smollm2"]
+PRETRAINED_TOKENIZERS = {"smollm2": 49152}   # name -> vocabulary size (tokenizers of pretrained models)
 
 Merge = tuple[bytes, bytes]
 
@@ -341,11 +342,12 @@ def _load_or_train(vocab_size: int) -> list[Merge]:
 # ----------------------------------------------------------------------------- registry
 
 def get_tokenizer(name: str) -> Tokenizer:
-    """``"byte"``, ``"gpt2"`` or ``"bpe<N>"`` (258 <= N <= 65536); built once per data dir."""
+    """``"byte"``, ``"gpt2"``, ``"bpe<N>"`` (258 <= N <= 65536) or a pretrained model's tokenizer
+    (``"smollm2"``, needs the `hf` extra); built once per data dir."""
     from memstack.data.assets import data_dir
 
     m = re.fullmatch(r"bpe(\d+)", name)
-    if name not in ("byte", "gpt2") and not (m and MIN_BPE_VOCAB <= int(m.group(1)) <= MAX_BPE_VOCAB):
+    if name not in ("byte", "gpt2", *PRETRAINED_TOKENIZERS) and not (m and MIN_BPE_VOCAB <= int(m.group(1)) <= MAX_BPE_VOCAB):
         raise UnknownNameError("tokenizer", name, VALID_NAMES)
     return _build(name, str(data_dir()))
 
@@ -357,6 +359,10 @@ def _build(name: str, data_root: str) -> Tokenizer:
         return ByteTokenizer()
     if name == "gpt2":
         return GPT2Tokenizer()
+    if name == "smollm2":
+        from memstack.data.smollm2 import SmolLM2Tokenizer
+
+        return SmolLM2Tokenizer()
     return BPETokenizer.trained(int(name[3:]))
 
 

