@@ -81,6 +81,9 @@ for _name, _cfg, _impl, _summary in [
      "Transformer-XL: stop-gradient hidden states of the last mem_len tokens per layer"),
     ("kv_dense", "memstack.memory.kv.config:DenseKVConfig", "memstack.memory.kv.dense:DenseKV",
      "dense KV cache: segment-scoped for decoding, or document-scoped (optionally windowed)"),
+    # retrieval memory (memstack/memory/retrieval)
+    ("knn_lm", "memstack.memory.retrieval.config:KNNLMConfig", "memstack.memory.retrieval.knn_lm:KNNLM",
+     "kNN-LM: interpolate p_LM with neighbours' next tokens from a datastore and the document cache"),
 ]:
     MEMORIES.add(_name, _cfg, _impl, _summary)
 
