@@ -84,6 +84,9 @@ for _name, _cfg, _impl, _summary in [
     # retrieval memory (memstack/memory/retrieval)
     ("knn_lm", "memstack.memory.retrieval.config:KNNLMConfig", "memstack.memory.retrieval.knn_lm:KNNLM",
      "kNN-LM: interpolate p_LM with neighbours' next tokens from a datastore and the document cache"),
+    ("memorizing", "memstack.memory.retrieval.config:MemorizingConfig",
+     "memstack.memory.retrieval.memorizing:MemorizingTransformer",
+     "Memorizing Transformer: top-k attention over a growing per-document KV memory, gated with local attention"),
 ]:
     MEMORIES.add(_name, _cfg, _impl, _summary)
 
