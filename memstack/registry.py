@@ -87,6 +87,8 @@ for _name, _cfg, _impl, _summary in [
     ("memorizing", "memstack.memory.retrieval.config:MemorizingConfig",
      "memstack.memory.retrieval.memorizing:MemorizingTransformer",
      "Memorizing Transformer: top-k attention over a growing per-document KV memory, gated with local attention"),
+    ("retro", "memstack.memory.retrieval.config:RetroConfig", "memstack.memory.retrieval.retro:Retro",
+     "RETRO: chunked cross-attention over encoded neighbours retrieved per chunk (corpus store or the document's past)"),
 ]:
     MEMORIES.add(_name, _cfg, _impl, _summary)
 
