@@ -252,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
     s.add_argument("--device")
     s.set_defaults(fn=cmd_generate)
+
+    from memstack.memory.retrieval.build import add_parser as add_datastore  # light: no faiss / embedder import
+
+    add_datastore(sub)
     return p
 
 
