@@ -89,6 +89,8 @@ for _name, _cfg, _impl, _summary in [
      "Memorizing Transformer: top-k attention over a growing per-document KV memory, gated with local attention"),
     ("retro", "memstack.memory.retrieval.config:RetroConfig", "memstack.memory.retrieval.retro:Retro",
      "RETRO: chunked cross-attention over encoded neighbours retrieved per chunk (corpus store or the document's past)"),
+    ("rag", "memstack.memory.retrieval.config:RAGConfig", "memstack.memory.retrieval.rag_context:RAGContext",
+     "RAG in context: passages retrieved with the document's recent text, prepended to each segment"),
 ]:
     MEMORIES.add(_name, _cfg, _impl, _summary)
 

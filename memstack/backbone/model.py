@@ -196,7 +196,7 @@ class MemoryModel(nn.Module):
             if not step.seg_start and bool(reset.any()):
                 raise ValueError("a row can only start a new document at a segment start (step.seg_start=True)")
             state = self.reset_state(state, reset)
-        ctx = StepContext(tokens, state.pos, reset.bool(), step.seg_start, step.seg_end, self.training)
+        ctx = StepContext(tokens, state.pos, reset.bool(), step.seg_start, step.seg_end, self.training, embed=self.tok_emb)
         states = list(state.memories)
 
         x = self.tok_emb(tokens)                                      # (B, T, D)

@@ -105,6 +105,9 @@ class StepContext:
     # auxiliary training losses memories add during this call (name -> scalar, already weighted);
     # one dict per forward call, shared by every copy of this context
     losses: dict[str, Tensor] = field(default_factory=dict)
+    # embed(ids (B, P) int64) -> (B, P, D): the backbone's own token embedding, for EMBED memories
+    # that put real tokens (retrieved passages, cached prompts) in front of the chunk; None = not offered
+    embed: Callable[[Tensor], Tensor] | None = None
 
     @property
     def n_tokens(self) -> int:

@@ -152,3 +152,27 @@ class RetroConfig(MemoryConfig):
 
     def cca_layers(self, n_layers: int) -> tuple[int, ...]:
         return self.layers if self.layers is not None else tuple(range(n_layers // 2, n_layers))
+
+
+@dataclass(frozen=True)
+class RAGConfig(MemoryConfig):
+    """RAG through the context (In-Context RALM style): at each segment start, the document's
+    recent tokens are the query; the retrieved passages are put in front of the segment."""
+
+    kind: ClassVar[str] = "rag"
+    store: str | None = None        # passage store (`memstack datastore build --kind rag`); None = retrieves nothing
+    tokenizer: str = "bpe512"       # the model's tokenizer: decodes the query, encodes the passages
+    method: Literal["dense", "bm25", "hybrid"] = "dense"
+    k: int = 1                      # passages per segment
+    passage_tokens: int = 48        # tokens of each passage in the context (cut / padded with <eot>)
+    query_tokens: int = 64          # the document's last tokens that form the query
+    namespace: str = "default"
+
+    def check(self) -> list[str]:
+        r = []
+        for name in ("k", "passage_tokens", "query_tokens"):
+            if getattr(self, name) < 1:
+                r.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.method not in ("dense", "bm25", "hybrid"):
+            r.append(f"method must be dense, bm25 or hybrid, got {self.method!r}")
+        return r

@@ -104,3 +104,36 @@ def test_pipeline_puts_passages_in_the_prompt_and_generates(slice_, embedder):
     model = build_model(ModelConfig(BackboneConfig(vocab_size=257, d_model=32, n_layers=1, n_heads=2, seg_len=64)))
     text = pipe.generate(model, tok, queries[0], k=1, max_new_tokens=5)
     assert isinstance(text, str)
+
+
+def test_rag_memory_prepends_the_retrieved_passage(slice_, embedder, tmp_path):
+    """The segment after a query reads [passage tokens; segment] exactly as a plain model reading
+    that concatenation (RoPE is relative); the first segment gets <eot> padding."""
+    from memstack.backbone.model import build_model
+    from memstack.config import BackboneConfig, ModelConfig
+    from memstack.data.tokenizers import get_tokenizer
+    from memstack.memory.retrieval.config import RAGConfig
+
+    psg, queries, gold, store = slice_
+    store.save(tmp_path / "psg")
+    tok = get_tokenizer("byte")
+    bb = BackboneConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=2, seg_len=32)
+    torch.manual_seed(0)
+    cfg = RAGConfig(store=str(tmp_path / "psg"), tokenizer="byte", k=1, passage_tokens=24, query_tokens=32)
+    model = build_model(ModelConfig(bb, (cfg,))).eval()
+    plain = build_model(ModelConfig(bb)).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    q = queries[3].encode()[:32].ljust(32, b" ")
+    seg1, seg2 = torch.tensor([list(q)]), torch.randint(0, 256, (1, 32))
+    mem = model.memory.memories[0]
+    with torch.no_grad():
+        out1, st = model(seg1)
+        out2, _ = model(seg2, st)
+        pids = mem.passage_ids([tok.decode(list(q))])[0]
+        assert pids == mem.passage_ids([queries[3].ljust(32)[:32]])[0]
+        ref2 = plain(torch.cat([torch.tensor([pids]), seg2], 1))[0].logits[:, 24:]
+        ref1 = plain(torch.cat([torch.full((1, 24), tok.eot_id), seg1], 1))[0].logits[:, 24:]
+    top = mem.pipeline.retrieve([tok.decode(list(q))], 1, "dense").idx[0, 0]
+    assert pids[:24] == tok.encode(psg[top])[:24]
+    torch.testing.assert_close(out2.logits, ref2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out1.logits, ref1, atol=1e-5, rtol=1e-5)
