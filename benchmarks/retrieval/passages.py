@@ -39,19 +39,32 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="only the first N passages and their queries (a smaller, "
                    "easier corpus: not comparable with the full-corpus baseline)")
+    p.add_argument("--subset", type=int, default=None, help="a seeded random subset of N passages and their queries; "
+                   "the store is built at --store if missing (a smaller, easier corpus than the full baseline's)")
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)   # a shared, oversubscribed machine: one thread, no spinning
     passages, queries, gold = retrieval_eval_set()
     if args.limit:
         keep = [i for i, g in enumerate(gold) if g < args.limit]
         passages, queries, gold = passages[: args.limit], [queries[i] for i in keep], [gold[i] for i in keep]
+    if args.subset:
+        sel = sorted(np.random.default_rng(args.seed).choice(len(passages), args.subset, replace=False).tolist())
+        new = {old: j for j, old in enumerate(sel)}
+        keep = [i for i, g in enumerate(gold) if g in new]
+        passages, queries, gold = [passages[i] for i in sel], [queries[i] for i in keep], [new[gold[i]] for i in keep]
     emb = Embedder()
+    if args.subset and not (Path(args.store) / "manifest.json").is_file():
+        from memstack.memory.retrieval.rag import build_passage_store
+
+        t0 = time.perf_counter()
+        build_passage_store(passages, emb, args.store, batch=64, progress=True)
+        print(f"embedded {len(passages)} passages in {time.perf_counter() - t0:.0f}s", flush=True)
     store = Datastore.open(args.store, expect_fingerprint=emb.fingerprint)
     if store.n_rows != len(passages):
         raise SystemExit(f"{args.store} holds {store.n_rows} passages, the extracts are {len(passages)}")
     from safetensors.torch import load_file, save_file
 
-    qc = Path(args.queries_cache or (Path(args.store) / f"queries{'-' + str(args.limit) if args.limit else ''}.safetensors"))
+    qc = Path(args.queries_cache or (Path(args.store) / f"queries{'-' + str(args.limit or args.subset) if (args.limit or args.subset) else ''}.safetensors"))
     t0 = time.perf_counter()
     if qc.is_file():
         qv = load_file(str(qc))["q"]
@@ -76,7 +89,7 @@ def main():
     rr = rerank(ds, bs, pool, alpha, 10)
     res = {"command": "benchmarks/retrieval/passages.py " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "env": environment(torch.device("cpu")),
-           "passages": len(passages), "queries": len(queries), "dev_queries": len(dev), "test_queries": len(test),
+           "subset": args.subset, "limit": args.limit, "passages": len(passages), "queries": len(queries), "dev_queries": len(dev), "test_queries": len(test),
            "embedder": emb.fingerprint, "alpha": alpha, "alpha_dev_mrr": tune, "pool": args.pool,
            "seconds": {"encode_queries": t_q, "bm25_index": t_bm, "candidates": t_c}, "methods": {}}
     for name, r in [("dense", dense), ("bm25", lex), ("hybrid_rrf", hybrid), ("rerank", rr)]:
