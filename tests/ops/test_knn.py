@@ -53,3 +53,17 @@ def test_topk_attention_forward_and_backward(B, H, Hkv, T, C, D, k, poison_empty
     q2 = q.detach().clone().requires_grad_(True)
     (topk_attention_diff_ref(q2, mk, mv, valid, k) * g).sum().backward()
     assert_close(q.grad, q2.grad, grad=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_exact_search_and_topk_attention_on_gpu_match_reference():
+    keys, q = torch.randn(5000, 64), torch.randn(33, 64)
+    s, i = knn_search(q.cuda(), keys.cuda(), 10, "l2", chunk=1024)
+    rs, ri = knn_search_ref(q, keys, 10, "l2")
+    torch.testing.assert_close(s.cpu(), rs, **tol(torch.float32))
+    assert (i.cpu() == ri).float().mean() > 0.99
+    qa, mk, mv = torch.randn(2, 4, 7, 16), torch.randn(2, 2, 50, 16), torch.randn(2, 2, 50, 16)
+    valid = torch.rand(2, 50) > 0.2
+    out, _, _ = topk_attention(qa.cuda(), mk.cuda(), mv.cuda(), valid.cuda(), 8)
+    assert_close(out.cpu(), topk_attention_ref(qa, mk, mv, valid, 8)[0], dtype=torch.float32)
