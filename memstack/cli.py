@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     from memstack.memory.sparse.cli import add_parser as add_memory_parser   # argparse only; no torch import
 
     add_memory_parser(sub)
+    from memstack.memory.retrieval.build import add_parser as add_datastore  # light: no faiss / embedder import
+
+    add_datastore(sub)
     return p
 
 

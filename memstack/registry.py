@@ -111,6 +111,16 @@ for _name, _cfg, _impl, _summary in [
     # runtime memory: learned bounded KV memory
     ("trellis", "memstack.memory.kv.config:TrellisConfig", "memstack.memory.kv.trellis:Trellis",
      "Trellis: fixed key/value slots written by test-time gradient steps with a forget gate, plus an exact window"),
+    # retrieval memory (memstack/memory/retrieval)
+    ("knn_lm", "memstack.memory.retrieval.config:KNNLMConfig", "memstack.memory.retrieval.knn_lm:KNNLM",
+     "kNN-LM: interpolate p_LM with neighbours' next tokens from a datastore and the document cache"),
+    ("memorizing", "memstack.memory.retrieval.config:MemorizingConfig",
+     "memstack.memory.retrieval.memorizing:MemorizingTransformer",
+     "Memorizing Transformer: top-k attention over a growing per-document KV memory, gated with local attention"),
+    ("retro", "memstack.memory.retrieval.config:RetroConfig", "memstack.memory.retrieval.retro:Retro",
+     "RETRO: chunked cross-attention over encoded neighbours retrieved per chunk (corpus store or the document's past)"),
+    ("rag", "memstack.memory.retrieval.config:RAGConfig", "memstack.memory.retrieval.rag_context:RAGContext",
+     "RAG in context: passages retrieved with the document's recent text, prepended to each segment"),
 ]:
     MEMORIES.add(_name, _cfg, _impl, _summary)
 

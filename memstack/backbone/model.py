@@ -214,7 +214,7 @@ class MemoryModel(nn.Module):
                 raise ValueError("a row can only start a new document at a segment start (step.seg_start=True)")
             state = self.reset_state(state, reset)
         ctx = StepContext(tokens, state.pos, reset.bool(), step.seg_start, step.seg_end, self.training,
-                          encode=self.encode)
+                          encode=self.encode, embed=self.tok_emb)
         states = list(state.memories)
         if len(self.memory):
             self.memory.prepare(states, ctx)   # e.g. start fetching offloaded table rows

@@ -116,6 +116,9 @@ class StepContext:
     # per-call scratch space shared by every copy of this context (e.g. rows a memory started
     # fetching in `prepare`, picked up by its `block` hook); gone when the call returns
     scratch: dict[Any, Any] = field(default_factory=dict)
+    # embed(ids (B, P) int64) -> (B, P, D): the backbone's own token embedding, for EMBED memories
+    # that put real tokens (retrieved passages, cached prompts) in front of the chunk; None = not offered
+    embed: Callable[[Tensor], Tensor] | None = None
 
     @property
     def n_tokens(self) -> int:

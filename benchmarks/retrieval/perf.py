@@ -1,0 +1,235 @@
+"""Retrieval-memory performance, each figure a ratio measured in the same run:
+
+1. datastore insert throughput (vectors/s) and query latency at 1M-2M entries vs a plain FAISS
+   index of the same type on the same data (our overhead: validation, columns, ids, namespaces,
+   exact re-scoring);
+2. exact search on the CPU vs a measured memory-bandwidth ceiling (a streaming read of a
+   buffer as large as the keys); GPU: not measured (no GPU in this task);
+3. kNN-LM's added cost per generated token, as a share of the forward pass;
+4. Memorizing Transformer training speed with the memory on vs off.
+
+    flock /tmp/memstack-timing.lock .venv/bin/python benchmarks/retrieval/perf.py --out reports/retrieval/perf.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memstack.evals.bench import environment
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def timeit(fn, reps: int = 5, warm: int = 1) -> float:
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def bench_store(n: int, d: int, backend: str, batch: int = 20_000, nq: int = 256, k: int = 10) -> dict:
+    import faiss
+
+    from memstack.memory.retrieval.backends import FaissIndex
+    from memstack.memory.retrieval.config import StoreConfig
+    from memstack.memory.retrieval.store import Datastore
+
+    g = torch.Generator().manual_seed(0)
+    # clustered data (real embeddings are not uniform): 1,000 Gaussian blobs
+    centers = torch.randn(1000, d, generator=g) * 3
+    x = centers[torch.randint(0, 1000, (n,), generator=g)] + torch.randn(n, d, generator=g)
+    q = centers[torch.randint(0, 1000, (nq,), generator=g)] + torch.randn(nq, d, generator=g)
+    cfg = StoreConfig(dim=d, backend=backend, nlist=1024, nprobe=16, hnsw_m=16, ef_construction=40, ef_search=64,
+                      train_min=100_000, compact_at=0.0)
+    ours = Datastore(cfg, "bench", payload={"token": ("int64", ())})
+    tok = torch.zeros(batch, dtype=torch.long)
+    t0 = time.perf_counter()
+    for a in range(0, n, batch):
+        ours.add(x[a:a + batch], {"token": tok[: min(batch, n - a)]})
+    ins_ours = n / (time.perf_counter() - t0)
+    rec = {"n": n, "d": d, "backend": backend, "insert_vps_ours": ins_ours}
+    xn, qn = x.numpy(), q.numpy()
+    if backend == "exact":
+        # the peer: one brute-force FAISS IndexFlatL2 (what "exact" would otherwise be)
+        peer = faiss.IndexFlatL2(d)
+        t0 = time.perf_counter()
+        for a in range(0, n, batch):
+            peer.add(xn[a:a + batch])
+        ins_peer = n / (time.perf_counter() - t0)
+        peer_search = lambda qq: peer.search(qq, k)  # noqa: E731
+    else:
+        peer = FaissIndex(cfg)               # the same FAISS index type, fed directly (no datastore around it)
+        t0 = time.perf_counter()
+        rows = np.arange(n, dtype=np.int64)
+        for a in range(0, n, batch):
+            peer.add(np.ascontiguousarray(xn[a:a + batch]), rows[a:a + batch])
+        ins_peer = n / (time.perf_counter() - t0)
+        peer_search = lambda qq: peer.index.search(qq, k)  # noqa: E731
+    rec["insert_vps_faiss"] = ins_peer
+    rec["insert_ratio"] = ins_ours / ins_peer
+    for qb in (1, 64):
+        tq = timeit(lambda: ours.search(q[:qb], k), reps=5)
+        tp = timeit(lambda: peer_search(np.ascontiguousarray(qn[:qb])), reps=5)
+        rec[f"query_ms_batch{qb}_ours"] = 1e3 * tq
+        rec[f"query_ms_batch{qb}_faiss"] = 1e3 * tp
+        rec[f"query_ratio_batch{qb}"] = tq / tp
+    # recall@k of ours vs exact truth on 64 queries
+    from memstack.ops.knn import knn_search
+
+    _, truth = knn_search(q[:64], x, k, "l2")
+    got = ours.search(q[:64], k).ids
+    rec["recall_at_k"] = float(sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, truth)) / truth.numel())
+    log(json.dumps({k_: (round(v, 4) if isinstance(v, float) else v) for k_, v in rec.items()}))
+    return rec
+
+
+def bandwidth(n: int, d: int) -> dict:
+    """Exact torch search over n x d fp32 keys with one query (bandwidth-bound) and 64 queries,
+    against a streaming read of a same-sized buffer (the ceiling for reading the keys once)."""
+    from memstack.ops.knn import knn_search
+
+    keys = torch.randn(n, d)
+    key_sq = (keys * keys).sum(-1)
+    nbytes = keys.numel() * 4
+    t_read = timeit(lambda: keys.sum(), reps=5)
+    ceiling = nbytes / t_read
+    out = {"n": n, "d": d, "bytes": nbytes, "read_GBps": ceiling / 1e9}
+    for qb in (1, 64):
+        q = torch.randn(qb, d)
+        t = timeit(lambda: knn_search(q, keys, 10, "l2", key_sq=key_sq), reps=5)
+        out[f"search_ms_q{qb}"] = 1e3 * t
+        out[f"search_GBps_q{qb}"] = nbytes / t / 1e9
+        out[f"share_of_ceiling_q{qb}"] = (nbytes / t) / ceiling
+    log(json.dumps(out))
+    return out
+
+
+def knnlm_cost(n: int) -> dict:
+    """Per-token decode time of the quick backbone with and without kNN-LM (store of n entries)."""
+    from memstack.backbone.model import build_model
+    from memstack.config import BackboneConfig, ModelConfig
+    from memstack.generate import Decoder
+    from memstack.memory.retrieval.config import KNNLMConfig, StoreConfig
+    from memstack.memory.retrieval.store import Datastore
+    import tempfile
+
+    bb = BackboneConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, seg_len=64)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(bb)).eval()
+    out = {"n": n}
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in ("exact", "faiss_ivf"):
+            s = Datastore(StoreConfig(dim=64, backend=backend, nlist=1024, nprobe=16, train_min=100_000), "bench",
+                          payload={"token": ("int64", ())})
+            for a in range(0, n, 50_000):
+                s.add(torch.randn(min(50_000, n - a), 64), {"token": torch.randint(0, 512, (min(50_000, n - a),))})
+            s.save(Path(tmp) / backend)
+            variants = {"plain": model,
+                        f"knn_{backend}": model.with_memories([KNNLMConfig(store=str(Path(tmp) / backend), k=32, cache_len=0)]),
+                        f"knn_{backend}_cache": model.with_memories([KNNLMConfig(store=str(Path(tmp) / backend), k=32,
+                                                                                  cache_len=1024)])}
+            for name, m in variants.items():
+                if name in out:
+                    continue
+                dec = Decoder(m, 1)
+                with torch.no_grad():
+                    dec.feed(torch.randint(0, 512, (1, 8)))
+                    tok = torch.randint(0, 512, (1, 1))
+                    t = timeit(lambda: dec.feed(tok), reps=50, warm=5)
+                out[name] = 1e3 * t
+    for k_ in list(out):
+        if k_.startswith("knn"):
+            out[f"{k_}_added_share"] = (out[k_] - out["plain"]) / out["plain"]
+    log(json.dumps(out))
+    return out
+
+
+def memorizing_speed(steps: int = 6) -> dict:
+    from memstack.backbone.model import build_model
+    from memstack.config import BackboneConfig, ModelConfig
+    from memstack.evals.lm import LMTask, LMTaskConfig
+    from memstack.memory.retrieval.config import MemorizingConfig
+    from memstack.train.config import TrainConfig
+    from memstack.train.distributed import DistInfo
+    from memstack.train.trainer import Trainer
+
+    bb = BackboneConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, seg_len=64)
+    task = LMTask(LMTaskConfig(corpus="sotu", tokenizer="bpe512"), 64)
+    out = {}
+    for name, mems in [("off", ()), ("on_1024", (MemorizingConfig(mem_len=1024, k=32),)),
+                       ("on_2048", (MemorizingConfig(mem_len=2048, k=32),))]:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(bb, mems))
+        tr = Trainer(model, TrainConfig(max_steps=10**6, batch_size=16, n_segments=2, progress=False),
+                     task.train_source(16, 0), dist=DistInfo(device=torch.device("cpu")))
+        for _ in range(18):  # fill the memory first (2048 entries = 32 segments of a row = 16 steps)
+            tr.train_step() if name != "off" else None
+            if name == "off":
+                break
+        t0, tok0 = time.perf_counter(), tr.tokens
+        for _ in range(steps):
+            tr.train_step()
+        out[f"tok_per_s_{name}"] = (tr.tokens - tok0) / (time.perf_counter() - t0)
+    for name in ("on_1024", "on_2048"):
+        out[f"slowdown_{name}"] = out["tok_per_s_off"] / out[f"tok_per_s_{name}"]
+    log(json.dumps(out))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="reports/retrieval/perf.json")
+    p.add_argument("--sizes", default="1000000,2000000")
+    p.add_argument("--hnsw-size", type=int, default=200_000)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--only", default="store,bandwidth,knnlm,memorizing")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    # one thread: on a shared, oversubscribed machine OpenMP threads spin against other processes
+    torch.set_num_threads(args.threads)
+    import faiss
+
+    faiss.omp_set_num_threads(args.threads)
+    out = {"command": "benchmarks/retrieval/perf.py " + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()),
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "env": environment(torch.device("cpu")),
+           "note": "2 shared CPU cores (six helpers on the machine); torch and FAISS at --threads threads",
+           "gpu_exact_search_vs_bandwidth": "not measured yet (no GPU in this task)"}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    only = args.only.split(",")
+    if "store" in only:
+        out["store"] = []
+        for n in sizes:
+            for backend in ("exact", "faiss_flat", "faiss_ivf"):
+                if backend == "faiss_ivf" and n != sizes[0]:
+                    continue   # IVF at the first size only (time on a shared machine)
+                out["store"].append(bench_store(n, args.dim, backend))
+                path.write_text(json.dumps(out, indent=1))
+        out["store"].append(bench_store(args.hnsw_size, args.dim, "faiss_hnsw"))
+        path.write_text(json.dumps(out, indent=1))
+    if "bandwidth" in only:
+        out["bandwidth"] = [bandwidth(n, args.dim) for n in sizes]
+        path.write_text(json.dumps(out, indent=1))
+    if "knnlm" in only:
+        out["knnlm_decode_ms"] = knnlm_cost(sizes[0])
+        path.write_text(json.dumps(out, indent=1))
+    if "memorizing" in only:
+        out["memorizing_training"] = memorizing_speed()
+        path.write_text(json.dumps(out, indent=1))
+    log("written", path)
+
+
+if __name__ == "__main__":
+    main()

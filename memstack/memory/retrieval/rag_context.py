@@ -1,0 +1,105 @@
+"""RAG as a memory: retrieved passages in the context (EMBED site).
+
+Paper: Lewis et al., arXiv 2005.11401 (RAG); the read follows In-Context RALM (Ram et al.,
+arXiv 2302.00083): no reader changes, the passages are simply put in front of the text.
+What it stores: nothing per document but the last `query_tokens` tokens it has read (the
+query); the passages live in a datastore built by `memstack datastore build --kind rag`
+(MiniLM vectors + passage text; rag.py has the retrieval pipeline).
+Read: at each segment start the recent tokens are decoded to text and retrieved with (dense,
+BM25 or hybrid); the top-k passages are tokenized with the model's tokenizer, cut or padded with
+<eot> to `passage_tokens` each, embedded with the backbone's own token embedding
+(`StepContext.embed`) and prepended to the segment, so every token of the segment can read
+them. Write: the segment's tokens join the query window. The query uses only tokens before
+the segment, so no position sees passages chosen with its own future.
+
+Deviations: the passages are fixed per segment (not re-retrieved per token); a row with no
+query yet (a document's first segment) gets a prefix of <eot> tokens so that every row of a
+batch has the same prefix length; RAG's marginalisation over passages and its trained query
+encoder are not implemented (frozen retriever).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from memstack.config import BackboneConfig
+from memstack.memory.base import Memory, MemorySpec, Site, StepContext
+from memstack.memory.retrieval.config import RAGConfig
+
+
+@dataclass
+class RAGState:
+    recent: Tensor   # (B, query_tokens) int64: the document's last tokens, right-aligned
+    n: Tensor        # (B,) int64: how many of them are real (0 at a document start)
+
+
+class RAGContext(Memory):
+    sites: ClassVar[frozenset[Site]] = frozenset({Site.EMBED})
+
+    def __init__(self, cfg: RAGConfig, backbone: BackboneConfig):
+        super().__init__(cfg, backbone)
+        self.pipeline = self.tokenizer = None
+        self._ids: dict[int, list[int]] = {}   # passage -> token ids: a cache of a pure function of the store
+        if cfg.store is not None:
+            from memstack.data.tokenizers import get_tokenizer
+            from memstack.memory.retrieval.embedder import Embedder
+            from memstack.memory.retrieval.rag import BM25Retriever, DenseRetriever, RAGPipeline
+            from memstack.memory.retrieval.store import Datastore
+
+            emb = Embedder()
+            store = Datastore.open(cfg.store, expect_fingerprint=emb.fingerprint)
+            self.tokenizer = get_tokenizer(cfg.tokenizer)
+            bm = BM25Retriever([store.text(i) for i in range(store.n_rows)]) if cfg.method != "dense" else None
+            self.pipeline = RAGPipeline(DenseRetriever(store, emb, cfg.namespace), bm, pool=max(10, 4 * cfg.k))
+            self._row_of = {int(p): r for r, p in enumerate(store.payload("passage").tolist())}
+
+    def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> RAGState:
+        return RAGState(torch.zeros(batch, self.cfg.query_tokens, dtype=torch.long, device=device),
+                        torch.zeros(batch, dtype=torch.long, device=device))
+
+    def reset(self, state: RAGState, mask: Tensor) -> RAGState:
+        return RAGState(state.recent, state.n.masked_fill(mask, 0))
+
+    def spec(self, dtype: torch.dtype = torch.float32) -> MemorySpec:
+        return MemorySpec(fixed_bytes=8 * self.cfg.query_tokens + 8, dtype_bytes=torch.empty((), dtype=dtype).element_size())
+
+    def make_identity(self) -> bool:
+        return self.pipeline is None   # without a store nothing is ever put in the context
+
+    def passage_ids(self, queries: list[str]) -> list[list[int]]:
+        """Token ids of the prefix for each query ('' = no query: all <eot>)."""
+        cfg, eot = self.cfg, self.tokenizer.eot_id
+        out = [[eot] * (cfg.k * cfg.passage_tokens) for _ in queries]
+        asked = [i for i, q in enumerate(queries) if q.strip()]
+        if not asked:
+            return out
+        top = self.pipeline.retrieve([queries[i] for i in asked], cfg.k, cfg.method).idx
+        for i, row in zip(asked, top):
+            ids: list[int] = []
+            for p in row:
+                if p < 0:
+                    seg = []
+                else:
+                    if int(p) not in self._ids:
+                        self._ids[int(p)] = self.tokenizer.encode(self.pipeline.dense.store.text(self._row_of[int(p)]))
+                    seg = self._ids[int(p)][: cfg.passage_tokens]
+                ids += seg + [eot] * (cfg.passage_tokens - len(seg))
+            out[i] = ids
+        return out
+
+    def embed(self, x: Tensor, state: RAGState, ctx: StepContext) -> tuple[Tensor | None, Tensor | None, Any]:
+        prefix = None
+        if ctx.seg_start and self.pipeline is not None:
+            if ctx.embed is None:
+                raise RuntimeError("the rag memory needs the backbone's token embedding (StepContext.embed)")
+            queries = [self.tokenizer.decode(r[len(r) - int(n):].tolist()) if int(n) else ""
+                       for r, n in zip(state.recent.cpu(), state.n.cpu())]
+            ids = torch.tensor(self.passage_ids(queries), dtype=torch.long, device=x.device)   # (B, k * passage_tokens)
+            prefix = ctx.embed(ids).to(x.dtype)                                                # (B, P, D)
+        Q = self.cfg.query_tokens
+        recent = torch.cat([state.recent, ctx.tokens], 1)[:, -Q:].clone()
+        n = (state.n + ctx.n_tokens).clamp(max=Q)
+        return prefix, None, RAGState(recent, n)

@@ -1,0 +1,516 @@
+"""The retrieval datastore: one store behind kNN-LM, RETRO and RAG.
+
+An entry is (key vector, payload, document id, namespace), with a stable external id:
+- kNN-LM: key = the LM's final hidden state, payload {"token": next token id}
+- RETRO:  key = frozen chunk embedding, payload {"tokens": chunk + continuation (2m ids)}
+- RAG:    key = embedder vector of a passage, payload {"passage": passage index} (+ its text)
+The Memorizing Transformer keeps its per-document (key, value) memory in the model state and
+searches it with the same exact-search op (ops/knn), see memorizing.py for why.
+
+Online updates. `add` appends; `delete` removes natively where the backend can (FAISS flat,
+IVF) and otherwise tombstones (exact torch, FAISS HNSW: the rows are masked out of every
+result); `compact` drops tombstoned rows and rebuilds the indexes; ids stay stable across
+compaction. Every update validates *all* of its input first and lists every problem at once;
+nothing is changed by a refused call.
+
+Search is two-stage: the backend returns `candidates` approximate neighbours per query, then
+they are re-scored exactly on the stored full-precision keys (kNN-LM's quality depends on it:
+16.12 exact vs 16.50 quantized-distance test perplexity in the paper). Namespaces are hard
+walls: each namespace has its own FAISS index, the exact backend masks by namespace, and every
+result is checked against the query's namespace before it is returned.
+
+Persistence (no pickle): a directory with `manifest.json` (format version, config, the
+fingerprint of the model or embedder that produced the keys, namespaces, schema, checksum) and
+one content-named safetensors file holding every column, the texts as UTF-8 bytes and the FAISS
+indexes in FAISS's own binary format. Written with memstack/atomic.py: a crash at any point
+leaves the previous version readable. `Datastore.open(path, expect_fingerprint=...)` refuses a
+store built by another model and a file that fails its checksum.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from memstack.atomic import remove_unreferenced, save_tensors_versioned, sha256_file, write_json_atomic
+from memstack.config import from_dict, to_dict
+from memstack.errors import MemstackError
+from memstack.memory.retrieval.backends import CAPABILITIES, Capabilities, FaissIndex
+from memstack.memory.retrieval.config import StoreConfig
+from memstack.ops.knn import knn_search
+
+STORE_FORMAT = 1
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
+           "int16": torch.int16, "uint8": torch.uint8, "bool": torch.bool}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class DatastoreError(MemstackError, ValueError):
+    """Bad input to a datastore, or a store file that is corrupted / from another model.
+    Carries every reason in `reasons`; the store is unchanged."""
+
+    def __init__(self, reasons: list[str] | str, what: str = "datastore"):
+        self.reasons = [reasons] if isinstance(reasons, str) else list(reasons)
+        lines = "\n".join(f"  - {r}" for r in self.reasons)
+        super().__init__(f"{what} ({len(self.reasons)} problem(s)):\n{lines}")
+
+
+@dataclass
+class SearchResult:
+    scores: Tensor   # (Q, k) float32, higher = closer (-||q-k||^2 or q.k); -inf where empty
+    ids: Tensor      # (Q, k) int64 stable entry ids; -1 where empty
+    rows: Tensor     # (Q, k) int64 rows (valid until the next compaction); -1 where empty
+
+
+def model_fingerprint(model: torch.nn.Module, what: str = "") -> str:
+    """sha256 over a model's backbone weights (memories excluded) and its backbone config:
+    what a datastore of hidden states depends on."""
+    h = hashlib.sha256(json.dumps(to_dict(model.cfg.backbone), sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        if name.startswith("memory."):
+            continue
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return f"memstack-model:{h.hexdigest()[:24]}" + (f":{what}" if what else "")
+
+
+class Datastore:
+    """See the module docstring. `payload`: name -> (dtype name, trailing shape) of each column."""
+
+    def __init__(self, cfg: StoreConfig, fingerprint: str, payload: dict[str, tuple[str, Sequence[int]]] | None = None,
+                 text: bool = False, device: str | torch.device = "cpu"):
+        reasons = [] if fingerprint else ["fingerprint must name the model or embedder that produces the keys"]
+        schema = {}
+        for name, (dt, shape) in (payload or {}).items():
+            if dt not in _DTYPES:
+                reasons.append(f"payload {name!r}: dtype {dt!r} is not one of {sorted(_DTYPES)}")
+            schema[name] = (dt, tuple(int(s) for s in shape))
+        if reasons:
+            raise DatastoreError(reasons, "invalid datastore")
+        self.cfg, self.fingerprint, self.schema, self.has_text = cfg, fingerprint, schema, text
+        self.device = torch.device(device)
+        self.caps: Capabilities = CAPABILITIES[cfg.backend]
+        self.namespaces: list[str] = []
+        self._ns_code: dict[str, int] = {}
+        self._n = 0              # filled rows
+        self._dead = 0           # tombstoned rows among them
+        self.next_id = 0
+        cap = 0
+        self._keys = torch.empty(cap, cfg.dim, dtype=_DTYPES[cfg.dtype], device=self.device)
+        self._key_sq = torch.empty(cap, dtype=torch.float32, device=self.device)
+        self._ids = torch.empty(cap, dtype=torch.long, device=self.device)
+        self._doc = torch.empty(cap, dtype=torch.long, device=self.device)
+        self._ns = torch.empty(cap, dtype=torch.long, device=self.device)
+        self._alive = torch.empty(cap, dtype=torch.bool, device=self.device)
+        self._payload = {n: torch.empty(cap, *s, dtype=_DTYPES[d], device=self.device) for n, (d, s) in schema.items()}
+        self._texts: list[str] = []
+        self._index: dict[int, FaissIndex] = {}
+
+    # ------------------------------------------------------------------------------- views
+    def __len__(self) -> int:
+        """Live entries (tombstones excluded)."""
+        return self._n - self._dead
+
+    @property
+    def n_rows(self) -> int:
+        return self._n
+
+    @property
+    def n_tombstones(self) -> int:
+        return self._dead
+
+    @property
+    def keys(self) -> Tensor:
+        return self._keys[: self._n]
+
+    @property
+    def ids(self) -> Tensor:
+        return self._ids[: self._n]
+
+    @property
+    def doc(self) -> Tensor:
+        return self._doc[: self._n]
+
+    @property
+    def alive(self) -> Tensor:
+        return self._alive[: self._n]
+
+    def payload(self, name: str) -> Tensor:
+        return self._payload[name][: self._n]
+
+    def text(self, row: int) -> str:
+        return self._texts[row]
+
+    def count(self, namespace: str) -> int:
+        code = self._ns_code.get(namespace)
+        if code is None:
+            return 0
+        return int(((self._ns[: self._n] == code) & self.alive).sum())
+
+    def to(self, device: str | torch.device) -> "Datastore":
+        """Move the columns (and so exact search) to `device`; FAISS indexes stay on the CPU."""
+        self.device = torch.device(device)
+        for name in ("_keys", "_key_sq", "_ids", "_doc", "_ns", "_alive"):
+            setattr(self, name, getattr(self, name).to(self.device))
+        self._payload = {n: t.to(self.device) for n, t in self._payload.items()}
+        return self
+
+    # ------------------------------------------------------------------------------- updates
+    def _check_keys(self, keys: object, what: str = "keys") -> list[str]:
+        if not isinstance(keys, Tensor):
+            return [f"{what} must be a torch.Tensor, got {type(keys).__name__}"]
+        r = []
+        if keys.dim() != 2 or keys.shape[-1] != self.cfg.dim:
+            r.append(f"{what} must have shape (n, {self.cfg.dim}), got {tuple(keys.shape)}")
+        if not keys.is_floating_point():
+            r.append(f"{what} must be floating point (float16/bfloat16/float32/float64), got {keys.dtype}")
+        elif keys.numel() and not bool(torch.isfinite(keys).all()):
+            r.append(f"{what} contain NaN or infinite values ({int((~torch.isfinite(keys)).any(-1).sum())} rows)")
+        return r
+
+    def add(self, keys: Tensor, payload: dict[str, Tensor] | None = None, doc: Tensor | Sequence[int] | None = None,
+            namespace: str = "default", texts: Sequence[str] | None = None) -> Tensor:
+        """Append entries; returns their ids (n,). Every problem is reported at once and nothing
+        is stored if there is any."""
+        payload = payload or {}
+        r = self._check_keys(keys)
+        n = keys.shape[0] if isinstance(keys, Tensor) and keys.dim() >= 1 else -1
+        for name in sorted(set(self.schema) - set(payload)):
+            r.append(f"payload {name!r} is missing (this store holds {sorted(self.schema)})")
+        for name in sorted(set(payload) - set(self.schema)):
+            r.append(f"payload {name!r} is not a column of this store (it holds {sorted(self.schema)})")
+        for name, t in payload.items():
+            if name not in self.schema:
+                continue
+            dt, shape = self.schema[name]
+            if not isinstance(t, Tensor):
+                r.append(f"payload {name!r} must be a tensor, got {type(t).__name__}")
+                continue
+            if tuple(t.shape) != (n, *shape):
+                r.append(f"payload {name!r} must have shape {(n, *shape)}, got {tuple(t.shape)}")
+            if t.dtype != _DTYPES[dt]:
+                r.append(f"payload {name!r} must be {dt}, got {t.dtype}")
+        if doc is not None:
+            doc = torch.as_tensor(doc)
+            if doc.shape != (n,) or doc.is_floating_point():
+                r.append(f"doc must be {n} integer ids, got shape {tuple(doc.shape)} dtype {doc.dtype}")
+        if not isinstance(namespace, str) or not namespace:
+            r.append(f"namespace must be a non-empty string, got {namespace!r}")
+        if self.has_text:
+            if texts is None or len(texts) != n or not all(isinstance(s, str) for s in texts):
+                r.append(f"texts: this store keeps text; pass {n} strings")
+        elif texts is not None:
+            r.append("texts given, but this store was created without text")
+        if r:
+            raise DatastoreError(r, "refused add")
+        if n == 0:
+            return torch.empty(0, dtype=torch.long)
+        code = self._namespace(namespace)
+        a, b = self._n, self._n + n
+        self._grow(b)
+        k = keys.detach().to(self.device, _DTYPES[self.cfg.dtype])
+        self._keys[a:b] = k
+        self._key_sq[a:b] = (k.float() ** 2).sum(-1)
+        ids = torch.arange(self.next_id, self.next_id + n, device=self.device)
+        self._ids[a:b] = ids
+        self._doc[a:b] = doc.to(self.device, torch.long) if doc is not None else -1
+        self._ns[a:b] = code
+        self._alive[a:b] = True
+        for name, t in payload.items():
+            self._payload[name][a:b] = t.to(self.device)
+        if self.cfg.backend != "exact":
+            try:
+                self._faiss(code).add(np.ascontiguousarray(k.float().cpu().numpy()), np.arange(a, b, dtype=np.int64))
+            except BaseException:
+                self._rebuild_index(code)   # leave the index as the columns (unchanged: _n not advanced)
+                raise
+        if self.has_text:
+            self._texts.extend(texts)
+        self._n = b
+        self.next_id += n
+        return ids.cpu()
+
+    def _namespace(self, name: str) -> int:
+        if name not in self._ns_code:
+            self._ns_code[name] = len(self.namespaces)
+            self.namespaces.append(name)
+        return self._ns_code[name]
+
+    def _faiss(self, code: int) -> FaissIndex:
+        if code not in self._index:
+            self._index[code] = FaissIndex(self.cfg)
+        return self._index[code]
+
+    def _grow(self, need: int) -> None:
+        cap = self._keys.shape[0]
+        if need <= cap:
+            return
+        cap = max(need, 2 * cap, 1024)
+
+        def grown(t: Tensor) -> Tensor:
+            new = t.new_zeros(cap, *t.shape[1:])
+            new[: self._n] = t[: self._n]
+            return new
+
+        for name in ("_keys", "_key_sq", "_ids", "_doc", "_ns", "_alive"):
+            setattr(self, name, grown(getattr(self, name)))
+        self._payload = {n: grown(t) for n, t in self._payload.items()}
+
+    def _rows_of(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, found) for external ids; ids are increasing along the rows (append-only,
+        compaction keeps the order), so this is a binary search."""
+        col = self.ids
+        rows = torch.searchsorted(col, ids.to(col.device)).clamp(max=max(self._n - 1, 0))
+        found = (rows < self._n) & (col[rows] == ids.to(col.device)) if self._n else torch.zeros_like(ids, dtype=torch.bool)
+        return rows, found
+
+    def delete(self, ids: Tensor | Sequence[int], namespace: str | None = None) -> None:
+        """Delete entries by id. Unknown ids, ids already deleted, duplicates and (with
+        `namespace`) ids of another namespace are all refused at once; nothing is deleted then."""
+        ids = torch.as_tensor(ids)
+        if ids.is_floating_point() or ids.dim() != 1:
+            raise DatastoreError(f"ids must be a 1-D sequence of integers, got shape {tuple(ids.shape)} dtype {ids.dtype}",
+                                 "refused delete")
+        ids = ids.long()
+        rows, found = self._rows_of(ids)
+        r = []
+        unknown = ids[~found.cpu()].tolist()
+        if unknown:
+            r.append(f"unknown ids {unknown[:10]}{' ...' if len(unknown) > 10 else ''} ({len(unknown)})")
+        dead = ids[(found & ~self.alive[rows]).cpu()].tolist() if self._n else []
+        if dead:
+            r.append(f"ids already deleted {dead[:10]}{' ...' if len(dead) > 10 else ''} ({len(dead)})")
+        if len(set(ids.tolist())) != len(ids):
+            r.append("ids contain duplicates")
+        if namespace is not None and self._n:
+            code = self._ns_code.get(namespace, -1)
+            other = ids[(found & (self._ns[rows] != code)).cpu()].tolist()
+            if other:
+                r.append(f"ids {other[:10]} do not belong to namespace {namespace!r}")
+        if r:
+            raise DatastoreError(r, "refused delete")
+        if not len(ids):
+            return
+        rows = rows[found]
+        if self.caps.remove == "native":
+            for code in self._ns[rows].unique().tolist():
+                sel = rows[self._ns[rows] == code].cpu().numpy().astype(np.int64)
+                self._index[code].remove(sel)
+        self._alive[rows] = False
+        self._dead += len(rows)
+        if self.cfg.compact_at and self._dead > self.cfg.compact_at * self._n:
+            self.compact()
+
+    def compact(self) -> None:
+        """Drop tombstoned rows for good and rebuild the indexes (ids are kept)."""
+        if not self._dead:
+            return
+        keep = self.alive.clone()
+        n = int(keep.sum())
+        for name in ("_keys", "_key_sq", "_ids", "_doc", "_ns", "_alive"):
+            t = getattr(self, name)
+            t[:n] = t[: self._n][keep].clone()
+        for t in self._payload.values():
+            t[:n] = t[: self._n][keep].clone()
+        if self.has_text:
+            kl = keep.tolist()
+            self._texts = [s for s, k in zip(self._texts, kl) if k]
+        self._n, self._dead = n, 0
+        for code in list(self._index):
+            self._rebuild_index(code)
+
+    def _rebuild_index(self, code: int) -> None:
+        rows = (self._ns[: self._n] == code).nonzero().flatten()
+        x = np.ascontiguousarray(self._keys[rows].float().cpu().numpy())
+        self._faiss(code).rebuild(x, rows.cpu().numpy().astype(np.int64))
+
+    # ------------------------------------------------------------------------------- search
+    def search(self, q: Tensor, k: int, namespace: str | Sequence[str] = "default",
+               exclude_doc: Tensor | None = None, candidates: int | None = None) -> SearchResult:
+        """Top-k live entries per query within the query's namespace (one name, or one per
+        query). exclude_doc (Q,): entries of that document id are skipped (RETRO's same-document
+        filter; -1 = none)."""
+        r = self._check_keys(q, "queries")
+        if k < 1:
+            r.append(f"k must be >= 1, got {k}")
+        Q = q.shape[0] if isinstance(q, Tensor) and q.dim() == 2 else 0
+        names = [namespace] * Q if isinstance(namespace, str) else list(namespace)
+        if len(names) != Q:
+            r.append(f"{len(names)} namespaces for {Q} queries")
+        if exclude_doc is not None and tuple(exclude_doc.shape) != (Q,):
+            r.append(f"exclude_doc must have shape ({Q},), got {tuple(exclude_doc.shape)}")
+        if r:
+            raise DatastoreError(r, "refused search")
+        codes = torch.tensor([self._ns_code.get(n, -1) for n in names], dtype=torch.long, device=self.device)
+        qd = q.detach().to(self.device, torch.float32)
+        excl = exclude_doc.to(self.device, torch.long) if exclude_doc is not None else None
+        if self.cfg.backend == "exact":
+            return self._search_exact(qd, k, codes, excl)
+        return self._search_faiss(qd, k, codes, excl, candidates)
+
+    def _valid(self, codes: Tensor, excl: Tensor | None) -> Tensor:
+        ns, alive = self._ns[: self._n], self.alive
+        if excl is None and bool((codes == codes[0]).all()):
+            return alive & (ns == codes[0])                              # (N,): one namespace for all
+        v = alive[None] & (ns[None] == codes[:, None])                  # (Q, N)
+        if excl is not None:
+            v = v & ((self._doc[: self._n][None] != excl[:, None]) | (excl[:, None] < 0))
+        return v
+
+    def _search_exact(self, q: Tensor, k: int, codes: Tensor, excl: Tensor | None) -> SearchResult:
+        if not self._n or not len(q):
+            return self._empty(len(q), k)
+        s, rows = knn_search(q, self.keys, k, self.cfg.metric, self._valid(codes, excl), key_sq=self._key_sq[: self._n])
+        return self._result(s, rows, codes)
+
+    def _search_faiss(self, q: Tensor, k: int, codes: Tensor, excl: Tensor | None, candidates: int | None) -> SearchResult:
+        out_s = torch.full((len(q), k), float("-inf"), device=self.device)
+        out_r = torch.full((len(q), k), -1, dtype=torch.long, device=self.device)
+        base = candidates or self.cfg.candidates or (k if self.caps.exact else 4 * k)
+        for code in codes.unique().tolist():
+            if code < 0 or code not in self._index:
+                continue
+            sel = (codes == code).nonzero().flatten()
+            index = self._index[code]
+            qn = np.ascontiguousarray(q[sel].cpu().numpy())
+            K = max(base, k)
+            while True:
+                S, I = index.search(qn, K)
+                rows = torch.from_numpy(I).to(self.device)
+                ok = rows >= 0
+                rc = rows.clamp(min=0)
+                ok &= self._alive[rc] & (self._ns[rc] == code)
+                if excl is not None:
+                    e = excl[sel][:, None]
+                    ok &= (self._doc[rc] != e) | (e < 0)
+                short = bool((ok.sum(1) < k).any())
+                if not short or K >= index.ntotal:
+                    break
+                K = min(2 * K, index.ntotal)   # tombstones / excluded docs ate the candidates: fetch more
+            if self.cfg.rescore:
+                kq = self._keys[rc].float()                              # (Qs, K, d) exact re-scoring
+                qs = q[sel][:, None, :]
+                s = -((qs - kq) ** 2).sum(-1) if self.cfg.metric == "l2" else (qs * kq).sum(-1)
+            else:
+                s = torch.from_numpy(S).to(self.device)
+            s = s.masked_fill(~ok, float("-inf"))
+            kk = min(k, s.shape[1])
+            ts, ti = s.topk(kk, dim=1)
+            out_s[sel, :kk] = ts
+            out_r[sel, :kk] = torch.where(ts > float("-inf"), rows.gather(1, ti), -1)
+        return self._result(out_s, out_r, codes)
+
+    def _result(self, s: Tensor, rows: Tensor, codes: Tensor) -> SearchResult:
+        rows = rows.masked_fill(s == float("-inf"), -1)
+        rc = rows.clamp(min=0)
+        ok = rows >= 0
+        # the wall between namespaces, checked once more on what is about to be returned
+        if bool((ok & (self._ns[rc] != codes[:, None])).any()) or bool((ok & ~self._alive[rc]).any()):
+            raise RuntimeError("datastore search returned an entry of another namespace or a deleted one (bug)")
+        return SearchResult(s, torch.where(ok, self._ids[rc], -1), rows)
+
+    def _empty(self, Q: int, k: int) -> SearchResult:
+        z = torch.full((Q, k), -1, dtype=torch.long, device=self.device)
+        return SearchResult(torch.full((Q, k), float("-inf"), device=self.device), z, z.clone())
+
+    # ------------------------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        """Write the store to directory `path` (crash-safe; see the module docstring)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        n = self._n
+        t: dict[str, Tensor] = {
+            "keys": self.keys.cpu(), "ids": self.ids.cpu(), "doc": self.doc.cpu(),
+            "ns": self._ns[:n].cpu(), "alive": self.alive.cpu(),
+        }
+        for name in self.schema:
+            t[f"payload.{name}"] = self.payload(name).cpu()
+        if self.has_text:
+            data = [s.encode("utf-8") for s in self._texts]
+            t["text.offsets"] = torch.tensor(np.cumsum([0] + [len(d) for d in data]), dtype=torch.long)
+            t["text.bytes"] = torch.frombuffer(bytearray(b"".join(data)) or bytearray(1), dtype=torch.uint8).clone()
+        for code, index in self._index.items():
+            blob = index.serialize()
+            if blob is not None:
+                t[f"index.{code}"] = torch.from_numpy(np.asarray(blob, dtype=np.uint8).copy())
+        t = {k: v.contiguous() for k, v in t.items()}
+        name, sha = save_tensors_versioned(t, path, "store")
+        write_json_atomic(path / "manifest.json", {
+            "format": STORE_FORMAT, "kind": "memstack-datastore", "config": to_dict(self.cfg),
+            "fingerprint": self.fingerprint, "namespaces": self.namespaces, "next_id": self.next_id,
+            "rows": n, "tombstones": self._dead,
+            "schema": {k: [d, list(s)] for k, (d, s) in self.schema.items()}, "text": self.has_text,
+            "tensors": name, "sha256": sha})
+        remove_unreferenced(path, "store", {name})
+        return path
+
+    @classmethod
+    def open(cls, path: str | Path, expect_fingerprint: str | None = None, device: str | torch.device = "cpu") -> "Datastore":
+        """Load a store; refuses a corrupted file, an unknown format, or (with
+        `expect_fingerprint`) a store whose keys another model or embedder produced."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        mf = path / "manifest.json"
+        if not mf.is_file():
+            raise DatastoreError(f"no datastore at {path} (manifest.json missing); build one with `memstack datastore build`",
+                                 "cannot open datastore")
+        try:
+            meta = json.loads(mf.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatastoreError(f"{mf} is corrupted: {e}", "cannot open datastore") from None
+        r = []
+        if meta.get("kind") != "memstack-datastore":
+            r.append(f"{mf} is not a memstack datastore manifest")
+        if meta.get("format") != STORE_FORMAT:
+            r.append(f"format {meta.get('format')!r} is not supported (this memstack reads format {STORE_FORMAT})")
+        if expect_fingerprint is not None and meta.get("fingerprint") != expect_fingerprint:
+            r.append(f"the keys were produced by {meta.get('fingerprint')!r}, not by {expect_fingerprint!r}: "
+                     "a store from another model or embedder cannot be read (rebuild it with this one)")
+        tf = path / str(meta.get("tensors"))
+        if not r and not tf.is_file():
+            r.append(f"{mf} names {tf.name}, which is missing")
+        if not r and sha256_file(tf) != meta.get("sha256"):
+            r.append(f"{tf} fails its SHA-256 check: the file is corrupted or was modified")
+        if r:
+            raise DatastoreError(r, f"cannot open datastore {path}")
+        try:
+            cfg = from_dict(StoreConfig, meta["config"], what="stored datastore config")
+            t = load_file(str(tf))
+            schema = {k: (d, tuple(s)) for k, (d, s) in meta["schema"].items()}
+            store = cls(cfg, meta["fingerprint"], schema, bool(meta["text"]), "cpu")
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise DatastoreError(f"{path} is corrupted: {e}", "cannot open datastore") from None
+        n = int(meta["rows"])
+        cols = {"keys": (n, cfg.dim), "ids": (n,), "doc": (n,), "ns": (n,), "alive": (n,),
+                **{f"payload.{k}": (n, *s) for k, (d, s) in schema.items()}}
+        bad = [f"{k}: expected shape {v}, found {tuple(t[k].shape) if k in t else 'nothing'}" for k, v in cols.items()
+               if k not in t or tuple(t[k].shape) != v]
+        if bad:
+            raise DatastoreError(bad, f"cannot open datastore {path} (inconsistent columns)")
+        store._grow(n)
+        store._keys[:n], store._ids[:n], store._doc[:n] = t["keys"], t["ids"], t["doc"]
+        store._ns[:n], store._alive[:n] = t["ns"], t["alive"]
+        store._key_sq[:n] = (t["keys"].float() ** 2).sum(-1)
+        for k in schema:
+            store._payload[k][:n] = t[f"payload.{k}"]
+        if store.has_text:
+            off, data = t["text.offsets"].tolist(), t["text.bytes"].numpy().tobytes()
+            store._texts = [data[off[i]:off[i + 1]].decode("utf-8") for i in range(n)]
+        store._n, store._dead, store.next_id = n, int(meta["tombstones"]), int(meta["next_id"])
+        store.namespaces = list(meta["namespaces"])
+        store._ns_code = {s: i for i, s in enumerate(store.namespaces)}
+        if cfg.backend != "exact":
+            for code in range(len(store.namespaces)):
+                key = f"index.{code}"
+                if key in t:
+                    store._index[code] = FaissIndex.deserialize(cfg, t[key].numpy())
+                else:
+                    store._rebuild_index(code)
+        return store.to(device)
