@@ -3,6 +3,7 @@
     memstack train --config configs/train/runtime_mqar.yaml --out runs/rt-mqar
     memstack train --config configs/train/runtime_passkey.yaml --out runs/rt-passkey
     python benchmarks/runtime/compression_accuracy.py --checkpoints runs/rt-mqar runs/rt-passkey
+    python benchmarks/runtime/compression_accuracy.py --pretrained smollm2 --passkey-lengths 256 --per-cell 8
 
 Each model was trained with full attention over the document (kv_dense, document scope). Its
 cache is swapped for `kv_paged` with a compression policy (same weights) and the model is
@@ -11,6 +12,10 @@ tokens seen, whole blocks freed (StreamingLLM, H2O, SnapKV), or its old blocks q
 4/2-bit with a full-precision residual window). Compression ratio (kvpress' convention) = the
 share of the KV removed: 0.25 / 0.5 / 0.75 / 0.875 for the token policies; for KIVI the measured
 share of bytes removed. Writes the record and a PNG plot (accuracy vs ratio, one panel per task).
+
+With --pretrained (a registered pretrained backbone, e.g. smollm2 = SmolLM2-135M, needs the `hf`
+extra and `memstack data fetch smollm2`), the frozen pretrained model is evaluated zero-shot on
+passkey retrieval in its own tokenizer (no training), segment by segment with the same policies.
 """
 from __future__ import annotations
 
@@ -54,11 +59,16 @@ def held_ratio(model, paged_cfg, n_tokens: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoints", nargs="+", required=True)
+    ap.add_argument("--checkpoints", nargs="*", default=[], help="trained run directories (kv_dense models)")
+    ap.add_argument("--pretrained", default=None, help="also: a pretrained backbone evaluated zero-shot on passkey")
+    ap.add_argument("--passkey-lengths", default="256", help="--pretrained: comma-separated passkey lengths")
+    ap.add_argument("--passkey-depths", default="0.1,0.5,0.9", help="--pretrained: comma-separated needle depths")
+    ap.add_argument("--per-cell", type=int, default=8, help="--pretrained: examples per (length, depth) cell")
+    ap.add_argument("--seg-len", type=int, default=64, help="--pretrained: segment length (compression at each end)")
     ap.add_argument("--block-size", type=int, default=4)
     ap.add_argument("--recent", type=int, default=8, help="recent / observation / residual window (tokens)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--plot", default="docs/benchmarks/runtime_compression.png")
+    ap.add_argument("--plot", default="docs/benchmarks/img/runtime-compression.png")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from memstack.config import from_dict
@@ -66,24 +76,42 @@ def main() -> None:
     from memstack.memory.kv.config import CompressionConfig, PagedKVConfig
     from memstack.train.run import load_for_inference
 
+    if not args.checkpoints and not args.pretrained:
+        ap.error("give --checkpoints and/or --pretrained")
+
+    def sources():
+        for ck in args.checkpoints:
+            model, meta, _ = load_for_inference(ck, "cpu")
+            yield model, from_dict(TaskConfig, meta["task"], what="task"), Path(ck).name
+        if args.pretrained:
+            from memstack.evals.passkey import PasskeyTaskConfig
+            from memstack.hf.pretrained import PRETRAINED, load_pretrained
+            from memstack.memory.kv.config import DenseKVConfig
+
+            model = load_pretrained(args.pretrained, [DenseKVConfig(scope="document")], seg_len=args.seg_len)
+            task_cfg = PasskeyTaskConfig(tokenizer=PRETRAINED[args.pretrained].tokenizer,
+                                         lengths=tuple(int(x) for x in args.passkey_lengths.split(",")),
+                                         depths=tuple(float(x) for x in args.passkey_depths.split(",")),
+                                         per_cell=args.per_cell)
+            yield model, task_cfg, f"{args.pretrained} zero-shot"
+
     rows = []
-    for ck in args.checkpoints:
-        model, meta, _ = load_for_inference(ck, "cpu")
+    for model, task_cfg, name in sources():
         model.eval()
-        task_cfg = from_dict(TaskConfig, meta["task"], what="task")
         task = build_task(task_cfg, model.cfg.backbone.seg_len)
+        tag = f"{task_cfg.kind} ({name})"
         metric = task.primary
         base = task.evaluate(model)[metric]
-        rows.append({"task": task_cfg.kind, "policy": "none (kv_dense)", "ratio": 0.0, metric: base, "score": base})
+        rows.append({"task": tag, "policy": "none (kv_dense)", "ratio": 0.0, metric: base, "score": base})
         paged = task.evaluate(swapped(model, PagedKVConfig(block_size=args.block_size)))[metric]
-        rows.append({"task": task_cfg.kind, "policy": "none (kv_paged)", "ratio": 0.0, "score": paged})
+        rows.append({"task": tag, "policy": "none (kv_paged)", "ratio": 0.0, "score": paged})
         n_ctx = task_cfg.context_tokens()
         for policy in ("streaming", "h2o", "snapkv"):
             for r in RATIOS:
                 c = CompressionConfig(policy=policy, keep_ratio=1 - r, recent=args.recent, sink_tokens=4)
                 cfg = PagedKVConfig(block_size=args.block_size, compression=c)
                 score = task.evaluate(swapped(model, cfg))[metric]
-                rows.append({"task": task_cfg.kind, "policy": policy, "ratio": r, "score": score,
+                rows.append({"task": tag, "policy": policy, "ratio": r, "score": score,
                              "bytes_kept": held_ratio(model, cfg, n_ctx)})
                 print(rows[-1], flush=True)
         for bits in (4, 2):
@@ -91,7 +119,7 @@ def main() -> None:
             cfg = PagedKVConfig(block_size=args.block_size, compression=c)
             kept = held_ratio(model, cfg, n_ctx)
             score = task.evaluate(swapped(model, cfg))[metric]
-            rows.append({"task": task_cfg.kind, "policy": f"kivi-{bits}bit", "ratio": 1 - kept, "score": score,
+            rows.append({"task": tag, "policy": f"kivi-{bits}bit", "ratio": 1 - kept, "score": score,
                          "bytes_kept": kept})
             print(rows[-1], flush=True)
     path = write_record("compression_accuracy", vars(args), rows, "cpu")
@@ -117,12 +145,12 @@ def _plot(rows: list[dict], out: Path) -> None:
             ax.plot([0.0] + [p[0] for p in pts], [base] + [p[1] for p in pts], marker="o", label=policy)
         kv = [(r["ratio"], r["score"], r["policy"]) for r in rs if r["policy"].startswith("kivi")]
         ax.scatter([k[0] for k in kv], [k[1] for k in kv], marker="*", s=120, color="k", label="kivi (4, 2 bit)", zorder=3)
-        ax.set_title(f"{t}: accuracy vs KV compression ratio")
+        ax.set_title(t, fontsize=10)
         ax.set_xlabel("compression ratio (share of KV removed)")
         ax.set_ylabel("score")
-        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.06)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="lower left", fontsize=8)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

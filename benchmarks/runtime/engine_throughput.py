@@ -8,6 +8,12 @@ of the same prompts, so the token agreement between the two is printed as a chec
 really is the same model. Tokens/s counts generated tokens over wall time including prefill.
 HF's peer is `generate(..., cache_implementation="static")`: a preallocated cache of
 prompt + new tokens per row, run as a static batch (every row ends with the longest).
+
+With --mixed, prompt lengths are uniform in [16, 2*prompt_len - 16] and each request asks for a
+number of new tokens uniform in [8, 2*new_tokens - 8] (seeded): the engine runs each request to
+its own length (continuous batching); HF's static batch is left-padded to the longest prompt and
+runs max(new tokens) steps for every row. Tokens/s counts the tokens requested (sum over rows)
+for both, and agreement compares each row's requested tokens.
 """
 from __future__ import annotations
 
@@ -52,6 +58,7 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--mixed", action="store_true", help="mixed prompt lengths and output lengths (see above)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared 2-core dev machine; "
                     "more OpenMP threads than free cores make every small op wait a scheduler tick)")
@@ -75,32 +82,42 @@ def main() -> None:
     n_params = model.num_params()
     rows = []
     for B in [int(x) for x in args.batches.split(",")]:
-        prompts = torch.randint(0, args.vocab, (B, args.prompt_len), device=dev)
+        g = torch.Generator().manual_seed(B)
+        if args.mixed:
+            plens = torch.randint(16, 2 * args.prompt_len - 15, (B,), generator=g).tolist()
+            news = torch.randint(8, 2 * args.new_tokens - 7, (B,), generator=g).tolist()
+        else:
+            plens, news = [args.prompt_len] * B, [args.new_tokens] * B
+        prompts = [torch.randint(0, args.vocab, (n,), generator=g).tolist() for n in plens]
+        P, N = max(plens), max(news)
         eng = Engine(model, EngineConfig(block_size=16, kv_memory_mb=512, max_num_seqs=B,
-                                         max_num_batched_tokens=max(2048, B * args.prompt_len), device=str(dev)))
-        params = SamplingConfig(max_new_tokens=args.new_tokens)
-        eng.generate(prompts[:1, :8].tolist(), SamplingConfig(max_new_tokens=2))        # warm-up
+                                         max_num_batched_tokens=max(2048, sum(plens)), device=str(dev)))
+        eng.generate([prompts[0][:8]], SamplingConfig(max_new_tokens=2))                 # warm-up
         t = time.perf_counter()
-        ours = eng.generate(prompts.tolist(), params)
+        ours = eng.generate(prompts, [SamplingConfig(max_new_tokens=n) for n in news])
         t_ours = time.perf_counter() - t
+        ids = torch.zeros(B, P, dtype=torch.long)                                         # left-padded
+        mask = torch.zeros(B, P, dtype=torch.long)
+        for i, pr in enumerate(prompts):
+            ids[i, P - len(pr):], mask[i, P - len(pr):] = torch.tensor(pr), 1
+        ids, mask = ids.to(dev), mask.to(dev)
         with torch.no_grad():
-            kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                      cache_implementation="static", pad_token_id=0)
-            hf.generate(prompts[:1, :8], attention_mask=torch.ones_like(prompts[:1, :8]), **{**kw, "max_new_tokens": 2,
-                                                                                            "min_new_tokens": 2})
+            kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, cache_implementation="static", pad_token_id=0)
+            hf.generate(ids[:1, -8:], attention_mask=mask[:1, -8:], **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})
             t = time.perf_counter()
-            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), **kw)
+            out = hf.generate(ids, attention_mask=mask, **kw)
             t_hf = time.perf_counter() - t
-        theirs = out[:, args.prompt_len:].tolist()
-        agree = sum(a == b for x, y in zip(ours, theirs) for a, b in zip(x, y)) / (B * args.new_tokens)
+        theirs = [row[P:P + n] for row, n in zip(out.tolist(), news)]
+        n = sum(news)
+        agree = sum(a == b for x, y in zip(ours, theirs) for a, b in zip(x, y)) / n
         first = sum(x[0] == y[0] for x, y in zip(ours, theirs)) / B
-        n = B * args.new_tokens
         rows.append({"batch": B, "ours_tok_s": n / t_ours, "hf_static_tok_s": n / t_hf, "ours/hf": t_hf / t_ours,
                      "first_token_agree": first, "token_agree": agree})
     cfg = {**vars(args), "params": n_params, "transformers": transformers.__version__, "kv_heads": 2, "heads": 8}
     path = write_record("engine_throughput", cfg, rows, dev)
     print(f"device: {device_info(dev)}; model {n_params / 1e6:.1f}M params (d_model {args.d_model}, {args.layers} layers, "
-          f"8 heads / 2 KV heads, vocab {args.vocab}); prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
+          f"8 heads / 2 KV heads, vocab {args.vocab}); prompt {args.prompt_len}, {args.new_tokens} new tokens"
+          f"{' (means; mixed lengths)' if args.mixed else ''}, greedy")
     print(table(rows, ["batch", "ours_tok_s", "hf_static_tok_s", "ours/hf", "first_token_agree", "token_agree"]))
     print(f"record: {path}")
 
