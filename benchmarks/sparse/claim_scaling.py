@@ -46,7 +46,7 @@ def main() -> None:
 
     for name, mc, r in cells:
         model, rec, secs = train_cell(mc, task, train, out_dir=Path(args.save) / name)
-        table = sum(p.numel() for n, p in model.named_parameters() if n.endswith("table.weight"))
+        table = sum(p.numel() for n, p in model.named_parameters() if n.endswith("table.weight"))  # slots: rows over all heads (head_dim 8)
         row = {"name": name, "rows_per_head": r, "slots": table // 8 if r else 0, "table_params": table,
                "params": model.num_params(), "active_params": model.num_params() - table, "bpb": rec["eval"]["bpb"],
                "train_loss": rec["loss"], "seconds": secs}
@@ -79,7 +79,7 @@ def plot(results: dict) -> None:
     eng = [r for r in results["runs"] if r["name"] != "plain"]
     plain = next(r for r in results["runs"] if r["name"] == "plain")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    xs = [r["slots"] * 8 for r in eng]
+    xs = [r["slots"] for r in eng]
     ax.plot(xs, [r["bpb"] for r in eng], "o-", label="Engram (2+3-grams, 8 heads)")
     ax.axhline(plain["bpb"], color="gray", ls="--", label="plain backbone, equal active params")
     ax.set_xscale("log")
@@ -90,7 +90,7 @@ def plot(results: dict) -> None:
     fig.tight_layout()
     fig.savefig(OUT / "claim_scaling.png", dpi=120)
     # log-linear fit over the multi-row tables
-    pts = [(math.log(r["slots"] * 8), r["bpb"]) for r in eng if r["rows_per_head"] > 1]
+    pts = [(math.log(r["slots"]), r["bpb"]) for r in eng if r["rows_per_head"] > 1]
     if len(pts) >= 2:
         n = len(pts)
         mx, my = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n

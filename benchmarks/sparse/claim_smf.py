@@ -50,7 +50,8 @@ def main() -> None:
     tx = torch.as_tensor(np.stack([r[0] for r in rows]))
     ty = torch.as_tensor(np.stack([r[1] for r in rows]))
     bpb0 = lm.evaluate(base.eval())["bpb"]
-    out = {"ckpt": args.ckpt, "facts": args.facts, "steps": args.steps, "base_bpb": bpb0, "curves": {}}
+    out = {"ckpt": args.ckpt, "facts": args.facts, "steps": args.steps, "every": args.every, "top_t": args.top_t,
+           "lr_smf": args.lr_smf, "lr_full": args.lr_full, "base_bpb": bpb0, "curves": {}}
 
     def curve(name, model, step_fn):
         pts = []
@@ -95,9 +96,44 @@ def main() -> None:
     best = {k: max(p["fact_acc"] for p in v) for k, v in out["curves"].items()}
     target = min(best.values())
     out["equal_accuracy"] = target
-    out["at_equal_accuracy"] = {k: next(p for p in v if p["fact_acc"] >= target) for k, v in out["curves"].items()}
+    out["at_equal_accuracy"] = {k: at_accuracy(v, target) for k, v in out["curves"].items()}
     print(out["at_equal_accuracy"], flush=True)
     write_json("claim_smf", out)
+    plot(out)
+
+
+def at_accuracy(pts: list[dict], target: float) -> dict:
+    """Forgetting where a curve first reaches `target` new-fact accuracy, linearly interpolated
+    between the evaluation before and the one at/after (the curves are measured every --every steps)."""
+    i = next(i for i, p in enumerate(pts) if p["fact_acc"] >= target)
+    p = pts[i]
+    if i == 0 or p["fact_acc"] == target:
+        return {**p, "interpolated": False}
+    q = pts[i - 1]
+    w = (target - q["fact_acc"]) / (p["fact_acc"] - q["fact_acc"])
+    return {"step": q["step"] + w * (p["step"] - q["step"]), "fact_acc": target,
+            "bpb": q["bpb"] + w * (p["bpb"] - q["bpb"]), "forgetting": q["forgetting"] + w * (p["forgetting"] - q["forgetting"]),
+            "interpolated": True}
+
+
+def plot(out: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common import OUT
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    labels = {"smf": f"sparse memory finetuning (rows only, top-{out['top_t']})", "full": "full finetuning"}
+    for k, pts in out["curves"].items():
+        ax.plot([p["fact_acc"] for p in pts], [100 * p["forgetting"] for p in pts], "o-", label=labels.get(k, k))
+    ax.set_xlabel("new-fact accuracy (closed book)")
+    ax.set_ylabel("forgetting: SOTU val bpb increase (%)")
+    ax.set_title(f"Learning {out['facts']} new facts: forgetting vs accuracy (CPU)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "claim_smf.png", dpi=110)
 
 
 if __name__ == "__main__":
