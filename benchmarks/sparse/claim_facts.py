@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--facts", type=int, default=200, help="closed-book facts to memorise")
     ap.add_argument("--rows", type=int, default=4093, help="Engram rows per head")
     ap.add_argument("--icl-pairs", type=int, default=2, help="fresh pairs stated before an in-context query")
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain backbone reference")
     ap.add_argument("--tag", default="", help="suffix of the result file and run directories")
     ap.add_argument("--icl-frac", type=float, default=0.5, help="share of in-context training examples")
     args = ap.parse_args()
@@ -51,10 +52,11 @@ def main() -> None:
     eng = EngramConfig(layers=(0,), orders=(2, 3), heads=4, head_dim=8, rows_per_head=args.rows, tokenizer="bpe512")
     res = {"steps": args.steps, "lr": args.lr, "batch": args.batch, "task": task.__dict__, "rows_per_head": args.rows,
            "d_model": bb.d_model, "n_layers": bb.n_layers, "runs": {}}
-    plain_model, rec, secs = train_cell(ModelConfig(bb, ()), task, train, out_dir=Path(f"runs/claims/facts{args.tag}_plain"))
-    res["runs"]["plain"] = {**rec["eval"], "seconds": secs, "params": plain_model.num_params()}
-    print("plain", res["runs"]["plain"], flush=True)
-    write_json("claim_facts" + args.tag, res)
+    if not args.no_plain:
+        plain_model, rec, secs = train_cell(ModelConfig(bb, ()), task, train, out_dir=Path(f"runs/claims/facts{args.tag}_plain"))
+        res["runs"]["plain"] = {**rec["eval"], "seconds": secs, "params": plain_model.num_params()}
+        print("plain", res["runs"]["plain"], flush=True)
+        write_json("claim_facts" + args.tag, res)
     model, rec, secs = train_cell(ModelConfig(bb, (eng,)), task, train, out_dir=Path(f"runs/claims/facts{args.tag}_engram"))
     table = sum(p.numel() for n, p in model.named_parameters() if n.endswith("table.weight"))
     res["runs"]["engram"] = {**rec["eval"], "seconds": secs, "params": model.num_params(), "table_params": table}

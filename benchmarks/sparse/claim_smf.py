@@ -37,7 +37,8 @@ def main() -> None:
     ap.add_argument("--facts", type=int, default=20)
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--every", type=int, default=20)
-    ap.add_argument("--top-t", type=int, default=500)
+    ap.add_argument("--top-t", type=int, default=500, help="rows updated per batch (0: every touched row, no SMF selection)")
+    ap.add_argument("--tag", default="", help="suffix of the result file (variants)")
     ap.add_argument("--lr-smf", type=float, default=3e-2)
     ap.add_argument("--lr-full", type=float, default=1e-3)
     args = ap.parse_args()
@@ -69,14 +70,14 @@ def main() -> None:
                 idx = torch.randint(0, tx.shape[0], (8,))
                 step_fn(tx[idx], ty[idx])
         out["curves"][name] = pts
-        write_json("claim_smf", out)
+        write_json("claim_smf" + args.tag, out)
 
     # SMF: table rows only, TF-IDF top-t against background (SOTU train) document frequencies
     smf = copy.deepcopy(base)
     table = smf.memory.memories[0].table
     bg_src = lm.train_source(8, 0)
     df = background_frequencies(smf, table, [bg_src.next(1).tokens[:, 0] for _ in range(8)])
-    up = OnlineUpdater(smf, table, lr=args.lr_smf, top_t=args.top_t, background=df,
+    up = OnlineUpdater(smf, table, lr=args.lr_smf, top_t=args.top_t or None, background=df,
                        policy=UpdatePolicy(max_row_update_norm=None))
     curve("smf", smf, lambda a, b: up.step(a, b))
 
@@ -98,8 +99,8 @@ def main() -> None:
     out["equal_accuracy"] = target
     out["at_equal_accuracy"] = {k: at_accuracy(v, target) for k, v in out["curves"].items()}
     print(out["at_equal_accuracy"], flush=True)
-    write_json("claim_smf", out)
-    plot(out)
+    write_json("claim_smf" + args.tag, out)
+    plot(out, args.tag)
 
 
 def at_accuracy(pts: list[dict], target: float) -> dict:
@@ -116,7 +117,7 @@ def at_accuracy(pts: list[dict], target: float) -> dict:
             "interpolated": True}
 
 
-def plot(out: dict) -> None:
+def plot(out: dict, tag: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,7 +134,7 @@ def plot(out: dict) -> None:
     ax.set_title(f"Learning {out['facts']} new facts: forgetting vs accuracy (CPU)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(OUT / "claim_smf.png", dpi=110)
+    fig.savefig(OUT / f"claim_smf{tag}.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,10 @@ def _env(d: dict) -> str:
 
 def _taken(perf: dict, name: str) -> list[str]:
     t = perf.get(f"{name}_taken")
-    return [f"(taken {t['date']}, git {str(t.get('git_sha'))[:12]})", ""] if t else []
+    if not t:
+        return []
+    mode = {True: ", `--quick`", False: ", full size (no `--quick`)"}.get(t.get("quick"), "")
+    return [f"(taken {t['date']}, git {str(t.get('git_sha'))[:12]}{mode})", ""]
 
 
 def main() -> None:
@@ -114,25 +117,27 @@ def main() -> None:
     L.append("")
     if (OUT / "claim_facts_notes.md").exists():
         L += [(OUT / "claim_facts_notes.md").read_text().strip(), ""]
-    smf = _load("claim_smf")
     L += ["### Sparse memory finetuning vs full finetuning: forgetting at equal new-fact accuracy", "",
-          "Command: `.venv/bin/python benchmarks/sparse/claim_smf.py`"]
-    if smf:
-        L += [f"`--steps {smf['steps']} --every {smf.get('every')} --top-t {smf.get('top_t')} --lr-smf {smf.get('lr_smf')} "
-              f"--lr-full {smf.get('lr_full')}` ({_env(smf)}; base {smf['ckpt']}, {smf['facts']} new facts, batch 8 "
-              f"statements per step, base SOTU val bpb {smf['base_bpb']:.4f} on 10k tokens; a curve stops at fact_acc 1.0)", "",
+          "Command: `.venv/bin/python benchmarks/sparse/claim_smf.py` (options per run below)"]
+    for p in sorted(OUT.glob("claim_smf*.json")):
+        smf = json.loads(p.read_text())
+        tag = p.stem[len("claim_smf"):]
+        L += ["", f"`{p.name}`: `--steps {smf['steps']} --every {smf.get('every')} --top-t {smf.get('top_t')} "
+              f"--lr-smf {smf.get('lr_smf')} --lr-full {smf.get('lr_full')}` ({_env(smf)}; base {smf['ckpt']}, "
+              f"{smf['facts']} new facts, batch 8 statements per step, base SOTU val bpb {smf['base_bpb']:.4f} on 10k "
+              "tokens; a curve stops at fact_acc 1.0)", "",
               "| method | step | fact_acc | SOTU bpb | forgetting (bpb increase) |", "|---|---|---|---|---|"]
         for k, pts in smf["curves"].items():
-            for p in pts:
-                L.append(f"| {k} | {p['step']} | {p['fact_acc']:.3f} | {p['bpb']:.4f} | {100 * p['forgetting']:+.2f}% |")
+            for q in pts:
+                L.append(f"| {k} | {q['step']} | {q['fact_acc']:.3f} | {q['bpb']:.4f} | {100 * q['forgetting']:+.2f}% |")
         if "at_equal_accuracy" in smf:
             L.append(f"\nAt equal new-fact accuracy {smf['equal_accuracy']:.3f} (the lower of the two curves' best): " + "; ".join(
-                f"{k}: forgetting {100 * p['forgetting']:+.2f}% (step {p['step']:.0f}"
-                f"{', interpolated between evaluations' if p.get('interpolated') else ''})"
-                for k, p in smf["at_equal_accuracy"].items()) + " (paper: -11% vs -89% held-out F1).")
-        if (OUT / "claim_smf.png").exists():
-            L += ["", "![forgetting vs accuracy](sparse/claim_smf.png)"]
-        L.append("")
+                f"{k}: forgetting {100 * q['forgetting']:+.2f}% (step {q['step']:.0f}"
+                f"{', interpolated between evaluations' if q.get('interpolated') else ''})"
+                for k, q in smf["at_equal_accuracy"].items()) + " (paper: -11% vs -89% held-out F1).")
+        if (OUT / f"claim_smf{tag}.png").exists():
+            L += ["", f"![forgetting vs accuracy](sparse/claim_smf{tag}.png)"]
+    L.append("")
     if (OUT / "claim_smf_notes.md").exists():
         L += [(OUT / "claim_smf_notes.md").read_text().strip(), ""]
     (REPO / "docs" / "benchmarks" / "sparse.md").write_text("\n".join(L) + "\n")
