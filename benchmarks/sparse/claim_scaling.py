@@ -64,6 +64,8 @@ def merge() -> None:
     base = json.loads((OUT / "claim_scaling.json").read_text()) if (OUT / "claim_scaling.json").exists() else parts[0]
     runs = {r["name"]: r for r in base["runs"]}
     for p in parts:
+        if p["steps"] != base["steps"] or p.get("batch") != base.get("batch"):
+            continue                     # a different training length is a different experiment
         runs.update({r["name"]: r for r in p["runs"]})
     base["runs"] = sorted(runs.values(), key=lambda r: (r["name"] != "plain", r["rows_per_head"]))
     write_json("claim_scaling", base)

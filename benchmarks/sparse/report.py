@@ -94,6 +94,15 @@ def main() -> None:
         if "loglinear_slope_bpb_per_e" in sc:
             L.append(f"\nLog-linear fit over the multi-row tables: {sc['loglinear_slope_bpb_per_e']:.4f} bpb per e-fold of slots.")
         L += ["", "![slots vs bpb](sparse/claim_scaling.png)", ""]
+    lg = _load("claim_scaling_long")
+    if lg:
+        L += [f"Longer training, same configuration: `claim_scaling.py --steps {lg['steps']} --rows "
+              f"{','.join(str(r['rows_per_head']) for r in lg['runs'] if r['rows_per_head'])} --tag _long --save runs/claims_long` "
+              f"({_env(lg)}; {lg['tokens']:,} training tokens per cell)", "",
+              "| model | table slots | table params | active params | SOTU val bpb |", "|---|---|---|---|---|"]
+        for r in lg["runs"]:
+            L.append(f"| {r['name']} | {r['slots']:,} | {r['table_params']:,} | {r['active_params']:,} | {r['bpb']:.4f} |")
+        L.append("")
     if (OUT / "claim_scaling_notes.md").exists():
         L += [(OUT / "claim_scaling_notes.md").read_text().strip(), ""]
     L += ["### Tables switched off: factual recall vs in-context (Engram §6.3)", "",
