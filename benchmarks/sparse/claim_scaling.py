@@ -4,14 +4,14 @@ does not help (gains come from capacity, cf. Engram issue #24).
 
     .venv/bin/python benchmarks/sparse/claim_scaling.py [--steps 200] [--rows 1,64,512,4096,32768]
 
-Writes docs/benchmarks/sparse/claim_scaling.json and claim_scaling.png. Measures; asserts nothing.
+Writes docs/benchmarks/sparse/claim_scaling.json and docs/benchmarks/img/sparse_claim_scaling.png. Measures; asserts nothing.
 """
 from __future__ import annotations
 
 import argparse
 import math
 
-from common import OUT, backbone, matched_plain, train_cell, write_json
+from common import IMG, OUT, backbone, matched_plain, train_cell, write_json
 from memstack.config import ModelConfig
 from memstack.evals.lm import LMTaskConfig
 from memstack.memory.sparse.config import EngramConfig
@@ -90,7 +90,8 @@ def plot(results: dict) -> None:
     ax.set_title(f"Engram slots vs loss ({results['tokens'] / 1e6:.2f}M train tokens, CPU)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(OUT / "claim_scaling.png", dpi=120)
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMG / "sparse_claim_scaling.png", dpi=120)
     # log-linear fit over the multi-row tables
     pts = [(math.log(r["slots"]), r["bpb"]) for r in eng if r["rows_per_head"] > 1]
     if len(pts) >= 2:

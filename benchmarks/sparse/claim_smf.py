@@ -11,7 +11,7 @@ Then compares the bpb increase at the highest accuracy both reach.
 
     .venv/bin/python benchmarks/sparse/claim_smf.py [--ckpt runs/claims/engram_r4096] [--steps 150]
 
-Writes docs/benchmarks/sparse/claim_smf.json. Measures; asserts nothing.
+Writes docs/benchmarks/sparse/claim_smf<tag>.json and docs/benchmarks/img/sparse_claim_smf<tag>.png. Measures; asserts nothing.
 """
 from __future__ import annotations
 
@@ -123,10 +123,11 @@ def plot(out: dict, tag: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common import OUT
+    from common import IMG
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    labels = {"smf": f"sparse memory finetuning (rows only, top-{out['top_t']})", "full": "full finetuning"}
+    sel = f"top-{out['top_t']}" if out["top_t"] else "every touched row"
+    labels = {"smf": f"sparse memory finetuning (rows only, {sel})", "full": "full finetuning"}
     for k, pts in out["curves"].items():
         ax.plot([p["fact_acc"] for p in pts], [100 * p["forgetting"] for p in pts], "o-", label=labels.get(k, k))
     ax.set_xlabel("new-fact accuracy (closed book)")
@@ -134,7 +135,8 @@ def plot(out: dict, tag: str = "") -> None:
     ax.set_title(f"Learning {out['facts']} new facts: forgetting vs accuracy (CPU)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(OUT / f"claim_smf{tag}.png", dpi=110)
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMG / f"sparse_claim_smf{tag}.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from common import OUT, REPO
+from common import IMG, OUT, REPO
 
 
 def _load(name: str) -> dict | None:
@@ -93,7 +93,7 @@ def main() -> None:
                      f"{r['active_params']:,} | {r['bpb']:.4f} |")
         if "loglinear_slope_bpb_per_e" in sc:
             L.append(f"\nLog-linear fit over the multi-row tables: {sc['loglinear_slope_bpb_per_e']:.4f} bpb per e-fold of slots.")
-        L += ["", "![slots vs bpb](sparse/claim_scaling.png)", ""]
+        L += ["", "![slots vs bpb](img/sparse_claim_scaling.png)", ""]
     lg = _load("claim_scaling_long")
     if lg:
         L += [f"Longer training, same configuration: `claim_scaling.py --steps {lg['steps']} --rows "
@@ -144,8 +144,8 @@ def main() -> None:
                 f"{k}: forgetting {100 * q['forgetting']:+.2f}% (step {q['step']:.0f}"
                 f"{', interpolated between evaluations' if q.get('interpolated') else ''})"
                 for k, q in smf["at_equal_accuracy"].items()) + " (paper: -11% vs -89% held-out F1).")
-        if (OUT / f"claim_smf{tag}.png").exists():
-            L += ["", f"![forgetting vs accuracy](sparse/claim_smf{tag}.png)"]
+        if (IMG / f"sparse_claim_smf{tag}.png").exists():
+            L += ["", f"![forgetting vs accuracy](img/sparse_claim_smf{tag}.png)"]
     L.append("")
     if (OUT / "claim_smf_notes.md").exists():
         L += [(OUT / "claim_smf_notes.md").read_text().strip(), ""]
