@@ -38,24 +38,35 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--facts", type=int, default=200, help="closed-book facts to memorise")
+    ap.add_argument("--rows", type=int, default=4093, help="Engram rows per head")
+    ap.add_argument("--icl-pairs", type=int, default=2, help="fresh pairs stated before an in-context query")
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain backbone reference")
+    ap.add_argument("--tag", default="", help="suffix of the result file and run directories")
+    ap.add_argument("--icl-frac", type=float, default=0.5, help="share of in-context training examples")
     args = ap.parse_args()
-    task = FactsTaskConfig(n_facts=200, seq_len=128, icl_frac=0.5, n_train=20000, n_icl_test=200)
+    task = FactsTaskConfig(n_facts=args.facts, seq_len=128, icl_frac=args.icl_frac, icl_pairs=args.icl_pairs,
+                           n_train=20000, n_icl_test=200)
     train = TrainConfig(lr=args.lr, warmup_steps=20, max_steps=args.steps, batch_size=args.batch, log_every=100, progress=False)
     bb = backbone(seg_len=128)
-    eng = EngramConfig(layers=(0,), orders=(2, 3), heads=4, head_dim=8, rows_per_head=4093, tokenizer="bpe512")
-    res = {"steps": args.steps, "lr": args.lr, "batch": args.batch, "task": task.__dict__, "runs": {}}
-    plain_model, rec, secs = train_cell(ModelConfig(bb, ()), task, train, out_dir=Path("runs/claims/facts_plain"))
-    res["runs"]["plain"] = {**rec["eval"], "seconds": secs}
-    print("plain", res["runs"]["plain"], flush=True)
-    model, rec, secs = train_cell(ModelConfig(bb, (eng,)), task, train, out_dir=Path("runs/claims/facts_engram"))
-    res["runs"]["engram"] = {**rec["eval"], "seconds": secs}
+    eng = EngramConfig(layers=(0,), orders=(2, 3), heads=4, head_dim=8, rows_per_head=args.rows, tokenizer="bpe512")
+    res = {"steps": args.steps, "lr": args.lr, "batch": args.batch, "task": task.__dict__, "rows_per_head": args.rows,
+           "d_model": bb.d_model, "n_layers": bb.n_layers, "runs": {}}
+    if not args.no_plain:
+        plain_model, rec, secs = train_cell(ModelConfig(bb, ()), task, train, out_dir=Path(f"runs/claims/facts{args.tag}_plain"))
+        res["runs"]["plain"] = {**rec["eval"], "seconds": secs, "params": plain_model.num_params()}
+        print("plain", res["runs"]["plain"], flush=True)
+        write_json("claim_facts" + args.tag, res)
+    model, rec, secs = train_cell(ModelConfig(bb, (eng,)), task, train, out_dir=Path(f"runs/claims/facts{args.tag}_engram"))
+    table = sum(p.numel() for n, p in model.named_parameters() if n.endswith("table.weight"))
+    res["runs"]["engram"] = {**rec["eval"], "seconds": secs, "params": model.num_params(), "table_params": table}
     t = build_task(task, bb.seg_len)
-    res["runs"]["engram_tables_off"] = t.evaluate(without_memories(model))
+    res["runs"]["engram_tables_off"] = {**t.evaluate(without_memories(model)), "params": model.num_params() - table}
     for k in ("fact_acc", "icl_acc"):
         on, off = res["runs"]["engram"][k], res["runs"]["engram_tables_off"][k]
         res[f"{k}_retained"] = off / on if on > 0 else None
     print(res, flush=True)
-    write_json("claim_facts", res)
+    write_json("claim_facts" + args.tag, res)
 
 
 if __name__ == "__main__":

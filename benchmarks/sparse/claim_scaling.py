@@ -4,14 +4,14 @@ does not help (gains come from capacity, cf. Engram issue #24).
 
     .venv/bin/python benchmarks/sparse/claim_scaling.py [--steps 200] [--rows 1,64,512,4096,32768]
 
-Writes docs/benchmarks/sparse/claim_scaling.json and claim_scaling.png. Measures; asserts nothing.
+Writes docs/benchmarks/sparse/claim_scaling.json and docs/benchmarks/img/sparse_claim_scaling.png. Measures; asserts nothing.
 """
 from __future__ import annotations
 
 import argparse
 import math
 
-from common import OUT, backbone, matched_plain, train_cell, write_json
+from common import IMG, OUT, backbone, matched_plain, train_cell, write_json
 from memstack.config import ModelConfig
 from memstack.evals.lm import LMTaskConfig
 from memstack.memory.sparse.config import EngramConfig
@@ -46,7 +46,7 @@ def main() -> None:
 
     for name, mc, r in cells:
         model, rec, secs = train_cell(mc, task, train, out_dir=Path(args.save) / name)
-        table = sum(p.numel() for n, p in model.named_parameters() if n.endswith("table.weight"))
+        table = sum(p.numel() for n, p in model.named_parameters() if n.endswith("table.weight"))  # slots: rows over all heads (head_dim 8)
         row = {"name": name, "rows_per_head": r, "slots": table // 8 if r else 0, "table_params": table,
                "params": model.num_params(), "active_params": model.num_params() - table, "bpb": rec["eval"]["bpb"],
                "train_loss": rec["loss"], "seconds": secs}
@@ -64,6 +64,8 @@ def merge() -> None:
     base = json.loads((OUT / "claim_scaling.json").read_text()) if (OUT / "claim_scaling.json").exists() else parts[0]
     runs = {r["name"]: r for r in base["runs"]}
     for p in parts:
+        if p["steps"] != base["steps"] or p.get("batch") != base.get("batch"):
+            continue                     # a different training length is a different experiment
         runs.update({r["name"]: r for r in p["runs"]})
     base["runs"] = sorted(runs.values(), key=lambda r: (r["name"] != "plain", r["rows_per_head"]))
     write_json("claim_scaling", base)
@@ -79,7 +81,7 @@ def plot(results: dict) -> None:
     eng = [r for r in results["runs"] if r["name"] != "plain"]
     plain = next(r for r in results["runs"] if r["name"] == "plain")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    xs = [r["slots"] * 8 for r in eng]
+    xs = [r["slots"] for r in eng]
     ax.plot(xs, [r["bpb"] for r in eng], "o-", label="Engram (2+3-grams, 8 heads)")
     ax.axhline(plain["bpb"], color="gray", ls="--", label="plain backbone, equal active params")
     ax.set_xscale("log")
@@ -88,9 +90,10 @@ def plot(results: dict) -> None:
     ax.set_title(f"Engram slots vs loss ({results['tokens'] / 1e6:.2f}M train tokens, CPU)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(OUT / "claim_scaling.png", dpi=120)
+    IMG.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMG / "sparse_claim_scaling.png", dpi=120)
     # log-linear fit over the multi-row tables
-    pts = [(math.log(r["slots"] * 8), r["bpb"]) for r in eng if r["rows_per_head"] > 1]
+    pts = [(math.log(r["slots"]), r["bpb"]) for r in eng if r["rows_per_head"] > 1]
     if len(pts) >= 2:
         n = len(pts)
         mx, my = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n

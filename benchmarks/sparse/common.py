@@ -19,6 +19,7 @@ from memstack.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "docs" / "benchmarks" / "sparse"
+IMG = REPO / "docs" / "benchmarks" / "img"           # plots: img/sparse_<name>.png
 
 
 def backbone(seg_len: int = 64, d_ff: int | None = None, vocab: int = 512) -> BackboneConfig:

@@ -173,10 +173,24 @@ def main() -> None:
     ap.add_argument("--only", default="train_step,gather,generation,online")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    res = {"threads": 1, "gpu": "not measured yet (no GPU in this task): Triton gather kernel vs index_select and vs "
-           "the HBM bandwidth limit; host-offloaded generation over PCIe"}
+    import json
+
+    from common import OUT
+
+    # sections not re-run keep their earlier figures (with the date and git SHA they were taken at)
+    old = json.loads((OUT / "perf.json").read_text()) if (OUT / "perf.json").exists() else {}
+    res = {k: v for k, v in old.items() if k not in ("env", "date")}
+    for k in ("train_step", "gather", "generation", "online"):
+        if k in res and f"{k}_taken" not in res:
+            res[f"{k}_taken"] = {"date": old.get("date"), "git_sha": old.get("env", {}).get("git_sha"), "quick": None}
+    res.update({"threads": 1, "gpu": "not measured yet (no GPU in this task): Triton gather kernel vs index_select and vs "
+                "the HBM bandwidth limit; host-offloaded generation over PCIe"})
+    from memstack.evals.bench import environment
+
     for name in args.only.split(","):
         res[name] = globals()[name](args.quick)
+        res[f"{name}_taken"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": args.quick,
+                                "git_sha": environment(torch.device("cpu"))["git_sha"]}
         write_json("perf", res)
 
 
