@@ -130,6 +130,12 @@ def train_one(name: str, steps: int | None, out: Path) -> dict:
     t0 = time.time()
     tr.fit()
     wall = time.time() - t0
+    curve = [{k: r[k] for k in ("step", "loss", "segments")} for r in tr.history]
+    return finish(name, model, task, task_cfg, tcfg, curve, wall, out, " ".join(["python"] + sys.argv))
+
+
+def finish(name, model, task, task_cfg, tcfg, curve, wall, out: Path, command: str) -> dict:
+    """Evaluate a trained model (memory on, memory zeroed) and write <out>/<name>.json."""
     model.eval()
     with torch.no_grad():
         metrics = task.evaluate(model)
@@ -141,15 +147,45 @@ def train_one(name: str, steps: int | None, out: Path) -> dict:
         "backbone": dataclasses.asdict(model.cfg.backbone), "params": model.num_params(),
         "memory_params": sum(p.numel() for p in mem.parameters()),
         "state_size": model.memory.state_size(0), "metrics": metrics, "metrics_memory_zeroed": zeroed,
-        "curve": [{k: r[k] for k in ("step", "loss", "segments")} for r in tr.history],
-        "wall_s": wall, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "curve": curve, "wall_s": wall, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
                    "2 CPU cores shared with other jobs", "torch": torch.__version__,
-        "command": " ".join(["python"] + sys.argv),
+        "command": command,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(rec, indent=1))
     return rec
+
+
+def evaluate_saved(name: str, out: Path) -> dict:
+    """Evaluate a run whose training finished (final checkpoint under runs/claims/<run>/ckpt) but
+    whose evaluation did not: the curve and wall time come from its log.jsonl, the training
+    config from the checkpoint; the record says so in `command`."""
+    from memstack.checkpoint import load_checkpoint
+    from memstack.evals.task import build_task
+    from memstack.train.config import TrainConfig
+    from memstack.train.trainer import resolve_step_dir
+
+    run = RUNS[name]
+    root = REPO / "runs" / "claims" / name
+    step_dir = resolve_step_dir(root / "ckpt")
+    model, _ = load_checkpoint(step_dir)
+    tj = json.loads((step_dir / "trainer.json").read_text())
+    t = tj["train"]
+    t = {**t, "betas": tuple(t["betas"]), "curriculum": tuple(tuple(c) for c in t["curriculum"])}
+    tcfg = TrainConfig(**t)
+    if tj["step"] != tcfg.max_steps:
+        raise SystemExit(f"{name}: checkpoint at step {tj['step']}, training asked for {tcfg.max_steps}: not finished")
+    log = [json.loads(line) for line in (root / "log.jsonl").read_text().splitlines() if line.strip()]
+    # the log appends across restarts: keep the last run (from its last step-50 record on)
+    start = max(i for i, r in enumerate(log) if r["step"] == log[0]["step"])
+    log = log[start:]
+    curve = [{k: r[k] for k in ("step", "loss", "segments")} for r in log]
+    task_cfg = run["task"]()
+    task = build_task(task_cfg, run["seg_len"])
+    cmd = (f"python benchmarks/learned/claims.py --run {name} --steps {tcfg.max_steps} (training; evaluation "
+           f"from its final checkpoint: python benchmarks/learned/claims.py --evaluate {name})")
+    return finish(name, model, task, task_cfg, tcfg, curve, log[-1]["elapsed_s"], out, cmd)
 
 
 def by_pairs(name: str, out: Path, pairs=(1, 2, 4, 8, 16)) -> dict:
@@ -243,11 +279,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="override the run's steps (the curriculum scales along)")
     ap.add_argument("--out", default=str(OUT), help="where the JSON results go")
     ap.add_argument("--report", action="store_true", help="print the table and write the plot")
+    ap.add_argument("--evaluate", metavar="RUN", help="evaluate a run whose training finished (its final checkpoint)")
     ap.add_argument("--by-pairs", metavar="RUN", help="re-evaluate a finished segment_ar run at 1..16 pairs")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.run:
         rec = train_one(args.run, args.steps, Path(args.out))
+        print(json.dumps({k: rec[k] for k in ("run", "params", "metrics", "metrics_memory_zeroed", "wall_s")}, indent=1))
+    if args.evaluate:
+        rec = evaluate_saved(args.evaluate, Path(args.out))
         print(json.dumps({k: rec[k] for k in ("run", "params", "metrics", "metrics_memory_zeroed", "wall_s")}, indent=1))
     if args.by_pairs:
         print(json.dumps(by_pairs(args.by_pairs, Path(args.out)), indent=1))
