@@ -65,6 +65,11 @@ RUNS = {
     # claim 1 on passkey: trained on 256 tokens = 4 segments of 64, evaluated up to 1024 = 16 segments
     "passkey_rmt": dict(memory=RMT, task=passkey_task, seg_len=64, batch=16, steps=1500, n_segments=4),
     "passkey_armt": dict(memory=ARMT, task=passkey_task, seg_len=64, batch=16, steps=1500, n_segments=4),
+    # claim 1 at N = 2 pair segments (a length the short runs can learn), evaluated to 8 pairs (4x)
+    "segar2_rmt": dict(memory=RMT, task=lambda: segar(False, eval_pairs=(8,), num_pairs=2), seg_len=16, batch=32,
+                       steps=1500, curriculum=((0, 1), (500, 2)), min_segments=1),
+    "segar2_armt": dict(memory=ARMT, task=lambda: segar(False, eval_pairs=(8,), num_pairs=2), seg_len=16, batch=32,
+                        steps=1500, curriculum=((0, 1), (500, 2)), min_segments=1),
     # claim 3 (the memory is used) for Infini-attention and HMT: short runs on 1 -> 2 pair segments,
     # evaluated at 2 pairs (trained) with and without the memory (RMT/ARMT: from the runs above)
     "ablate_infini": dict(memory=("infini", {}), task=lambda: segar(False, eval_pairs=(1,), num_pairs=2), seg_len=16,
