@@ -76,6 +76,10 @@ RUNS = {
                           batch=32, steps=1500, curriculum=((0, 1), (750, 2)), min_segments=1),
     "ablate_hmt": dict(memory=("hmt", {}), task=lambda: segar(False, eval_pairs=(1,), num_pairs=2), seg_len=16,
                        batch=32, steps=1500, curriculum=((0, 1), (750, 2)), min_segments=1),
+    # HMT without its sensory memory (k = 0): the run above stayed at chance; with k = 0 and one
+    # past segment HMT computes what a one-token RMT computes
+    "ablate_hmt_k0": dict(memory=("hmt", {"n_sensory": 0}), task=lambda: segar(False, eval_pairs=(1,), num_pairs=2),
+                          seg_len=16, batch=32, steps=1500, curriculum=((0, 1), (750, 2)), min_segments=1),
     # diagnostic for HMT (one memory token): RMT with a single memory token on the same schedule
     "diag_rmt1": dict(memory=("rmt", {"n_tokens": 1}), task=lambda: segar(False, eval_pairs=(1,), num_pairs=2),
                       seg_len=16, batch=32, steps=1500, curriculum=((0, 1), (750, 2)), min_segments=1),
