@@ -251,13 +251,15 @@ def report(out: Path) -> str:
     L = []
     head = lambda r: f"{r['params']:,} | {r['state_size']:,} | {r['train']['max_steps']} | {r['wall_s'] / 60:.0f} min"  # noqa: E731
     pairs = (1, 2, 4, 8, 16)
-    L += ["**Claim 1a -- segment-level associative retrieval, trained on 1 -> 2 -> 4 pair segments, evaluated to 16 "
-          "(4x).** Answer accuracy, memory zeroed in brackets; chance = 1/16 = 0.0625.", "",
-          "| run | params | state (floats) | steps | train wall | " + " | ".join(f"{p} pair{'s' * (p > 1)}" for p in pairs) + " |",
-          "|---|---|---|---|---|" + "---|" * len(pairs)]
-    for n in ("segar_rmt", "segar_armt"):
+    L += ["**Claim 1a -- segment-level associative retrieval, trained with a curriculum up to N pair segments "
+          "(+ the query segment), evaluated at 1..16 pairs.** Answer accuracy, memory zeroed in brackets; chance = "
+          "1/16 = 0.0625.", "",
+          "| run | N (4N) | params | state (floats) | steps | train wall | " + " | ".join(f"{p} pair{'s' * (p > 1)}" for p in pairs) + " |",
+          "|---|---|---|---|---|---|" + "---|" * len(pairs)]
+    for n in ("segar2_rmt", "segar2_armt", "segar_rmt", "segar_armt"):
         if n in recs:
-            L.append(f"| {n} | {head(recs[n])} | {_pairs_row(recs[n], pairs)} |")
+            N = max(c for _, c in recs[n]["train"]["curriculum"])
+            L.append(f"| {n} | {N} ({4 * N}) | {head(recs[n])} | {_pairs_row(recs[n], pairs)} |")
     L += ["", "**Claim 1b -- passkey retrieval, trained on 256 tokens (4 segments of 64), evaluated to 1024 (16 "
           "segments).** Exact match of the 5-digit key over depths 0 / 0.5 / 1, memory zeroed in brackets.", "",
           "| run | params | state (floats) | steps | train wall | 256 (trained) | 512 | 1024 (4x) | final train loss |",
@@ -278,17 +280,27 @@ def report(out: Path) -> str:
             L.append(f"| {n} | {head(recs[n])} | {_pairs_row(recs[n], pairs)} |")
     L += ["", "**Claim 3 -- zeroing the memory at evaluation** (state reset before every segment).", "",
           "| memory | run (task, length) | accuracy | memory zeroed | drop |", "|---|---|---|---|---|"]
-    for mem, n, key, what in (("rmt", "segar_rmt", "1", "segment_ar, 1 pair"), ("armt", "segar_armt", "1", "segment_ar, 1 pair"),
+    for mem, n, key, what in (("rmt", "segar_rmt", "1", "segment_ar, 1 pair"),
+                              ("rmt (1 token)", "diag_rmt1", "1", "segment_ar, 1 pair"),
+                              ("rmt (1 token)", "diag_rmt1", "2", "segment_ar, 2 pairs"),
+                              ("armt", "segar_armt", "1", "segment_ar, 1 pair"),
+                              ("armt", "segar2_armt", "2", "segment_ar, 2 pairs"),
                               ("armt", "segar_rw_armt", "4", "segment_ar rewrite, 4 pairs"),
-                              ("infini", "ablate_infini", None, "segment_ar, 2 pairs"),
-                              ("hmt", "ablate_hmt", None, "segment_ar, 2 pairs")):
+                              ("infini", "ablate_infini", "1", "segment_ar, 1 pair"),
+                              ("infini", "ablate_infini", "2", "segment_ar, 2 pairs"),
+                              ("hmt", "ablate_hmt", "1", "segment_ar, 1 pair"),
+                              ("hmt", "ablate_hmt", "2", "segment_ar, 2 pairs"),
+                              ("hmt, k = 0", "ablate_hmt_k0", "1", "segment_ar, 1 pair"),
+                              ("hmt, k = 0", "ablate_hmt_k0", "2", "segment_ar, 2 pairs")):
         if n not in recs:
             continue
         r = recs[n]
-        if key is not None:
+        if "by_pairs" in r:
             a, z = r["by_pairs"][key]["acc"], r["by_pairs"][key]["acc_memory_zeroed"]
-        else:
+        elif key == str(r["task_config"]["num_pairs"]):
             a, z = r["metrics"]["acc"], r["metrics_memory_zeroed"]["acc"]
+        else:
+            a, z = r["metrics"][f"acc@{key}"], r["metrics_memory_zeroed"][f"acc@{key}"]
         L.append(f"| {mem} | {n} ({what}) | {a:.3f} | {z:.3f} | {a - z:+.3f} |")
 
     img = out.parent / "img"
