@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import re
 import sys
 import time
 from datetime import datetime, timezone
@@ -76,6 +77,9 @@ RUNS = {
                           batch=32, steps=1500, curriculum=((0, 1), (750, 2)), min_segments=1),
     "ablate_hmt": dict(memory=("hmt", {}), task=lambda: segar(False, eval_pairs=(1,), num_pairs=2), seg_len=16,
                        batch=32, steps=1500, curriculum=((0, 1), (750, 2)), min_segments=1),
+    # Infini-attention learned late (from step ~700) in ablate_infini: the same run, twice as long
+    "ablate_infini_3k": dict(memory=("infini", {}), task=lambda: segar(False, eval_pairs=(1,), num_pairs=2), seg_len=16,
+                             batch=32, steps=3000, curriculum=((0, 1), (1500, 2)), min_segments=1),
     # HMT without its sensory memory (k = 0): the run above stayed at chance; with k = 0 and one
     # past segment HMT computes what a one-token RMT computes
     "ablate_hmt_k0": dict(memory=("hmt", {"n_sensory": 0}), task=lambda: segar(False, eval_pairs=(1,), num_pairs=2),
@@ -107,7 +111,13 @@ class ZeroedMemory(nn.Module):
         return self.inner(tokens, state, Step(reset=reset, seg_start=True, seg_end=True))
 
 
-def build(run: dict, vocab: int):
+def split_name(name: str) -> tuple[str, int]:
+    """'<run>' -> (run, seed 0); '<run>_s<k>' -> (run, seed k): the same run with another seed."""
+    m = re.fullmatch(r"(.+)_s(\d+)", name)
+    return (m.group(1), int(m.group(2))) if m and m.group(1) in RUNS else (name, 0)
+
+
+def build(run: dict, vocab: int, seed: int = 0):
     from memstack.backbone.model import build_model
     from memstack.config import BackboneConfig, ModelConfig
     from memstack.registry import memory_config
@@ -115,7 +125,7 @@ def build(run: dict, vocab: int):
     def make(mem, d_ff=None):
         bb = BackboneConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, seg_len=run["seg_len"],
                             d_ff=d_ff)
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         return build_model(ModelConfig(bb, (memory_config(mem[0], **mem[1]),)))
 
     model = make(run["memory"])
@@ -127,7 +137,7 @@ def build(run: dict, vocab: int):
     return model
 
 
-def train_one(name: str, steps: int | None, out: Path) -> dict:
+def train_one(name: str, steps: int | None, out: Path, seed: int = 0) -> dict:
     from memstack.evals.task import build_task
     from memstack.train.config import TrainConfig
     from memstack.train.trainer import Trainer
@@ -135,16 +145,17 @@ def train_one(name: str, steps: int | None, out: Path) -> dict:
     run = RUNS[name]
     task_cfg = run["task"]()
     task = build_task(task_cfg, run["seg_len"])
-    model = build(run, task_cfg.vocab_size())
+    model = build(run, task_cfg.vocab_size(), seed)
+    name = name if seed == 0 else f"{name}_s{seed}"
     steps = steps or run["steps"]
     scale = steps / run["steps"]
     curriculum = tuple((int(s * scale), n) for s, n in run.get("curriculum", ()))
     tcfg = TrainConfig(lr=1e-3, warmup_steps=max(1, steps // 20), max_steps=steps, batch_size=run["batch"],
                        n_segments=run.get("n_segments", 1), curriculum=curriculum, vary_segments=bool(curriculum),
                        min_segments=run.get("min_segments", 1), bptt="full", weight_decay=0.01, log_every=50,
-                       progress=True, seed=0)
+                       progress=True, seed=seed)
     ckpt = REPO / "runs" / "claims" / name
-    tr = Trainer(model, tcfg, task.train_source(run["batch"], 0), out_dir=ckpt)
+    tr = Trainer(model, tcfg, task.train_source(run["batch"], seed), out_dir=ckpt)
     t0 = time.time()
     tr.fit()
     wall = time.time() - t0
@@ -217,7 +228,7 @@ def by_pairs(name: str, out: Path, pairs=(1, 2, 4, 8, 16)) -> dict:
     rec = json.loads(rec_path.read_text())
     model, _ = load_checkpoint(resolve_step_dir(REPO / "runs" / "claims" / name / "ckpt"))
     model.eval()
-    run = RUNS[name]
+    run = RUNS[split_name(name)[0]]
     base = run["task"]()
     pairs = [p for p in pairs if not (base.rewrite and p < 2)]
     task = build_task(dataclasses.replace(base, eval_pairs=tuple(pairs)), run["seg_len"])
@@ -247,7 +258,7 @@ def report(out: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.stem in RUNS}
+    recs = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if split_name(p.stem)[0] in RUNS}
     L = []
     head = lambda r: f"{r['params']:,} | {r['state_size']:,} | {r['train']['max_steps']} | {r['wall_s'] / 60:.0f} min"  # noqa: E731
     pairs = (1, 2, 4, 8, 16)
@@ -275,7 +286,7 @@ def report(out: Path) -> str:
           "brackets; chance 0.0625.", "",
           "| run | params | state (floats) | steps | train wall | " + " | ".join(f"{p} pairs" for p in pairs) + " |",
           "|---|---|---|---|---|" + "---|" * len(pairs)]
-    for n in ("segar_rw_rmt", "segar_rw_armt"):
+    for n in ("segar_rw_rmt", "segar_rw_armt", "segar_rw_rmt_s1", "segar_rw_armt_s1"):
         if n in recs:
             L.append(f"| {n} | {head(recs[n])} | {_pairs_row(recs[n], pairs)} |")
     L += ["", "**Claim 3 -- zeroing the memory at evaluation** (state reset before every segment).", "",
@@ -288,6 +299,8 @@ def report(out: Path) -> str:
                               ("armt", "segar_rw_armt", "4", "segment_ar rewrite, 4 pairs"),
                               ("infini", "ablate_infini", "1", "segment_ar, 1 pair"),
                               ("infini", "ablate_infini", "2", "segment_ar, 2 pairs"),
+                              ("infini (3,000 steps)", "ablate_infini_3k", "1", "segment_ar, 1 pair"),
+                              ("infini (3,000 steps)", "ablate_infini_3k", "2", "segment_ar, 2 pairs"),
                               ("hmt", "ablate_hmt", "1", "segment_ar, 1 pair"),
                               ("hmt", "ablate_hmt", "2", "segment_ar, 2 pairs"),
                               ("hmt, k = 0", "ablate_hmt_k0", "1", "segment_ar, 1 pair"),
@@ -339,6 +352,7 @@ def report(out: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", choices=sorted(RUNS), help="train and evaluate one run")
+    ap.add_argument("--seed", type=int, default=0, help="another seed (init, data order): recorded as <run>_s<seed>")
     ap.add_argument("--steps", type=int, help="override the run's steps (the curriculum scales along)")
     ap.add_argument("--out", default=str(OUT), help="where the JSON results go")
     ap.add_argument("--report", action="store_true", help="print the table and write the plot")
@@ -347,7 +361,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.run:
-        rec = train_one(args.run, args.steps, Path(args.out))
+        rec = train_one(args.run, args.steps, Path(args.out), args.seed)
         print(json.dumps({k: rec[k] for k in ("run", "params", "metrics", "metrics_memory_zeroed", "wall_s")}, indent=1))
     if args.evaluate:
         rec = evaluate_saved(args.evaluate, Path(args.out))
