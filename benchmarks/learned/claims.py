@@ -71,6 +71,9 @@ RUNS = {
                        steps=1500, curriculum=((0, 1), (500, 2)), min_segments=1),
     "segar2_armt": dict(memory=ARMT, task=lambda: segar(False, eval_pairs=(8,), num_pairs=2), seg_len=16, batch=32,
                         steps=1500, curriculum=((0, 1), (500, 2)), min_segments=1),
+    # the same, longer: 3,000 steps, two thirds of them on up to 2 pairs (ARMT only, for time)
+    "segar2_armt_3k": dict(memory=ARMT, task=lambda: segar(False, eval_pairs=(8,), num_pairs=2), seg_len=16, batch=32,
+                           steps=3000, curriculum=((0, 1), (1000, 2)), min_segments=1),
     # claim 3 (the memory is used) for Infini-attention and HMT: short runs on 1 -> 2 pair segments,
     # evaluated at 2 pairs (trained) with and without the memory (RMT/ARMT: from the runs above)
     "ablate_infini": dict(memory=("infini", {}), task=lambda: segar(False, eval_pairs=(1,), num_pairs=2), seg_len=16,
@@ -267,7 +270,7 @@ def report(out: Path) -> str:
           "1/16 = 0.0625.", "",
           "| run | N (4N) | params | state (floats) | steps | train wall | " + " | ".join(f"{p} pair{'s' * (p > 1)}" for p in pairs) + " |",
           "|---|---|---|---|---|---|" + "---|" * len(pairs)]
-    for n in ("segar2_rmt", "segar2_armt", "segar_rmt", "segar_armt"):
+    for n in ("segar2_rmt", "segar2_armt", "segar2_armt_3k", "segar_rmt", "segar_armt"):
         if n in recs:
             N = max(c for _, c in recs[n]["train"]["curriculum"])
             L.append(f"| {n} | {N} ({4 * N}) | {head(recs[n])} | {_pairs_row(recs[n], pairs)} |")
