@@ -192,42 +192,60 @@ def run_cell(suite: SuiteConfig, mem: MemoryConfig, task_cfg: TaskConfig, lr: fl
     }
 
 
-def calibrate(suite: SuiteConfig, device: torch.device, tasks: list[Task]) -> tuple[float, list[float]]:
-    """The plain backbone's training tokens/s (a few timed steps on the first task) and one
-    evaluation's seconds per task (which also builds and caches each task's evaluation data)."""
+def calibrate(suite: SuiteConfig, device: torch.device, tasks: list[Task],
+              mems: list[MemoryConfig]) -> tuple[float, list[float], list[float]]:
+    """What the suite's cells will cost, measured on this machine before any cell runs: the plain
+    backbone's training tokens/s (timed steps on the first task), one evaluation's seconds per
+    task (which also builds and caches each task's evaluation data), and each memory's slowdown
+    -- its training step time over the plain backbone's, both timed the same way -- so that slow
+    memories (retrieval, per-token recurrences) are budgeted for what they cost."""
     from memstack.memory.baseline import NoMemoryConfig
 
-    def plain(task: Task):
+    def model_for(task: Task, mem: MemoryConfig):
         backbone = dataclasses.replace(suite.backbone, vocab_size=task.cfg.vocab_size())
         torch.manual_seed(suite.seed)
-        return build_model(ModelConfig(backbone, (NoMemoryConfig(),))).to(device)
+        return build_model(ModelConfig(backbone, (mem,))).to(device)
 
-    model = plain(tasks[0])
-    tcfg = dataclasses.replace(suite.train, max_steps=8, warmup_steps=1, progress=False)
-    tr = Trainer(model, tcfg, tasks[0].train_source(suite.train.batch_size, suite.seed), dist=DistInfo(device=device))
-    for _ in range(3):
-        tr.train_step()
+    def trainer(mem: MemoryConfig) -> Trainer:
+        tcfg = dataclasses.replace(suite.train, max_steps=8, warmup_steps=1, progress=False)
+        return Trainer(model_for(tasks[0], mem), tcfg, tasks[0].train_source(suite.train.batch_size, suite.seed),
+                       dist=DistInfo(device=device))
+
+    def step_time(tr: Trainer, warm: int, timed: int) -> float:
+        for _ in range(warm):
+            tr.train_step()
+        t0 = time.perf_counter()
+        for _ in range(timed):
+            tr.train_step()
+        return (time.perf_counter() - t0) / max(timed, 1)
+
+    tr = trainer(NoMemoryConfig())
+    step_time(tr, 2, 0)
     t0, tok0 = time.perf_counter(), tr.tokens
-    for _ in range(5):
-        tr.train_step()
+    plain_step = step_time(tr, 0, 5)
     tps = (tr.tokens - tok0) / (time.perf_counter() - t0)
+    slowdowns = [1.0 if mem.kind == "none" else max(step_time(trainer(mem), 1, 2) / plain_step, 1.0) for mem in mems]
     evals = []
     for task in tasks:
-        m = plain(task).eval()
+        m = model_for(task, NoMemoryConfig()).eval()
         t0 = time.perf_counter()
         with torch.no_grad():
             task.evaluate(m)
         evals.append(time.perf_counter() - t0)
-    return tps, evals
+    return tps, evals, slowdowns
 
 
-MEMORY_OVERHEAD = 1.3   # memories train and evaluate up to ~1.3x slower than the plain backbone
+SAFETY = 1.15   # margin over the calibrated cost (timing noise; evaluations not exactly proportional to training)
 
 
-def fit_budget(suite: SuiteConfig, n_memories: int, tps: float, eval_s: list[float], remaining_s: float) -> int:
-    """Training tokens per cell so the whole suite fits in `remaining_s` seconds."""
-    runs = n_memories * len(suite.lrs)
-    train_s = remaining_s / MEMORY_OVERHEAD - runs * sum(eval_s)
+def fit_budget(suite: SuiteConfig, slowdowns: list[float], tps: float, eval_s: list[float], remaining_s: float) -> int:
+    """Training tokens per cell so the whole suite fits in `remaining_s` seconds, every memory
+    getting the same tokens. `slowdowns[m]` is memory m's measured step time over the plain
+    backbone's (`calibrate`), applied to its training and its evaluations alike; `tps` is the
+    plain backbone's training tokens/s and `eval_s` its evaluation seconds per task."""
+    runs = sum(slowdowns) * len(suite.lrs)                   # plain-backbone-equivalent runs
+    evals = sum(eval_s) * (2 if suite.ablate else 1)         # an ablated model is evaluated again
+    train_s = remaining_s / SAFETY - runs * evals
     return int(train_s * tps / (runs * len(eval_s)))
 
 
@@ -243,8 +261,8 @@ def run_suite(suite: SuiteConfig, out_dir: str | Path, progress: bool = True, lo
     tokens, scale = suite.tokens_per_cell, 1.0
     t_start = time.perf_counter()
     if suite.time_budget_s:
-        tps, eval_s = calibrate(suite, device, [t for _, t in tasks])
-        affordable = fit_budget(suite, len(mems), tps, eval_s, suite.time_budget_s - (time.perf_counter() - t_start))
+        tps, eval_s, slowdowns = calibrate(suite, device, [t for _, t in tasks], mems)
+        affordable = fit_budget(suite, slowdowns, tps, eval_s, suite.time_budget_s - (time.perf_counter() - t_start))
         min_tokens = 20 * suite.train.batch_size * suite.train.n_segments * suite.backbone.seg_len
         if affordable < min_tokens:
             from memstack.errors import ConfigError
@@ -257,6 +275,8 @@ def run_suite(suite: SuiteConfig, out_dir: str | Path, progress: bool = True, lo
             tokens = affordable
         log(f"calibration: plain backbone trains at {tps:,.0f} tok/s on {env['device']}; evaluations take "
             + ", ".join(f"{tc.kind} {t:.1f}s" for (tc, _), t in zip(tasks, eval_s))
+            + "; slowest memories " + ", ".join(f"{m.kind} {r:.1f}x" for r, m in sorted(
+                zip(slowdowns, mems), key=lambda p: -p[0])[:3])
             + f"; {n_cells} cells x {tokens:,} tokens (budget scale {scale:.3g})")
     records = []
     bar = None

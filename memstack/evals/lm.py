@@ -85,8 +85,13 @@ class LMTask(Task):
             docs = out
         return docs
 
+    @cached_property
+    def train_docs(self) -> list[np.ndarray]:
+        """The train split, tokenized once per task (every cell of a suite trains on it)."""
+        return self._docs("train")
+
     def train_source(self, rows: int, seed: int, rank: int = 0, world: int = 1) -> DocumentStream:
-        return DocumentStream(self._docs("train"), rows, self.seg_len, self.tokenizer.eot_id, seed=seed,
+        return DocumentStream(self.train_docs, rows, self.seg_len, self.tokenizer.eot_id, seed=seed,
                               rank=rank, world=world)
 
     @torch.no_grad()

@@ -53,8 +53,13 @@ class MQARTask(Task):
     def test(self):
         return self._data(self.cfg.n_test, self.cfg.seed + 1_000_003)
 
+    @cached_property
+    def train_data(self):
+        """The fixed training set, generated once per task (every cell of a suite trains on it)."""
+        return self._data(self.cfg.n_train, self.cfg.seed)
+
     def train_source(self, rows: int, seed: int, rank: int = 0, world: int = 1) -> ExampleSource:
-        d = self._data(self.cfg.n_train, self.cfg.seed)
+        d = self.train_data
         return ExampleSource(d.inputs, d.labels, rows, self.seg_len, seed=seed, rank=rank, world=world)
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:

@@ -81,6 +81,14 @@ class PasskeyTask(Task):
         return passkey_grid(self.tokenizer, filler_ids(self.tokenizer, c.eval_filler), c.lengths, c.depths,
                             c.per_cell, c.seed + 1_000_003, n_digits=c.n_digits)
 
+    @cached_property
+    def train_data(self):
+        """The fixed training set, generated once per task (deterministic by cfg.seed; every cell
+        of a suite trains on it)."""
+        c = self.cfg
+        return passkey(self.tokenizer, filler_ids(self.tokenizer, c.train_filler), c.n_train, c.train_len, None,
+                       c.seed, n_digits=c.n_digits)
+
     def train_source(self, rows: int, seed: int, rank: int = 0, world: int = 1):
         c = self.cfg
         if c.follow_curriculum:
@@ -93,8 +101,7 @@ class PasskeyTask(Task):
 
             return GeneratedSource(make, rows, self.seg_len, seed=seed, pad_id=self.tokenizer.eot_id, rank=rank,
                                    world=world)
-        d = passkey(self.tokenizer, filler_ids(self.tokenizer, c.train_filler), c.n_train, c.train_len, None,
-                    c.seed, n_digits=c.n_digits)
+        d = self.train_data
         return ExampleSource(d.inputs, d.labels, rows, self.seg_len, pad_id=self.tokenizer.eot_id, seed=seed,
                              rank=rank, world=world)
 

@@ -16,6 +16,7 @@ from memstack.evals import bench
 from memstack.evals.bench import SuiteConfig, best_of_sweep, run_suite
 from memstack.evals.lm import LMTaskConfig
 from memstack.evals.mqar import MQARTaskConfig
+from memstack.evals.task import build_task
 from memstack.evals.report import leaderboard_rows, text_table, write_report
 from memstack.memory.learned.config import XLConfig
 from memstack.registry import MEMORIES
@@ -187,33 +188,50 @@ def check_pngs(folder: Path, names: list[str]) -> None:
 
 
 def test_fit_budget_splits_time_between_training_and_evaluation():
-    """2 memories x 1 lr, 2 tasks whose evaluations take 1 s and 3 s, 100 s left, 1000 tok/s:
-    training gets 100/1.3 - 2*(1+3) = 68.92 s, shared by 2 runs x 2 tasks -> 17,230 tokens each."""
+    """2 memories (the plain backbone and one 3x slower) x 1 lr, 2 tasks whose evaluations take
+    1 s and 3 s, 100 s left, 1000 tok/s: the cells cost (1 + 3) plain-equivalent runs, so
+    training gets 100/SAFETY - 4*(1+3) s, shared by 4 runs x 2 tasks."""
     suite = micro_suite(lrs=(0.003,))
-    got = bench.fit_budget(suite, 2, 1000.0, [1.0, 3.0], 100.0)
-    assert got == int((100 / bench.MEMORY_OVERHEAD - 8) * 1000 / 4)
-    assert bench.fit_budget(suite, 2, 1000.0, [1.0, 3.0], 5.0) < 0      # evaluation alone overruns
+    got = bench.fit_budget(suite, [1.0, 3.0], 1000.0, [1.0, 3.0], 100.0)
+    assert got == int((100 / bench.SAFETY - 16) * 1000 / 8)
+    # the same with two equal-speed memories affords more tokens per cell
+    assert bench.fit_budget(suite, [1.0, 1.0], 1000.0, [1.0, 3.0], 100.0) == int((100 / bench.SAFETY - 8) * 1000 / 4)
+    # ablation evaluates every model twice
+    got = bench.fit_budget(micro_suite(lrs=(0.003,), ablate=True), [1.0, 1.0], 1000.0, [1.0, 3.0], 100.0)
+    assert got == int((100 / bench.SAFETY - 16) * 1000 / 4)
+    assert bench.fit_budget(suite, [1.0, 3.0], 1000.0, [1.0, 3.0], 10.0) < 0      # evaluation alone overruns
+
+
+def test_calibrate_measures_each_memory_against_the_plain_backbone():
+    """Calibration times the plain backbone and every memory the same way; a memory is never
+    budgeted as cheaper than the plain backbone, and `none` is the plain backbone itself."""
+    suite = micro_suite(memories=("none", "xl", "memory_tokens"), tasks=(LMTaskConfig(tokenizer="byte", eval_tokens=300),))
+    tasks = [build_task(tc, suite.backbone.seg_len) for tc in suite.tasks]
+    tps, eval_s, slowdowns = bench.calibrate(suite, torch.device("cpu"), tasks, suite.memory_list())
+    assert tps > 0 and len(eval_s) == 1 and eval_s[0] > 0
+    assert len(slowdowns) == 3 and slowdowns[0] == 1.0 and all(r >= 1.0 for r in slowdowns)
+    assert all(math.isfinite(r) for r in slowdowns)
 
 
 def test_run_suite_time_budget_scales_tokens_for_every_memory(monkeypatch, tmp_path):
     """A fixed calibrated speed of 200 tok/s, free evaluation and a 20 s budget for 2 cells: each
-    cell can afford 20 / 1.3 * 200 / 2 = 1538 tokens, so the 100k requested are scaled by ~0.015
-    for both memories (24 steps of 64 tokens)."""
+    cell can afford 20 / SAFETY * 200 / 2 = 1739 tokens, so the 100k requested are scaled by ~0.017
+    for both memories (27 steps of 64 tokens)."""
     calls = []
 
-    def fake_calibrate(suite, device, tasks):
-        calls.append([t.cfg.kind for t in tasks])
-        return 200.0, [0.0]
+    def fake_calibrate(suite, device, tasks, mems):
+        calls.append(([t.cfg.kind for t in tasks], [m.kind for m in mems]))
+        return 200.0, [0.0], [1.0, 1.0]
 
     monkeypatch.setattr(bench, "calibrate", fake_calibrate)
     logs: list[str] = []
     suite = micro_suite(tokens_per_cell=100_000, time_budget_s=20.0,
                         tasks=(LMTaskConfig(tokenizer="byte", eval_tokens=300),))
     records = run_suite(suite, tmp_path, progress=False, log=logs.append)
-    assert calls == [["lm"]]
+    assert calls == [(["lm"], ["none", "xl"])]
     assert len(records) == 2
     tokens = records[0]["tokens_per_cell"]
-    assert 1500 <= tokens <= int(20 / bench.MEMORY_OVERHEAD * 200 / 2)
+    assert 1500 <= tokens <= int(20 / bench.SAFETY * 200 / 2)
     for r in records:
         assert r["tokens_per_cell"] == tokens
         assert 0 < r["budget_scale"] < 1
@@ -229,7 +247,7 @@ def test_run_suite_time_budget_scales_tokens_for_every_memory(monkeypatch, tmp_p
 
 
 def test_run_suite_time_budget_larger_than_needed_keeps_the_budget(monkeypatch, tmp_path):
-    monkeypatch.setattr(bench, "calibrate", lambda suite, device, tasks: (1e9, [0.0]))
+    monkeypatch.setattr(bench, "calibrate", lambda suite, device, tasks, mems: (1e9, [0.0], [1.0]))
     suite = micro_suite(memories=("none",), tokens_per_cell=PER_STEP, time_budget_s=100.0,
                         tasks=(LMTaskConfig(tokenizer="byte", eval_tokens=100),))
     (r,) = run_suite(suite, tmp_path, progress=False, log=lambda s: None)
@@ -240,9 +258,9 @@ def test_run_suite_exhausted_time_budget_is_refused_with_the_reason(monkeypatch,
     """If calibration alone uses up the time budget, the suite is refused before any cell runs
     (never a negative or silently tiny budget), and no record is written."""
 
-    def slow_calibrate(suite, device, tasks):
+    def slow_calibrate(suite, device, tasks, mems):
         time.sleep(0.1)
-        return 1000.0, [0.0]
+        return 1000.0, [0.0], [1.0]
 
     monkeypatch.setattr(bench, "calibrate", slow_calibrate)
     suite = micro_suite(memories=("none",), tokens_per_cell=10_000, time_budget_s=0.01,
@@ -349,7 +367,7 @@ def test_every_memory_starts_from_the_same_backbone_weights(monkeypatch):
     monkeypatch.setattr(bench, "Trainer", StubTrainer)
     StubTrainer.seen = []
     task_cfg = MQARTaskConfig(vocab=128, seq_len=64, num_kv_pairs=4, n_train=16, n_test=4)
-    suite = micro_suite(memories=("all",), tasks=(task_cfg,))
+    suite = micro_suite(memories=("all",), tasks=(task_cfg,), memory_configs={"retro": {"chunk": 16}})
     env = bench.environment(torch.device("cpu"))
     for mem in suite.memory_list():
         bench.run_cell(suite, mem, task_cfg, 0.01, 256, torch.device("cpu"), env)
