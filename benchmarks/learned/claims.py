@@ -242,6 +242,35 @@ def by_pairs(name: str, out: Path, pairs=(1, 2, 4, 8, 16)) -> dict:
     return rec["by_pairs"]
 
 
+def by_position(name: str, out: Path, pairs=(2, 4, 8)) -> dict:
+    """Accuracy split by which write segment holds the answer (0 = the first pair; pairs - 1 =
+    the last one, right before the query): does the memory keep every pair or only the latest?
+    Added to <out>/<run>.json as `by_position` {pairs: [acc of position 0, 1, ...]}."""
+    import numpy as np
+
+    from memstack.checkpoint import load_checkpoint
+    from memstack.evals.task import build_task, example_predictions
+    from memstack.train.trainer import resolve_step_dir
+
+    rec_path = out / f"{name}.json"
+    rec = json.loads(rec_path.read_text())
+    model, _ = load_checkpoint(resolve_step_dir(REPO / "runs" / "claims" / name / "ckpt"))
+    model.eval()
+    run = RUNS[split_name(name)[0]]
+    task = build_task(run["task"](), run["seg_len"])
+    res = {}
+    with torch.no_grad():
+        for p in pairs:
+            data = task.test_at(p)
+            correct, mask = example_predictions(model, data.inputs, data.labels, run["seg_len"])
+            ok = (correct & mask).any(1)                                  # one labelled token per example
+            seg = np.asarray(data.meta["answer_segment"])
+            res[str(p)] = [round(float(ok[seg == j].mean()), 3) if (seg == j).any() else None for j in range(p)]
+    rec["by_position"] = res
+    rec_path.write_text(json.dumps(rec, indent=1))
+    return res
+
+
 # ---------------------------------------------------------------------------------- report
 
 def _fmt(v) -> str:
@@ -360,6 +389,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(OUT), help="where the JSON results go")
     ap.add_argument("--report", action="store_true", help="print the table and write the plot")
     ap.add_argument("--evaluate", metavar="RUN", help="evaluate a run whose training finished (its final checkpoint)")
+    ap.add_argument("--by-position", metavar="RUN", help="accuracy by the answer's write segment (2, 4, 8 pairs)")
     ap.add_argument("--by-pairs", metavar="RUN", help="re-evaluate a finished segment_ar run at 1..16 pairs")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -371,6 +401,8 @@ def main() -> None:
         print(json.dumps({k: rec[k] for k in ("run", "params", "metrics", "metrics_memory_zeroed", "wall_s")}, indent=1))
     if args.by_pairs:
         print(json.dumps(by_pairs(args.by_pairs, Path(args.out)), indent=1))
+    if args.by_position:
+        print(json.dumps(by_position(args.by_position, Path(args.out))))
     if args.report:
         print(report(Path(args.out)))
 
