@@ -97,3 +97,42 @@ def test_recall_picks_the_matching_cached_memory():
         P = mem._recall(summary, st)
     assert_close(P[0, 0], C[0, 0], dtype=torch.bfloat16)
     assert_close(P[1, 0], C[1, 1])                             # row 1's slot 0 is invalid: only slot 1 remains
+
+
+def test_without_sensory_memory_one_past_segment_is_a_one_token_rmt():
+    """With k = 0 and a single past segment, recall returns that segment's memory embedding (one
+    valid cache entry), so HMT computes exactly what RMT with one memory token computes: same
+    logits and same gradients for the shared weights (the summary pass gets no gradient: its
+    softmax is over one entry)."""
+    from memstack.memory.learned.config import RMTConfig
+
+    torch.manual_seed(1)
+    bb = BackboneConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, seg_len=S, init_std=0.1)
+    hmt = build_model(ModelConfig(bb, (HMTConfig(n_sensory=0, n_summary=J, cache_size=N),)))
+    rmt = build_model(ModelConfig(bb, (RMTConfig(n_tokens=1),)))
+    with torch.no_grad():
+        for p in hmt.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    h_mem, r_mem = hmt.memory.memories[0], rmt.memory.memories[0]
+    shared = {k: v for k, v in hmt.state_dict().items() if not k.startswith("memory.")}
+    rmt.load_state_dict({**rmt.state_dict(), **shared})
+    with torch.no_grad():
+        r_mem.init_mem.copy_(h_mem.init_mem)
+        r_mem.norm.weight.copy_(h_mem.norm_mem.weight)
+    tokens = torch.randint(0, V, (3, 2 * S))
+    grads, logits = [], []
+    for model in (hmt, rmt):
+        state, out = None, []
+        for s in range(2):
+            o, state = model(tokens[:, s * S:(s + 1) * S], state)
+            out.append(o.logits)
+        out = torch.cat(out, 1)
+        out[:, S:].square().mean().backward()                    # a loss on the second segment only
+        logits.append(out.detach())
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if not k.startswith("memory.")})
+    assert_close(logits[0], logits[1])
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        assert_close(grads[0][k], grads[1][k], grad=True, msg=k)
+    assert_close(h_mem.init_mem.grad, r_mem.init_mem.grad, grad=True, msg="init_mem")
+    assert_close(h_mem.norm_mem.weight.grad, r_mem.norm.weight.grad, grad=True, msg="memory norm")
