@@ -15,7 +15,8 @@ from memstack.errors import ConfigError
 from memstack.generate import Decoder, SamplingConfig, decoding_model, generate, sample
 from memstack.memory.baseline import NoMemoryConfig
 from memstack.memory.kv.config import DenseKVConfig, PagedKVConfig
-from memstack.memory.learned.config import ARMTConfig, HMTConfig, InfiniConfig, MemoryTokensConfig, RMTConfig, XLConfig
+from memstack.memory.learned.config import (ARMTConfig, CompressiveConfig, HMTConfig, InfiniConfig, LatentConfig, LM2Config,
+                                            MemoryTokensConfig, PrefixConfig, RMTConfig, XLConfig)
 from memstack.registry import MEMORIES
 from tolerances import assert_close
 
@@ -33,6 +34,12 @@ MEMORY_CONFIGS = {
     "armt": [ARMTConfig(n_tokens=2, d_mem=4, nu=2)],
     "infini": [InfiniConfig(rule="delta", gate_init=0.0)],
     "hmt": [HMTConfig(n_sensory=2, n_summary=3, cache_size=2)],
+    # learned memory state, part B (compressed slots are written at segment ends, mid-segment reads
+    # must see the compressed memory as it was when the segment started)
+    "compressive": [CompressiveConfig(mem_len=8, cmem_len=4, rate=2, compression="conv")],
+    "lm2": [LM2Config(n_slots=4, n_heads=2)],
+    "latents": [LatentConfig(n_latents=3, n_heads=2)],
+    "prefix": [PrefixConfig(n_prefix=3, init_std=0.3)],
 }
 # every other registered memory with its first contract configuration that fits this backbone
 # (segments of SEG tokens), so generation is checked for each memory whoever registered it

@@ -4,7 +4,8 @@ attention span (Rae et al., arXiv 1911.05507: PG-19 33.6 vs 36.3 ppl; our corpus
 Equal attention span: XL keeps m + c states per layer; Compressive keeps m states plus c
 compressed slots at rate r (reach m + r*c). Every variant trains on the same backbone, the same
 data order, the same token budget and learning rate (the harness's `run_cell`), then reports
-bits per byte on the SOTU test split. Also run: the plain backbone, XL with m states only (what
+bits per byte on the SOTU test split (and, unless --no-ablate, again with the memory switched
+off: evals/ablation.py). Also run: the plain backbone, XL with m states only (what
 the compressed memory adds to), and other compression functions.
 
     .venv/bin/python benchmarks/learned/compressive_vs_xl.py --out reports/compressive_vs_xl
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated indices of variants to run (default: all)")
     ap.add_argument("--eval-tokens", type=int, default=0, help="0: the whole test split")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-ablate", action="store_true",
+                    help="skip evaluating each model with its memory switched off (evals/ablation.py)")
     args = ap.parse_args(argv)
 
     out = Path(args.out)
@@ -68,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                           seg_len=args.seg_len),
                         memories=("none",), tasks=(task_cfg,),
                         train=TrainConfig(batch_size=16, n_segments=4, weight_decay=0.1, grad_clip=1.0), lrs=(args.lr,),
-                        tokens_per_cell=args.tokens, time_budget_s=None, device=args.device)
+                        tokens_per_cell=args.tokens, time_budget_s=None, device=args.device,
+                        ablate=not args.no_ablate)
     task = build_task(task_cfg, args.seg_len)
     vs = variants(args.m, args.c, args.rate)
     pick = [int(i) for i in args.only.split(",")] if args.only else range(len(vs))
@@ -94,16 +98,18 @@ def summarize(out: Path) -> None:
     by: dict[str, list[dict]] = {}
     for r in recs:
         by.setdefault(r["label"], []).append(r)
-    lines = ["| variant | keys per query beyond the segment | reach (tokens) | state size | bpb (per seed) | mean bpb |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| variant | keys per query beyond the segment | reach (tokens) | state size | bpb (per seed) | mean bpb "
+             "| bpb, memory off (per seed) |",
+             "|---|---|---|---|---|---|---|"]
     for label, rs in by.items():
         mc = rs[0]["config"]["memory"]
         span = mc.get("mem_len", 0) + mc.get("cmem_len", 0)
         reach = mc.get("mem_len", 0) + mc.get("rate", 0) * mc.get("cmem_len", 0)
         vals = [r["metrics"]["bpb"] for r in rs]
         per_seed = ", ".join("%.4f (s%d)" % (v, r["seed"]) for v, r in zip(vals, rs))
+        off = ", ".join("%.4f" % r["metrics_ablated"]["bpb"] if "metrics_ablated" in r else "-" for r in rs)
         lines.append(f"| {label} | {span} | {reach} | {rs[0]['state_size']} | "
-                     f"{per_seed} | {statistics.mean(vals):.4f} |")
+                     f"{per_seed} | {statistics.mean(vals):.4f} | {off} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib
