@@ -36,15 +36,17 @@ from memstack.train.config import TrainConfig
 from memstack.train.distributed import resolve_device
 
 
-def variants(budgets: list[int], full_ref: str, example_len: int) -> list[tuple[str, int | None, object]]:
+def variants(budgets: list[int], full_ref: str, example_len: int, gate_init: float = 0.0) -> list[tuple[str, int | None, object]]:
     full = (("kv_dense (unbounded)", None, DenseKVConfig(scope="document")) if full_ref == "unbounded" else
             (f"kv_dense window={example_len} (reference)", None, DenseKVConfig(scope="document", window=example_len)))
     out: list[tuple[str, int | None, object]] = [("none", None, NoMemoryConfig()), full]
     for b in budgets:
         out.append((f"kv_dense window={b}", b, DenseKVConfig(scope="document", window=b)))
-        out.append((f"trellis slots={b}", b, TrellisConfig(slots=b, window=0)))
+        g = f" gate_init={gate_init:g}" if gate_init else ""
+        out.append((f"trellis slots={b}{g}", b, TrellisConfig(slots=b, window=0, gate_init=gate_init)))
         if b >= 2:
-            out.append((f"trellis slots={b // 2} window={b // 2}", b, TrellisConfig(slots=b // 2, window=b // 2)))
+            out.append((f"trellis slots={b // 2} window={b // 2}{g}", b,
+                        TrellisConfig(slots=b // 2, window=b // 2, gate_init=gate_init)))
     return out
 
 
@@ -69,6 +71,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--full-ref", choices=["window", "unbounded"], default="window",
                     help="full-context reference: a window spanning the whole example, or no window")
+    ap.add_argument("--gate-init", type=float, default=0.0,
+                    help="Trellis output gate at initialisation (0: the memory starts switched off)")
     ap.add_argument("--only", nargs="*", default=None, help="run only the variants whose label contains one of these")
     args = ap.parse_args()
     device = resolve_device(args.device)
@@ -86,7 +90,7 @@ def main() -> None:
             suite = SuiteConfig(name="trellis-budget", backbone=backbone, memories=("none",), tasks=(tc,), train=train,
                                 lrs=(args.lr,), tokens_per_cell=args.tokens, device=args.device)
             task = build_task(tc, backbone.seg_len)
-            for label, budget, mem in variants(args.budgets, args.full_ref, seg_len * n_seg):
+            for label, budget, mem in variants(args.budgets, args.full_ref, seg_len * n_seg, args.gate_init):
                 if args.only is not None and not any(o in label for o in args.only):
                     continue
                 t0 = time.perf_counter()
