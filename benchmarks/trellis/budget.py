@@ -130,6 +130,14 @@ def write_summary(recs: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, t in zip(axes[0], tasks):
         rows = [r for r in recs if r["task"] == t]
+        if len({r["budget_tokens"] for r in rows} - {None}) <= 1:  # one budget: bars read better than lines
+            ax.barh([f"{r['label']}\n({r['state_bytes']:,} B)" for r in rows],
+                    [r["metrics"][r["primary"]] for r in rows], color="tab:blue")
+            ax.invert_yaxis()
+            ax.tick_params(axis="y", labelsize=7)
+            ax.set_xlabel(rows[0]["primary"])
+            ax.set_title(f"{t} (state bytes per example in brackets)")
+            continue
         for fam, style in [("kv_dense (sliding window)", "o-"), ("trellis (slots only)", "s-"), ("trellis (slots + window)", "^-")]:
             pts = sorted((r for r in rows if family(r["label"]) == fam), key=lambda r: r["state_bytes"])
             if pts:
