@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--full-ref", choices=["window", "unbounded"], default="window",
                     help="full-context reference: a window spanning the whole example, or no window")
+    ap.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     ap.add_argument("--gate-init", type=float, default=0.0,
                     help="Trellis output gate at initialisation (0: the memory starts switched off)")
     ap.add_argument("--only", nargs="*", default=None, help="run only the variants whose label contains one of these")
@@ -88,14 +89,14 @@ def main() -> None:
             tc = from_dict(TaskConfig, task_fields)
             backbone = BackboneConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, seg_len=seg_len)
             suite = SuiteConfig(name="trellis-budget", backbone=backbone, memories=("none",), tasks=(tc,), train=train,
-                                lrs=(args.lr,), tokens_per_cell=args.tokens, device=args.device)
+                                lrs=(args.lr,), tokens_per_cell=args.tokens, device=args.device, seed=args.seed)
             task = build_task(tc, backbone.seg_len)
             for label, budget, mem in variants(args.budgets, args.full_ref, seg_len * n_seg, args.gate_init):
                 if args.only is not None and not any(o in label for o in args.only):
                     continue
                 t0 = time.perf_counter()
                 rec = run_cell(suite, mem, tc, args.lr, args.tokens, device, env, task)
-                rec.update(label=label, budget_tokens=budget)
+                rec.update(label=label if args.seed == 0 else f"{label} seed={args.seed}", budget_tokens=budget)
                 recs.append(rec)
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
