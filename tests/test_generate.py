@@ -14,7 +14,7 @@ from memstack.config import BackboneConfig
 from memstack.errors import ConfigError
 from memstack.generate import Decoder, SamplingConfig, decoding_model, generate, sample
 from memstack.memory.baseline import NoMemoryConfig
-from memstack.memory.kv.config import DenseKVConfig, PagedKVConfig
+from memstack.memory.kv.config import DenseKVConfig, PagedKVConfig, TrellisConfig
 from memstack.memory.learned.config import ARMTConfig, HMTConfig, InfiniConfig, MemoryTokensConfig, RMTConfig, XLConfig
 from memstack.registry import MEMORIES
 
@@ -32,6 +32,8 @@ MEMORY_CONFIGS = {
     "armt": [ARMTConfig(n_tokens=2, d_mem=4, nu=2)],
     "infini": [InfiniConfig(rule="delta", gate_init=0.0)],
     "hmt": [HMTConfig(n_sensory=2, n_summary=3, cache_size=2)],
+    # gate_init 0.5: a memory that is switched on, so decoding in pieces must read what was written
+    "trellis": [TrellisConfig(slots=4, window=5, write_chunk=3, gate_init=0.5)],
 }
 
 
