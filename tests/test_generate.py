@@ -14,7 +14,7 @@ from memstack.config import BackboneConfig
 from memstack.errors import ConfigError
 from memstack.generate import Decoder, SamplingConfig, decoding_model, generate, sample
 from memstack.memory.baseline import NoMemoryConfig
-from memstack.memory.kv.config import DenseKVConfig, PagedKVConfig
+from memstack.memory.kv.config import DenseKVConfig, PagedKVConfig, TrellisConfig
 from memstack.memory.learned.config import (ARMTConfig, CompressiveConfig, HMTConfig, InfiniConfig, LatentConfig, LM2Config,
                                             MemoryTokensConfig, PrefixConfig, RMTConfig, XLConfig)
 from memstack.registry import MEMORIES
@@ -40,6 +40,8 @@ MEMORY_CONFIGS = {
     "lm2": [LM2Config(n_slots=4, n_heads=2)],
     "latents": [LatentConfig(n_latents=3, n_heads=2)],
     "prefix": [PrefixConfig(n_prefix=3, init_std=0.3)],
+    # gate_init 0.5: a memory that is switched on, so decoding in pieces must read what was written
+    "trellis": [TrellisConfig(slots=4, window=5, write_chunk=3, gate_init=0.5)],
 }
 # every other registered memory with its first contract configuration that fits this backbone
 # (segments of SEG tokens), so generation is checked for each memory whoever registered it

@@ -14,6 +14,7 @@ Measures, never asserts; writes a JSON record.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -58,10 +59,12 @@ def main() -> None:
         rec["fp32_max_abs_diff"] = (a - b).abs().max().item()
         rec["fp32_logit_scale"] = a.abs().max().item()
         rec["fp32_argmax_agree"] = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
-        hf64, ours64 = hf.double(), from_hf(hf.double(), seg_len=args.seg_len).double().eval()
+        # a copy: transformers refuses .float() on a GGUF-loaded model, so `hf` itself stays fp32
+        hf64 = copy.deepcopy(hf).double()
+        ours64 = from_hf(hf64, seg_len=args.seg_len).double().eval()
         rec["fp64_max_abs_diff"] = (hf64(ids).logits - ours64(ids)[0].logits).abs().max().item()
-        hf.float()
-        del ours64
+        rec["fp64_logit_scale"] = hf64(ids).logits.abs().max().item()
+        del hf64, ours64
     print(json.dumps({k: rec[k] for k in rec if k != "env"}, indent=1), flush=True)
 
     # speed: same batch, same thread count, both fp32 on CPU

@@ -5,7 +5,13 @@ trains and evaluates, with the same backbone, token budget and learning rate:
   kv_dense   scope=document, window=b                 (exact, forgets everything older)
   trellis    slots=b, window=0                        (everything past the segment compressed)
   trellis    slots=b/2, window=b/2                    (half exact window, half slots)
-plus two reference points: `none` (the segment alone) and `kv_dense` with no window (unbounded).
+plus two reference points: `none` (the segment alone) and `kv_dense` whose window spans a whole
+training example (`--full-ref window`, the default: exact full context at bounded cost) or with no
+window at all (`--full-ref unbounded`; slow in training: a document-scoped dense cache masks, but
+does not drop, the keys of finished documents, so it grows over the whole run).
+Each training step backpropagates through all the segments of an example (`n_segments`), so the
+gradient reaches Trellis's writes (gates, step sizes, initial slots) from the reads that use them;
+with one segment per step the writes would never be trained.
 State bytes are taken from each memory's MemorySpec at the task's context length and reported,
 so "same budget" is checked, not assumed. Measures, never asserts.
 
@@ -30,21 +36,28 @@ from memstack.train.config import TrainConfig
 from memstack.train.distributed import resolve_device
 
 
-def variants(budgets: list[int]) -> list[tuple[str, int | None, object]]:
-    out: list[tuple[str, int | None, object]] = [("none", None, NoMemoryConfig()),
-                                                 ("kv_dense (unbounded)", None, DenseKVConfig(scope="document"))]
+def variants(budgets: list[int], full_ref: str, example_len: int, gate_init: float = 0.0) -> list[tuple[str, int | None, object]]:
+    full = (("kv_dense (unbounded)", None, DenseKVConfig(scope="document")) if full_ref == "unbounded" else
+            (f"kv_dense window={example_len} (reference)", None, DenseKVConfig(scope="document", window=example_len)))
+    out: list[tuple[str, int | None, object]] = [("none", None, NoMemoryConfig()), full]
     for b in budgets:
         out.append((f"kv_dense window={b}", b, DenseKVConfig(scope="document", window=b)))
-        out.append((f"trellis slots={b}", b, TrellisConfig(slots=b, window=0)))
+        g = f" gate_init={gate_init:g}" if gate_init else ""
+        out.append((f"trellis slots={b}{g}", b, TrellisConfig(slots=b, window=0, gate_init=gate_init)))
         if b >= 2:
-            out.append((f"trellis slots={b // 2} window={b // 2}", b, TrellisConfig(slots=b // 2, window=b // 2)))
+            out.append((f"trellis slots={b // 2} window={b // 2}{g}", b,
+                        TrellisConfig(slots=b // 2, window=b // 2, gate_init=gate_init)))
     return out
 
 
-TASKS = {  # task config, segment length: examples span several segments, so answers need memory
-    "mqar": ({"kind": "mqar", "vocab": 128, "seq_len": 64, "num_kv_pairs": 4, "n_train": 20000, "n_test": 500}, 16),
+TASKS = {  # task config, segment length, segments per training example (the BPTT window)
+    # examples span several segments, so answers need memory
+    "mqar": ({"kind": "mqar", "vocab": 128, "seq_len": 64, "num_kv_pairs": 4, "n_train": 20000, "n_test": 500}, 16, 4),
     "passkey": ({"kind": "passkey", "tokenizer": "bpe512", "train_len": 160, "lengths": [160, 320],
-                 "depths": [0.0, 0.5, 1.0], "per_cell": 16, "n_train": 8000, "n_digits": 3}, 32),
+                 "depths": [0.0, 0.5, 1.0], "per_cell": 16, "n_train": 8000, "n_digits": 3}, 32, 5),
+    # SOTU language modelling with 16-token segments: the context beyond the segment is what the memory adds
+    "lm": ({"kind": "lm", "corpus": "sotu", "tokenizer": "bpe512", "eval_split": "test", "eval_tokens": 16384,
+            "eval_rows": 8}, 16, 4),
 }
 
 
@@ -56,9 +69,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=400_000, help="training tokens per cell")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--full-ref", choices=["window", "unbounded"], default="window",
+                    help="full-context reference: a window spanning the whole example, or no window")
+    ap.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
+    ap.add_argument("--gate-init", type=float, default=0.0,
+                    help="Trellis output gate at initialisation (0: the memory starts switched off)")
+    ap.add_argument("--only", nargs="*", default=None, help="run only the variants whose label contains one of these")
     args = ap.parse_args()
-
-    train = TrainConfig(batch_size=16, n_segments=1, weight_decay=0.1, grad_clip=1.0, log_every=1000, progress=False)
     device = resolve_device(args.device)
     env = environment(device)
     out = Path(args.out)
@@ -66,16 +83,20 @@ def main() -> None:
     recs = []
     with open(out / "records.jsonl", "a") as f:
         for tname in args.tasks:
-            task_fields, seg_len = TASKS[tname]
+            task_fields, seg_len, n_seg = TASKS[tname]
+            train = TrainConfig(batch_size=16, n_segments=n_seg, weight_decay=0.1, grad_clip=1.0, log_every=1000,
+                                progress=False)
             tc = from_dict(TaskConfig, task_fields)
             backbone = BackboneConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, seg_len=seg_len)
             suite = SuiteConfig(name="trellis-budget", backbone=backbone, memories=("none",), tasks=(tc,), train=train,
-                                lrs=(args.lr,), tokens_per_cell=args.tokens, device=args.device)
+                                lrs=(args.lr,), tokens_per_cell=args.tokens, device=args.device, seed=args.seed)
             task = build_task(tc, backbone.seg_len)
-            for label, budget, mem in variants(args.budgets):
+            for label, budget, mem in variants(args.budgets, args.full_ref, seg_len * n_seg, args.gate_init):
+                if args.only is not None and not any(o in label for o in args.only):
+                    continue
                 t0 = time.perf_counter()
                 rec = run_cell(suite, mem, tc, args.lr, args.tokens, device, env, task)
-                rec.update(label=label, budget_tokens=budget)
+                rec.update(label=label if args.seed == 0 else f"{label} seed={args.seed}", budget_tokens=budget)
                 recs.append(rec)
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
@@ -86,7 +107,7 @@ def main() -> None:
 
 
 def family(label: str) -> str:
-    if label.startswith("kv_dense window="):
+    if label.startswith("kv_dense window=") and "(reference)" not in label:
         return "kv_dense (sliding window)"
     if label.startswith("trellis"):
         return "trellis (slots + window)" if "window" in label else "trellis (slots only)"
@@ -110,6 +131,14 @@ def write_summary(recs: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
     for ax, t in zip(axes[0], tasks):
         rows = [r for r in recs if r["task"] == t]
+        if len({r["budget_tokens"] for r in rows} - {None}) <= 1:  # one budget: bars read better than lines
+            ax.barh([f"{r['label']}\n({r['state_bytes']:,} B)" for r in rows],
+                    [r["metrics"][r["primary"]] for r in rows], color="tab:blue")
+            ax.invert_yaxis()
+            ax.tick_params(axis="y", labelsize=7)
+            ax.set_xlabel(rows[0]["primary"])
+            ax.set_title(f"{t} (state bytes per example in brackets)")
+            continue
         for fam, style in [("kv_dense (sliding window)", "o-"), ("trellis (slots only)", "s-"), ("trellis (slots + window)", "^-")]:
             pts = sorted((r for r in rows if family(r["label"]) == fam), key=lambda r: r["state_bytes"])
             if pts:

@@ -9,6 +9,7 @@ Memories given to `load_pretrained` are built fresh on top of the pretrained bac
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,15 @@ def mismatch_reasons(name: str, model: BackboneConfig) -> list[str]:
     except KeyError as e:
         return [str(e)]
     return [f"model.{f} is {getattr(model, f)!r} but pretrained backbone {name!r} has {getattr(want, f)!r}"
-            for f in ARCH_FIELDS if getattr(model, f) != getattr(want, f)]
+            for f in ARCH_FIELDS if not _same(getattr(model, f), getattr(want, f))]
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, floats to float32 precision: GGUF files store hyperparameters such as rms_norm_eps
+    as float32 (1e-5 loads as 9.9999997e-06), which is the same architecture, not a changed file."""
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6)
+    return a == b
 
 
 def hf_model(name: str, dtype: torch.dtype = torch.float32) -> Any:

@@ -32,6 +32,19 @@ def test_run_config_refuses_a_different_architecture_or_tokenizer_with_every_rea
         run_config_from_dict({"pretrained": "nope", "task": LM, "model": {"vocab_size": 49152}})
 
 
+def test_float_fields_compare_at_float32_precision():
+    """The GGUF stores rms_norm_eps as float32 (1e-5 loads as 9.9999997e-06): the same architecture.
+    A real change of a float field is still a mismatch, and so is any integer field."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    b = pretrained_backbone("smollm2")
+    assert mismatch_reasons("smollm2", replace(b, norm_eps=float(np.float32(1e-5)))) == []
+    got = mismatch_reasons("smollm2", replace(b, norm_eps=1.01e-5, rope_theta=10000.0, n_kv_heads=1))
+    assert len(got) == 3 and all(f"model.{f} is" in "\n".join(got) for f in ("norm_eps", "rope_theta", "n_kv_heads"))
+
+
 # ----------------------------------------------------------------------------- real weights (slow)
 
 def _asset_or_skip():
@@ -109,3 +122,21 @@ def test_smollm2_tokenizer_equals_autotokenizer(real):
     assert ids == ref(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text
     assert int(tok.token_bytes()[ids].sum()) == len(text.encode("utf-8"))
+
+
+@pytest.mark.slow
+def test_load_pretrained_equals_from_hf(real, tmp_path, monkeypatch):
+    """load_pretrained converts the GGUF, checks it against the registered architecture (the check
+    once refused the real file: its float32 norm_eps), caches it as a checkpoint, and a second load
+    (from that checkpoint) gives the same logits as from_hf."""
+    import memstack.hf.pretrained as pre
+
+    hf, ours, tok, text = real
+    monkeypatch.setattr(pre, "_cache_dir", lambda name: tmp_path / name)   # a fresh cache: conversion runs
+    ids = torch.tensor([tok.encode(text)[:64]])
+    with torch.no_grad():
+        want = ours(ids)[0].logits
+        first = pre.load_pretrained("smollm2", seg_len=256).eval()
+        assert (tmp_path / "smollm2" / "config.json").is_file()
+        second = pre.load_pretrained("smollm2", seg_len=256).eval()
+        assert torch.equal(first(ids)[0].logits, want) and torch.equal(second(ids)[0].logits, want)
