@@ -38,7 +38,8 @@ def timeit(fn, reps: int = 5, warm: int = 1) -> float:
     return float(np.median(ts))
 
 
-def bench_store(n: int, d: int, backend: str, batch: int = 20_000, nq: int = 256, k: int = 10) -> dict:
+def bench_store(n: int, d: int, backend: str, batch: int = 20_000, nq: int = 256, k: int = 10,
+                query_batches: tuple[int, ...] = (1, 64)) -> dict:
     import faiss
 
     from memstack.memory.retrieval.backends import FaissIndex
@@ -79,7 +80,7 @@ def bench_store(n: int, d: int, backend: str, batch: int = 20_000, nq: int = 256
         peer_search = lambda qq: peer.index.search(qq, k)  # noqa: E731
     rec["insert_vps_faiss"] = ins_peer
     rec["insert_ratio"] = ins_ours / ins_peer
-    for qb in (1, 64):
+    for qb in query_batches:
         reps = 5 if qb == 1 else 3   # batch 64 over 1M+ keys takes seconds per call on one shared core
         tq = timeit(lambda: ours.search(q[:qb], k), reps=reps)
         tp = timeit(lambda: peer_search(np.ascontiguousarray(qn[:qb])), reps=reps)
@@ -109,7 +110,7 @@ def bandwidth(n: int, d: int) -> dict:
     out = {"n": n, "d": d, "bytes": nbytes, "read_GBps": ceiling / 1e9}
     for qb in (1, 64):
         q = torch.randn(qb, d)
-        t = timeit(lambda: knn_search(q, keys, 10, "l2", key_sq=key_sq), reps=5)
+        t = timeit(lambda: knn_search(q, keys, 10, "l2", key_sq=key_sq), reps=5 if qb == 1 else 3)
         out[f"search_ms_q{qb}"] = 1e3 * t
         out[f"search_GBps_q{qb}"] = nbytes / t / 1e9
         out[f"share_of_ceiling_q{qb}"] = (nbytes / t) / ceiling
@@ -198,6 +199,7 @@ def main():
     p.add_argument("--backends", default="exact,faiss_flat,faiss_ivf",
                    help="store backends timed at each of --sizes (faiss_ivf at the first size only)")
     p.add_argument("--only", default="store,hnsw,bandwidth,knnlm,memorizing")
+    p.add_argument("--query-batches", default="1,64", help="query batch sizes timed in the store part")
     p.add_argument("--append", action="store_true", help="add to the record at --out instead of starting a new one "
                    "(lets each part run as its own short invocation under the timing lock)")
     p.add_argument("--threads", type=int, default=1)
@@ -228,7 +230,8 @@ def main():
             for backend in args.backends.split(","):
                 if backend == "faiss_ivf" and n != sizes[0]:
                     continue   # IVF at the first size only (time on a shared machine)
-                out["store"].append(bench_store(n, args.dim, backend))
+                out["store"].append(bench_store(n, args.dim, backend,
+                                                query_batches=tuple(int(b) for b in args.query_batches.split(","))))
                 path.write_text(json.dumps(out, indent=1))
     if "hnsw" in only:      # HNSW builds slowly on one core: a smaller store
         out["store"].append(bench_store(args.hnsw_size, args.dim, "faiss_hnsw"))
