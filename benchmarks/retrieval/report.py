@@ -112,17 +112,26 @@ def main(root="docs/benchmarks/retrieval"):
                            f"{b['share_of_ceiling_q1']:.2f} | {b['search_GBps_q64']:.2f} | {b['share_of_ceiling_q64']:.2f} |")
         if perf.get("knnlm_decode_ms"):
             k = perf["knnlm_decode_ms"]
-            out.append(f"\nkNN-LM per generated token ({k['n']:,}-entry store, k=32): plain {k['plain']:.2f} ms; " + "; ".join(
-                f"{n} {v:.2f} ms (+{100 * k[n + '_added_share']:.0f}%)" for n, v in k.items()
-                if n.startswith("knn") and not n.endswith("share")))
+            out.append(f"\nkNN-LM cost per generated token (batch 1, quick backbone, {k['n']:,}-entry random store, k=32; "
+                       "the plain backbone timed in alternating rounds with each variant):\n")
+            out.append("| variant | ms / token with kNN-LM | ms / token plain | added share of the forward pass |")
+            out.append("|---|---|---|---|")
+            for n, v in k.items():
+                if n.startswith("knn") and not n.endswith(("_plain", "_share")):
+                    out.append(f"| {n} | {v:.2f} | {k[n + '_plain']:.2f} | {100 * k[n + '_added_share']:+.0f}% |")
         if perf.get("memorizing_training"):
             m = perf["memorizing_training"]
-            out.append(f"\nMemorizing training tokens/s: off {m['tok_per_s_off']:,.0f}; memory 1024 {m['tok_per_s_on_1024']:,.0f} "
+            how = "configurations in alternating steps" if m.get("interleaved") else "configurations one after another"
+            out.append(f"\nMemorizing training tokens/s (quick backbone, batch 16 x 2 segments x 64, memory filled first, "
+                       f"{how}): off {m['tok_per_s_off']:,.0f}; memory 1024 {m['tok_per_s_on_1024']:,.0f} "
                        f"(slowdown x{m['slowdown_on_1024']:.2f}); memory 2048 {m['tok_per_s_on_2048']:,.0f} "
                        f"(slowdown x{m['slowdown_on_2048']:.2f})")
-        out.append("\ncommands:\n")
+        out.append("\nruns (each `OMP_NUM_THREADS=1 flock /tmp/memstack-timing.lock .venv/bin/python benchmarks/retrieval/perf.py "
+                   "--append --out reports/retrieval/perf.json` plus the options shown; rows a later run replaced were dropped):\n")
         for run in perf.get("runs", [{"command": perf["command"], "date": perf["date"]}]):
-            out.append(f"- {run['date']}: `{run['command']}`")
+            opts = " ".join(a for a in run["command"].split()[1:] if a.split("=")[0] not in ("--out", "--append", "--threads", "--dim")
+                            and not (a.startswith("--hnsw-size") and "hnsw" not in run["command"].split("--only=")[-1]))
+            out.append(f"- {run['date'][11:]}: `{opts or run['command']}`")
     c = load(r / "claims_lm.json")
     if c:
         out.append(claims_tables(c, r))
