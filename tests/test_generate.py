@@ -16,6 +16,7 @@ from memstack.generate import Decoder, SamplingConfig, decoding_model, generate,
 from memstack.memory.baseline import NoMemoryConfig
 from memstack.memory.kv.config import DenseKVConfig, PagedKVConfig
 from memstack.memory.learned.config import ARMTConfig, HMTConfig, InfiniConfig, MemoryTokensConfig, RMTConfig, XLConfig
+from memstack.memory.retrieval.config import KNNLMConfig, MemorizingConfig, RetroConfig
 from memstack.registry import MEMORIES
 
 SEG = 8
@@ -32,6 +33,10 @@ MEMORY_CONFIGS = {
     "armt": [ARMTConfig(n_tokens=2, d_mem=4, nu=2)],
     "infini": [InfiniConfig(rule="delta", gate_init=0.0)],
     "hmt": [HMTConfig(n_sensory=2, n_summary=3, cache_size=2)],
+    # retrieval (corpus stores are files: these use the document-scoped variants)
+    "knn_lm": [KNNLMConfig(cache_len=12, k=3, lmbda=0.3, temperature=2.0)],
+    "memorizing": [MemorizingConfig(mem_len=12, k=3)],
+    "retro": [RetroConfig(chunk=4, k=1, db_len=4, key_dim=8)],
 }
 
 
