@@ -17,6 +17,7 @@ from memstack.memory.baseline import NoMemoryConfig
 from memstack.memory.kv.config import DenseKVConfig, PagedKVConfig, TrellisConfig
 from memstack.memory.learned.config import (ARMTConfig, CompressiveConfig, HMTConfig, InfiniConfig, LatentConfig, LM2Config,
                                             MemoryTokensConfig, PrefixConfig, RMTConfig, XLConfig)
+from memstack.memory.retrieval.config import KNNLMConfig, MemorizingConfig, RetroConfig
 from memstack.registry import MEMORIES
 from tolerances import assert_close
 
@@ -42,6 +43,10 @@ MEMORY_CONFIGS = {
     "prefix": [PrefixConfig(n_prefix=3, init_std=0.3)],
     # gate_init 0.5: a memory that is switched on, so decoding in pieces must read what was written
     "trellis": [TrellisConfig(slots=4, window=5, write_chunk=3, gate_init=0.5)],
+    # retrieval (corpus stores are files: these use the document-scoped variants)
+    "knn_lm": [KNNLMConfig(cache_len=12, k=3, lmbda=0.3, temperature=2.0)],
+    "memorizing": [MemorizingConfig(mem_len=12, k=3)],
+    "retro": [RetroConfig(chunk=4, k=1, db_len=4, key_dim=8)],
 }
 # every other registered memory with its first contract configuration that fits this backbone
 # (segments of SEG tokens), so generation is checked for each memory whoever registered it

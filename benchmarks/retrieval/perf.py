@@ -38,7 +38,8 @@ def timeit(fn, reps: int = 5, warm: int = 1) -> float:
     return float(np.median(ts))
 
 
-def bench_store(n: int, d: int, backend: str, batch: int = 20_000, nq: int = 256, k: int = 10) -> dict:
+def bench_store(n: int, d: int, backend: str, batch: int = 20_000, nq: int = 256, k: int = 10,
+                query_batches: tuple[int, ...] = (1, 64)) -> dict:
     import faiss
 
     from memstack.memory.retrieval.backends import FaissIndex
@@ -58,7 +59,8 @@ def bench_store(n: int, d: int, backend: str, batch: int = 20_000, nq: int = 256
     for a in range(0, n, batch):
         ours.add(x[a:a + batch], {"token": tok[: min(batch, n - a)]})
     ins_ours = n / (time.perf_counter() - t0)
-    rec = {"n": n, "d": d, "backend": backend, "insert_vps_ours": ins_ours}
+    rec = {"n": n, "d": d, "backend": backend, "insert_vps_ours": ins_ours,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     xn, qn = x.numpy(), q.numpy()
     if backend == "exact":
         # the peer: one brute-force FAISS IndexFlatL2 (what "exact" would otherwise be)
@@ -78,9 +80,10 @@ def bench_store(n: int, d: int, backend: str, batch: int = 20_000, nq: int = 256
         peer_search = lambda qq: peer.index.search(qq, k)  # noqa: E731
     rec["insert_vps_faiss"] = ins_peer
     rec["insert_ratio"] = ins_ours / ins_peer
-    for qb in (1, 64):
-        tq = timeit(lambda: ours.search(q[:qb], k), reps=5)
-        tp = timeit(lambda: peer_search(np.ascontiguousarray(qn[:qb])), reps=5)
+    for qb in query_batches:
+        reps = 5 if qb == 1 else 3   # batch 64 over 1M+ keys takes seconds per call on one shared core
+        tq = timeit(lambda: ours.search(q[:qb], k), reps=reps)
+        tp = timeit(lambda: peer_search(np.ascontiguousarray(qn[:qb])), reps=reps)
         rec[f"query_ms_batch{qb}_ours"] = 1e3 * tq
         rec[f"query_ms_batch{qb}_faiss"] = 1e3 * tp
         rec[f"query_ratio_batch{qb}"] = tq / tp
@@ -107,7 +110,7 @@ def bandwidth(n: int, d: int) -> dict:
     out = {"n": n, "d": d, "bytes": nbytes, "read_GBps": ceiling / 1e9}
     for qb in (1, 64):
         q = torch.randn(qb, d)
-        t = timeit(lambda: knn_search(q, keys, 10, "l2", key_sq=key_sq), reps=5)
+        t = timeit(lambda: knn_search(q, keys, 10, "l2", key_sq=key_sq), reps=5 if qb == 1 else 3)
         out[f"search_ms_q{qb}"] = 1e3 * t
         out[f"search_GBps_q{qb}"] = nbytes / t / 1e9
         out[f"share_of_ceiling_q{qb}"] = (nbytes / t) / ceiling
@@ -135,22 +138,25 @@ def knnlm_cost(n: int) -> dict:
             for a in range(0, n, 50_000):
                 s.add(torch.randn(min(50_000, n - a), 64), {"token": torch.randint(0, 512, (min(50_000, n - a),))})
             s.save(Path(tmp) / backend)
-            variants = {"plain": model,
-                        f"knn_{backend}": model.with_memories([KNNLMConfig(store=str(Path(tmp) / backend), k=32, cache_len=0)]),
+            variants = {f"knn_{backend}": model.with_memories([KNNLMConfig(store=str(Path(tmp) / backend), k=32, cache_len=0)]),
                         f"knn_{backend}_cache": model.with_memories([KNNLMConfig(store=str(Path(tmp) / backend), k=32,
                                                                                   cache_len=1024)])}
             for name, m in variants.items():
-                if name in out:
-                    continue
-                dec = Decoder(m, 1)
+                # the plain backbone is timed right before each variant, in alternating rounds, so a
+                # change in the shared machine's load hits both sides of the ratio alike
+                decs = {"plain": Decoder(model, 1), name: Decoder(m, 1)}
+                tok = torch.randint(0, 512, (1, 1))
                 with torch.no_grad():
-                    dec.feed(torch.randint(0, 512, (1, 8)))
-                    tok = torch.randint(0, 512, (1, 1))
-                    t = timeit(lambda: dec.feed(tok), reps=50, warm=5)
-                out[name] = 1e3 * t
-    for k_ in list(out):
-        if k_.startswith("knn"):
-            out[f"{k_}_added_share"] = (out[k_] - out["plain"]) / out["plain"]
+                    for d in decs.values():
+                        d.feed(torch.randint(0, 512, (1, 8)))
+                    rounds = {n_: [] for n_ in decs}
+                    for _ in range(5):
+                        for n_, d in decs.items():
+                            rounds[n_].append(timeit(lambda: d.feed(tok), reps=10, warm=2))
+                out[f"{name}_plain"] = 1e3 * float(np.median(rounds["plain"]))
+                out[name] = 1e3 * float(np.median(rounds[name]))
+    for k_ in [k_ for k_ in out if k_.startswith("knn") and not k_.endswith("_plain")]:
+        out[f"{k_}_added_share"] = (out[k_] - out[f"{k_}_plain"]) / out[f"{k_}_plain"]
     log(json.dumps(out))
     return out
 
@@ -167,20 +173,28 @@ def memorizing_speed(steps: int = 6) -> dict:
     bb = BackboneConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, seg_len=64)
     task = LMTask(LMTaskConfig(corpus="sotu", tokenizer="bpe512"), 64)
     out = {}
+    trainers = {}
     for name, mems in [("off", ()), ("on_1024", (MemorizingConfig(mem_len=1024, k=32),)),
                        ("on_2048", (MemorizingConfig(mem_len=2048, k=32),))]:
         torch.manual_seed(0)
         model = build_model(ModelConfig(bb, mems))
         tr = Trainer(model, TrainConfig(max_steps=10**6, batch_size=16, n_segments=2, progress=False),
                      task.train_source(16, 0), dist=DistInfo(device=torch.device("cpu")))
-        for _ in range(18):  # fill the memory first (2048 entries = 32 segments of a row = 16 steps)
-            tr.train_step() if name != "off" else None
-            if name == "off":
-                break
-        t0, tok0 = time.perf_counter(), tr.tokens
-        for _ in range(steps):
+        # fill the memory first (2048 entries = 32 segments of a row = 16 steps); warm the plain one too
+        for _ in range(18 if name != "off" else 2):
             tr.train_step()
-        out[f"tok_per_s_{name}"] = (tr.tokens - tok0) / (time.perf_counter() - t0)
+        trainers[name] = tr
+    # alternating rounds: a change in the shared machine's load hits every configuration alike
+    spent = {n: [0.0, 0] for n in trainers}
+    for _ in range(steps):
+        for name, tr in trainers.items():
+            t0, tok0 = time.perf_counter(), tr.tokens
+            tr.train_step()
+            spent[name][0] += time.perf_counter() - t0
+            spent[name][1] += tr.tokens - tok0
+    for name, (sec, tok) in spent.items():
+        out[f"tok_per_s_{name}"] = tok / sec
+    out["interleaved"] = True
     for name in ("on_1024", "on_2048"):
         out[f"slowdown_{name}"] = out["tok_per_s_off"] / out[f"tok_per_s_{name}"]
     log(json.dumps(out))
@@ -193,7 +207,12 @@ def main():
     p.add_argument("--sizes", default="1000000,2000000")
     p.add_argument("--hnsw-size", type=int, default=200_000)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--only", default="store,bandwidth,knnlm,memorizing")
+    p.add_argument("--backends", default="exact,faiss_flat,faiss_ivf",
+                   help="store backends timed at each of --sizes (faiss_ivf at the first size only)")
+    p.add_argument("--only", default="store,hnsw,bandwidth,knnlm,memorizing")
+    p.add_argument("--query-batches", default="1,64", help="query batch sizes timed in the store part")
+    p.add_argument("--append", action="store_true", help="add to the record at --out instead of starting a new one "
+                   "(lets each part run as its own short invocation under the timing lock)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     # one thread: on a shared, oversubscribed machine OpenMP threads spin against other processes
@@ -207,16 +226,25 @@ def main():
            "gpu_exact_search_vs_bandwidth": "not measured yet (no GPU in this task)"}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and path.is_file():
+        prev = json.loads(path.read_text())
+        out["runs"] = prev.get("runs", [{"command": prev["command"], "date": prev["date"]}]) + [
+            {"command": out["command"], "date": out["date"]}]
+        out = {**prev, **{k: v for k, v in out.items() if k not in ("store",)}}
+    else:
+        out["runs"] = [{"command": out["command"], "date": out["date"]}]
     sizes = [int(s) for s in args.sizes.split(",")]
     only = args.only.split(",")
+    out.setdefault("store", [])
     if "store" in only:
-        out["store"] = []
         for n in sizes:
-            for backend in ("exact", "faiss_flat", "faiss_ivf"):
+            for backend in args.backends.split(","):
                 if backend == "faiss_ivf" and n != sizes[0]:
                     continue   # IVF at the first size only (time on a shared machine)
-                out["store"].append(bench_store(n, args.dim, backend))
+                out["store"].append(bench_store(n, args.dim, backend,
+                                                query_batches=tuple(int(b) for b in args.query_batches.split(","))))
                 path.write_text(json.dumps(out, indent=1))
+    if "hnsw" in only:      # HNSW builds slowly on one core: a smaller store
         out["store"].append(bench_store(args.hnsw_size, args.dim, "faiss_hnsw"))
         path.write_text(json.dumps(out, indent=1))
     if "bandwidth" in only:

@@ -3,6 +3,7 @@ docs/benchmarks/retrieval.md (prints markdown; the page adds the prose)."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -12,20 +13,97 @@ def load(p):
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def main(root="reports/retrieval"):
+def arg(rec: dict, name: str) -> str:
+    """A command-line value out of a record's `command` string."""
+    m = re.search(rf"--{name}=(\S+)", rec["command"])
+    return m.group(1) if m else "?"
+
+
+def claims_tables(c: dict, root: Path) -> str:
+    out = [f"### Claims on SOTU ({c['date']}, {c['env']['device']}, backbone d_model {c['backbone']['d_model']}, "
+           f"{c['backbone']['n_layers']} layers, seg_len {c['backbone']['seg_len']}, bpe512)\n"]
+    k = c.get("knn_lm")
+    if k:
+        t, v = k["test"], k["val"]
+        out.append(f"**kNN-LM** (backbone trained {k['train']['steps']} steps, {k['train']['train_tokens']:,} tokens; datastore "
+                   f"{k['store_entries']:,} entries of the SOTU train split, {k['store']['backend']} fp16, nprobe "
+                   f"{k['store']['nprobe']}, k={k['k']}; temperature {v['temperature']} and lambda {v['lambda']} tuned on "
+                   f"{arg(c, 'val-tokens')} SOTU val tokens, grid in the record)\n")
+        out.append("| split | tokens | backbone ppl | kNN-LM ppl | change | via the registered memory | + document cache (1,024) |")
+        out.append("|---|---|---|---|---|---|---|")
+        out.append(f"| val (tuning) | | {v['ppl_lm']:.3f} | {v['ppl_knnlm']:.3f} | {100 * (v['ppl_knnlm'] / v['ppl_lm'] - 1):+.1f}% | | |")
+        out.append(f"| test | {t['tokens']:,} | {t['ppl_lm']:.3f} | {t['ppl_knnlm']:.3f} | {100 * (t['ppl_knnlm'] / t['ppl_lm'] - 1):+.1f}% | "
+                   f"{t['ppl_knnlm_via_memory']:.3f} | {t['ppl_knnlm_plus_doc_cache']:.3f} |")
+        out.append("\nPaper (WikiText-103, 247M-parameter LM, 103M-entry store): 18.65 -> 16.12 (-13.6%).\n")
+    m = c.get("memorizing")
+    if m:
+        e = m["eval"]
+        out.append(f"**Memorizing Transformer** (trained {m['train']['steps']} steps with a {m['trained_mem_len']}-entry memory, "
+                   f"k={m['k']}; evaluated on the SOTU test split with the memory capped at each size)\n")
+        out.append("| memory entries | test ppl | test bpb |")
+        out.append("|---|---|---|")
+        for size, r in e.items():
+            if size != "gate_closed":
+                out.append(f"| {int(size):,} | {r['ppl']:.3f} | {r['bpb']:.4f} |")
+        out.append(f"| gate closed (memory unused) | {e['gate_closed']['ppl']:.3f} | |")
+        out.append(f"| plain backbone, same steps | {m['plain_backbone']['ppl']:.3f} | |")
+        png = Path("docs/benchmarks/img/retrieval-memorizing.png")
+        if plot_memorizing(e, m["plain_backbone"]["ppl"], png):
+            out.append(f"\n![Memorizing ppl vs memory size](img/{png.name})\n")
+    rt = c.get("retro")
+    if rt:
+        e = rt["eval"]
+        out.append(f"**RETRO** ({rt['params']:,} parameters, chunk {rt['chunk']}, 2 neighbours from a {rt['store_entries']:,}-chunk "
+                   f"store of the SOTU train split (same-document neighbours excluded), trained {rt['train']['steps']} steps)\n")
+        out.append("| model | test ppl |")
+        out.append("|---|---|")
+        out.append(f"| RETRO, retrieval on | {e['retro_on_ppl']:.3f} |")
+        out.append(f"| same weights, retrieval off | {e['retro_off_ppl']:.3f} |")
+        out.append(f"| same architecture trained and evaluated without retrieval | {e['trained_off_ppl']:.3f} |")
+    out.append(f"\ncommand: `{c['command']}`")
+    return "\n".join(out)
+
+
+def plot_memorizing(e: dict, plain: float, png: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    sizes = [int(s) for s in e if s != "gate_closed"]
+    ppl = [e[s]["ppl"] for s in e if s != "gate_closed"]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.plot(sizes, ppl, "o-", label="Memorizing (trained at 1,024)")
+    ax.axhline(plain, color="gray", ls="--", label="plain backbone")
+    ax.axhline(e["gate_closed"]["ppl"], color="tab:red", ls=":", label="gate closed")
+    ax.set_xscale("log")
+    ax.set_xlabel("memory entries per layer (eval)")
+    ax.set_ylabel("SOTU test perplexity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return True
+
+
+def main(root="docs/benchmarks/retrieval"):
     r = Path(root)
     out = []
     perf = load(r / "perf.json")
     if perf:
-        out.append(f"### Datastore vs plain FAISS ({perf['date']}, {perf['env']['device']})\n")
-        out.append("| entries | dim | backend | insert vec/s ours | insert vec/s FAISS | ratio | query ms (1) ours / FAISS | ratio | "
+        out.append(f"### Datastore vs plain FAISS ({perf['env']['device']}; each row's UTC time in its first column)\n")
+        out.append("| measured | entries | dim | backend | insert vec/s ours | insert vec/s FAISS | ratio | query ms (1) ours / FAISS | ratio | "
                    "query ms (64) ours / FAISS | ratio | recall@10 |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for s in perf.get("store", []):
-            out.append(f"| {s['n']:,} | {s['d']} | {s['backend']} | {s['insert_vps_ours']:,.0f} | {s['insert_vps_faiss']:,.0f} | "
-                       f"{s['insert_ratio']:.2f} | {s['query_ms_batch1_ours']:.2f} / {s['query_ms_batch1_faiss']:.2f} | "
-                       f"{s['query_ratio_batch1']:.2f} | {s['query_ms_batch64_ours']:.1f} / {s['query_ms_batch64_faiss']:.1f} | "
-                       f"{s['query_ratio_batch64']:.2f} | {s['recall_at_k']:.3f} |")
+            q1 = (f"{s['query_ms_batch1_ours']:.2f} / {s['query_ms_batch1_faiss']:.2f} | {s['query_ratio_batch1']:.2f}"
+                  if "query_ms_batch1_ours" in s else "not timed | ")
+            q64 = (f"{s['query_ms_batch64_ours']:.1f} / {s['query_ms_batch64_faiss']:.1f} | {s['query_ratio_batch64']:.2f}"
+                   if "query_ms_batch64_ours" in s else "not timed | ")
+            out.append(f"| {s.get('date', perf['date'])[11:16]} | {s['n']:,} | {s['d']} | {s['backend']} | {s['insert_vps_ours']:,.0f} | "
+                       f"{s['insert_vps_faiss']:,.0f} | {s['insert_ratio']:.2f} | {q1} | {q64} | {s['recall_at_k']:.3f} |")
         if perf.get("bandwidth"):
             out.append("\n| keys | bytes | streaming read GB/s | search GB/s (1 query) | share | search GB/s (64 queries) | share |")
             out.append("|---|---|---|---|---|---|---|")
@@ -34,20 +112,29 @@ def main(root="reports/retrieval"):
                            f"{b['share_of_ceiling_q1']:.2f} | {b['search_GBps_q64']:.2f} | {b['share_of_ceiling_q64']:.2f} |")
         if perf.get("knnlm_decode_ms"):
             k = perf["knnlm_decode_ms"]
-            out.append(f"\nkNN-LM per generated token ({k['n']:,}-entry store, k=32): plain {k['plain']:.2f} ms; " + "; ".join(
-                f"{n} {v:.2f} ms (+{100 * k[n + '_added_share']:.0f}%)" for n, v in k.items()
-                if n.startswith("knn") and not n.endswith("share")))
+            out.append(f"\nkNN-LM cost per generated token (batch 1, quick backbone, {k['n']:,}-entry random store, k=32; "
+                       "the plain backbone timed in alternating rounds with each variant):\n")
+            out.append("| variant | ms / token with kNN-LM | ms / token plain | added share of the forward pass |")
+            out.append("|---|---|---|---|")
+            for n, v in k.items():
+                if n.startswith("knn") and not n.endswith(("_plain", "_share")):
+                    out.append(f"| {n} | {v:.2f} | {k[n + '_plain']:.2f} | {100 * k[n + '_added_share']:+.0f}% |")
         if perf.get("memorizing_training"):
             m = perf["memorizing_training"]
-            out.append(f"\nMemorizing training tokens/s: off {m['tok_per_s_off']:,.0f}; memory 1024 {m['tok_per_s_on_1024']:,.0f} "
+            how = "configurations in alternating steps" if m.get("interleaved") else "configurations one after another"
+            out.append(f"\nMemorizing training tokens/s (quick backbone, batch 16 x 2 segments x 64, memory filled first, "
+                       f"{how}): off {m['tok_per_s_off']:,.0f}; memory 1024 {m['tok_per_s_on_1024']:,.0f} "
                        f"(slowdown x{m['slowdown_on_1024']:.2f}); memory 2048 {m['tok_per_s_on_2048']:,.0f} "
                        f"(slowdown x{m['slowdown_on_2048']:.2f})")
-        out.append(f"\ncommand: `{perf['command']}`")
-    for name in ("knn_lm", "memorizing", "retro"):
-        c = load(r / f"claims_{name}.json")
-        if c and name in c:
-            out.append(f"\n### claim {name} ({c['date']})\n```json\n{json.dumps(c[name], indent=1, default=str)[:4000]}\n```")
-            out.append(f"command: `{c['command']}`")
+        out.append("\nruns (each `OMP_NUM_THREADS=1 flock /tmp/memstack-timing.lock .venv/bin/python benchmarks/retrieval/perf.py "
+                   "--append --out reports/retrieval/perf.json` plus the options shown; rows a later run replaced were dropped):\n")
+        for run in perf.get("runs", [{"command": perf["command"], "date": perf["date"]}]):
+            opts = " ".join(a for a in run["command"].split()[1:] if a.split("=")[0] not in ("--out", "--append", "--threads", "--dim")
+                            and not (a.startswith("--hnsw-size") and "hnsw" not in run["command"].split("--only=")[-1]))
+            out.append(f"- {run['date'][11:]}: `{opts or run['command']}`")
+    c = load(r / "claims_lm.json")
+    if c:
+        out.append(claims_tables(c, r))
     for p in sorted(r.glob("passages*.json")):
         c = load(p)
         out.append(f"\n### passage retrieval: {p.name} ({c['date']}; {c['passages']:,} passages, {c['queries']:,} queries, "
@@ -59,8 +146,25 @@ def main(root="reports/retrieval"):
             out.append(f"| {m} | {t['recall@1']:.3f} | {t['recall@10']:.3f} | {t['mrr']:.3f} | {a['recall@1']:.3f} | "
                        f"{a['recall@10']:.3f} | {a['mrr']:.3f} |")
         out.append(f"\ncommand: `{c['command']}`; seconds: {json.dumps({k: round(v) for k, v in c['seconds'].items()})}")
-    print("\n".join(out))
+    return "\n".join(out)
+
+
+START, END = "<!-- tables:start (benchmarks/retrieval/report.py) -->", "<!-- tables:end -->"
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    # report.py [RECORDS_DIR] [--page docs/benchmarks/retrieval.md]: print the tables, or splice
+    # them into the page between the START and END markers (the prose around them is kept)
+    args = sys.argv[1:]
+    page = None
+    if "--page" in args:
+        i = args.index("--page")
+        page = Path(args[i + 1])
+        del args[i:i + 2]
+    tables = main(*args)
+    if page is None:
+        print(tables)
+    else:
+        text = page.read_text()
+        a, b = text.index(START) + len(START), text.index(END)
+        page.write_text(text[:a] + "\n" + tables + "\n" + text[b:])

@@ -367,7 +367,8 @@ def test_every_memory_starts_from_the_same_backbone_weights(monkeypatch):
     monkeypatch.setattr(bench, "Trainer", StubTrainer)
     StubTrainer.seen = []
     task_cfg = MQARTaskConfig(vocab=128, seq_len=64, num_kv_pairs=4, n_train=16, n_test=4)
-    suite = micro_suite(memories=("all",), tasks=(task_cfg,), memory_configs={"retro": {"chunk": 16}})
+    # retro's default 64-token chunk must divide the segment: a chunk that fits the micro backbone
+    suite = micro_suite(memories=("all",), tasks=(task_cfg,), memory_configs={"xl": {"mem_len": 16}, "retro": {"chunk": 8}})
     env = bench.environment(torch.device("cpu"))
     for mem in suite.memory_list():
         bench.run_cell(suite, mem, task_cfg, 0.01, 256, torch.device("cpu"), env)

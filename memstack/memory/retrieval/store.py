@@ -354,7 +354,12 @@ class Datastore:
             return self._search_exact(qd, k, codes, excl)
         return self._search_faiss(qd, k, codes, excl, candidates)
 
-    def _valid(self, codes: Tensor, excl: Tensor | None) -> Tensor:
+    def _valid(self, codes: Tensor, excl: Tensor | None) -> Tensor | None:
+        """Which rows each query may see; None = every row (the common case of one namespace, no
+        tombstones, no exclusion: no (N,) mask to build and apply, measured ~40% of a batch-1 exact
+        search over 1M keys)."""
+        if excl is None and self._dead == 0 and len(self._ns_code) == 1 and bool((codes == 0).all()):
+            return None
         ns, alive = self._ns[: self._n], self.alive
         if excl is None and bool((codes == codes[0]).all()):
             return alive & (ns == codes[0])                              # (N,): one namespace for all
