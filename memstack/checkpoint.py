@@ -84,21 +84,38 @@ def _config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [f"{prefix}: checkpoint has {a!r}, expected {b!r}"]
 
 
-def load_weights(model: torch.nn.Module, path: str | Path) -> dict:
-    """Load a checkpoint's weights into an existing model, refusing any mismatch. Returns meta."""
+def _verified_tensors(path: Path, data: dict) -> dict[str, Tensor]:
+    """The tensors of checkpoint `path` (whose config.json is `data`), after checking that the
+    weights file exists and matches its recorded SHA-256."""
     from safetensors.torch import load_file
 
-    path = Path(path)
-    data = _read_config(path)
-    diff = _config_diff(data["model"], to_dict(model.cfg))
-    if diff:
-        raise CheckpointError(f"{path} was saved for a different model:\n" + "\n".join(f"  - {d}" for d in diff))
     wfile = path / data["weights"]
     if not wfile.is_file():
         raise CheckpointError(f"{path}: weights file {data['weights']} is missing")
     if sha256_file(wfile) != data["sha256"]:
         raise CheckpointError(f"{wfile}: checksum mismatch -- the file is corrupted or was modified")
-    saved = saved_full = load_file(str(wfile))
+    return load_file(str(wfile))
+
+
+def _tensor_problems(saved: dict[str, Tensor], want: dict[str, Tensor]) -> list[str]:
+    """Every way the saved tensors differ from the model's: missing, unexpected, shape, dtype."""
+    problems = [f"missing tensor {k} {tuple(v.shape)}" for k, v in want.items() if k not in saved]
+    problems += [f"unexpected tensor {k} {tuple(v.shape)}" for k, v in saved.items() if k not in want]
+    problems += [f"{k}: shape {tuple(saved[k].shape)} in checkpoint, model has {tuple(v.shape)}"
+                 for k, v in want.items() if k in saved and saved[k].shape != v.shape]
+    problems += [f"{k}: dtype {saved[k].dtype} in checkpoint, model has {v.dtype}"
+                 for k, v in want.items() if k in saved and saved[k].shape == v.shape and saved[k].dtype != v.dtype]
+    return problems
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> dict:
+    """Load a checkpoint's weights into an existing model, refusing any mismatch. Returns meta."""
+    path = Path(path)
+    data = _read_config(path)
+    diff = _config_diff(data["model"], to_dict(model.cfg))
+    if diff:
+        raise CheckpointError(f"{path} was saved for a different model:\n" + "\n".join(f"  - {d}" for d in diff))
+    saved = saved_full = _verified_tensors(path, data)
     want = unique_state_dict(model)
     in_shards: list[str] = []
     problems: list[str] = []
@@ -114,12 +131,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> dict:
         problems += [f"{k}: the checkpoint holds a ({index[k]['rows']}, {index[k]['dim']}) table, the model "
                      f"({tables[k].n_rows}, {tables[k].dim})" for k in in_shards
                      if (index[k]["rows"], index[k]["dim"]) != (tables[k].n_rows, tables[k].dim)]
-    problems += [f"missing tensor {k} {tuple(v.shape)}" for k, v in want.items() if k not in saved]
-    problems += [f"unexpected tensor {k} {tuple(v.shape)}" for k, v in saved.items() if k not in want]
-    problems += [f"{k}: shape {tuple(saved[k].shape)} in checkpoint, model has {tuple(v.shape)}"
-                 for k, v in want.items() if k in saved and saved[k].shape != v.shape]
-    problems += [f"{k}: dtype {saved[k].dtype} in checkpoint, model has {v.dtype}"
-                 for k, v in want.items() if k in saved and saved[k].shape == v.shape and saved[k].dtype != v.dtype]
+    problems += _tensor_problems(saved, want)
     stack = getattr(model, "memory", None)
     for i, mem in enumerate(stack.memories if stack is not None else []):
         pre = f"memory.memories.{i}."
@@ -147,24 +159,14 @@ def load_backbone_weights(model: torch.nn.Module, path: str | Path) -> dict:
     `model`, whose memories may differ (e.g. a prefix to tune on a backbone trained without one).
     The backbone configs must be equal; the model's memory parameters are left as they are.
     Refuses a corrupted file or any mismatch, listing every one. Returns the checkpoint's meta."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     data = _read_config(path)
     diff = _config_diff(data["model"].get("backbone"), to_dict(model.cfg.backbone), "backbone")
     if diff:
         raise CheckpointError(f"{path} holds a different backbone:\n" + "\n".join(f"  - {d}" for d in diff))
-    wfile = path / data["weights"]
-    if not wfile.is_file():
-        raise CheckpointError(f"{path}: weights file {data['weights']} is missing")
-    if sha256_file(wfile) != data["sha256"]:
-        raise CheckpointError(f"{wfile}: checksum mismatch -- the file is corrupted or was modified")
     backbone = lambda d: {k: v for k, v in d.items() if not k.startswith("memory.")}  # noqa: E731
-    saved, want = backbone(load_file(str(wfile))), backbone(unique_state_dict(model))
-    problems = [f"missing tensor {k} {tuple(v.shape)}" for k, v in want.items() if k not in saved]
-    problems += [f"unexpected tensor {k} {tuple(v.shape)}" for k, v in saved.items() if k not in want]
-    problems += [f"{k}: shape {tuple(saved[k].shape)} in checkpoint, model has {tuple(v.shape)}"
-                 for k, v in want.items() if k in saved and saved[k].shape != v.shape]
+    saved, want = backbone(_verified_tensors(path, data)), backbone(unique_state_dict(model))
+    problems = _tensor_problems(saved, want)
     if problems:
         raise CheckpointError(f"{path}: backbone does not match the model ({len(problems)} problem(s)):\n"
                               + "\n".join(f"  - {p}" for p in problems))
@@ -173,6 +175,8 @@ def load_backbone_weights(model: torch.nn.Module, path: str | Path) -> dict:
         for k, t in saved.items():
             params[k].copy_(t)
     return data.get("meta", {})
+
+
 def _shard_slices(model: torch.nn.Module, saved: dict[str, Tensor]) -> dict[str, tuple[Tensor, int, int]]:
     """Tables stored whole in `saved` whose model copy holds one row block (a row-sharded run
     resuming an unsharded checkpoint): name -> (parameter, lo, hi)."""

@@ -153,13 +153,20 @@ def _tokens_per_step(suite: SuiteConfig, task: Task, source: Any) -> int:
     return suite.train.batch_size * n_seg * suite.backbone.seg_len
 
 
+def cell_model(suite: SuiteConfig, task_cfg: TaskConfig, mem: MemoryConfig, device: torch.device):
+    """The suite's backbone sized for the task's vocabulary, with one memory, initialised from the
+    suite's seed (so every memory starts from the same backbone weights)."""
+    backbone = dataclasses.replace(suite.backbone, vocab_size=task_cfg.vocab_size())
+    torch.manual_seed(suite.seed)
+    return build_model(ModelConfig(backbone, (mem,))).to(device)
+
+
 def run_cell(suite: SuiteConfig, mem: MemoryConfig, task_cfg: TaskConfig, lr: float, tokens: int,
              device: torch.device, env: dict, task: Task | None = None) -> dict:
     """Train one memory on one task at one learning rate for `tokens` input tokens; evaluate."""
-    backbone = dataclasses.replace(suite.backbone, vocab_size=task_cfg.vocab_size())
-    task = task or build_task(task_cfg, backbone.seg_len)
-    torch.manual_seed(suite.seed)
-    model = build_model(ModelConfig(backbone, (mem,))).to(device)
+    task = task or build_task(task_cfg, suite.backbone.seg_len)
+    model = cell_model(suite, task_cfg, mem, device)
+    backbone = model.cfg.backbone
     source = task.train_source(suite.train.batch_size, suite.seed)
     per_step = _tokens_per_step(suite, task, source)
     steps = max(1, tokens // per_step)
@@ -201,33 +208,27 @@ def calibrate(suite: SuiteConfig, device: torch.device, tasks: list[Task],
     memories (retrieval, per-token recurrences) are budgeted for what they cost."""
     from memstack.memory.baseline import NoMemoryConfig
 
-    def model_for(task: Task, mem: MemoryConfig):
-        backbone = dataclasses.replace(suite.backbone, vocab_size=task.cfg.vocab_size())
-        torch.manual_seed(suite.seed)
-        return build_model(ModelConfig(backbone, (mem,))).to(device)
-
     def trainer(mem: MemoryConfig) -> Trainer:
         tcfg = dataclasses.replace(suite.train, max_steps=8, warmup_steps=1, progress=False)
-        return Trainer(model_for(tasks[0], mem), tcfg, tasks[0].train_source(suite.train.batch_size, suite.seed),
+        return Trainer(cell_model(suite, tasks[0].cfg, mem, device), tcfg, tasks[0].train_source(suite.train.batch_size, suite.seed),
                        dist=DistInfo(device=device))
 
-    def step_time(tr: Trainer, warm: int, timed: int) -> float:
+    def step_time(tr: Trainer, warm: int, timed: int) -> tuple[float, int]:
+        """Seconds per training step over `timed` steps after `warm` untimed ones, and tokens per step."""
         for _ in range(warm):
             tr.train_step()
-        t0 = time.perf_counter()
+        t0, tok0 = time.perf_counter(), tr.tokens
         for _ in range(timed):
             tr.train_step()
-        return (time.perf_counter() - t0) / max(timed, 1)
+        return (time.perf_counter() - t0) / timed, (tr.tokens - tok0) // timed
 
-    tr = trainer(NoMemoryConfig())
-    step_time(tr, 2, 0)
-    t0, tok0 = time.perf_counter(), tr.tokens
-    plain_step = step_time(tr, 0, 5)
-    tps = (tr.tokens - tok0) / (time.perf_counter() - t0)
-    slowdowns = [1.0 if mem.kind == "none" else max(step_time(trainer(mem), 1, 2) / plain_step, 1.0) for mem in mems]
+    plain_step, tokens_per_step = step_time(trainer(NoMemoryConfig()), 2, 5)
+    tps = tokens_per_step / plain_step
+    slowdowns = [1.0 if mem.kind == "none" else max(step_time(trainer(mem), 1, 2)[0] / plain_step, 1.0)
+                 for mem in mems]
     evals = []
     for task in tasks:
-        m = model_for(task, NoMemoryConfig()).eval()
+        m = cell_model(suite, task.cfg, NoMemoryConfig(), device).eval()
         t0 = time.perf_counter()
         with torch.no_grad():
             task.evaluate(m)

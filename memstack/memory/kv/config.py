@@ -7,6 +7,18 @@ from typing import ClassVar, Literal
 from memstack.config import BackboneConfig, Checked, MemoryConfig, _layers_reasons
 
 
+def _scope_reasons(scope: str, window: int | None) -> list[str]:
+    """Reasons a KV cache's scope/window pair is invalid (dense and paged caches share them)."""
+    r = []
+    if scope not in ("segment", "document"):
+        r.append(f"scope must be 'segment' or 'document', got {scope!r}")
+    if window is not None and scope != "document":
+        r.append("window applies to scope='document' only")
+    if window is not None and window < 1:
+        r.append(f"window must be >= 1 or null, got {window}")
+    return r
+
+
 @dataclass(frozen=True)
 class DenseKVConfig(MemoryConfig):
     """A dense KV cache.
@@ -28,13 +40,7 @@ class DenseKVConfig(MemoryConfig):
         return self.scope == "document"
 
     def check(self) -> list[str]:
-        r = []
-        if self.scope not in ("segment", "document"):
-            r.append(f"scope must be 'segment' or 'document', got {self.scope!r}")
-        if self.window is not None and self.scope != "document":
-            r.append("window applies to scope='document' only")
-        if self.window is not None and self.window < 1:
-            r.append(f"window must be >= 1 or null, got {self.window}")
+        r = _scope_reasons(self.scope, self.window)
         if self.initial_capacity < 1:
             r.append(f"initial_capacity must be >= 1, got {self.initial_capacity}")
         return r
@@ -98,13 +104,7 @@ class PagedKVConfig(MemoryConfig):
         return self.scope == "document"
 
     def check(self) -> list[str]:
-        r = []
-        if self.scope not in ("segment", "document"):
-            r.append(f"scope must be 'segment' or 'document', got {self.scope!r}")
-        if self.window is not None and self.scope != "document":
-            r.append("window applies to scope='document' only")
-        if self.window is not None and self.window < 1:
-            r.append(f"window must be >= 1 or null, got {self.window}")
+        r = _scope_reasons(self.scope, self.window)
         if self.block_size < 1:
             r.append(f"block_size must be >= 1, got {self.block_size}")
         if self.initial_blocks < 1:
