@@ -105,6 +105,28 @@ class MemoryConfig(Checked):
     def check_with(self, backbone: BackboneConfig) -> list[str]:
         return []
 
+    @property
+    def kv_cache(self) -> "KVCacheSemantics | None":
+        """Declared when this memory is a cache of the past tokens' own keys/values (what
+        token-by-token decoding needs): what attention sees through it. None: not a KV cache."""
+        return None
+
+
+@dataclass(frozen=True)
+class KVCacheSemantics:
+    """What a KV-cache memory lets a query see, in *slots* (every token of the extended chunk it
+    stored, memory tokens included):
+
+    scope "segment": the current segment only (cleared when a segment starts);
+    scope "document": everything, or with `window` the last `window` slots held when the
+    previous segment ended plus the current segment.
+    plain: the cache is exactly that (no compression, no quantization), so an engine that owns a
+    paged K/V pool may run the model without this memory and attend over its pool instead."""
+
+    scope: str = "segment"
+    window: int | None = None
+    plain: bool = True
+
 
 def _layers_reasons(layers: tuple[int, ...] | None, backbone: BackboneConfig) -> list[str]:
     """Shared check for memories placed at chosen layers."""

@@ -4,7 +4,7 @@ The prompt is fed in segments of the backbone's `seg_len`, exactly as in trainin
 current segment, a segment-scoped dense KV cache holds the tokens seen so far, so decoding one
 token at a time costs one token's compute and gives the same logits as a one-shot forward of
 the segment; across segments the model's own memories carry the context. A model whose stack
-already has a KV cache (`kv_dense`, `kv_paged`) uses it instead.
+already has a KV cache (a memory whose config declares `kv_cache`) uses it instead.
 """
 from __future__ import annotations
 
@@ -59,10 +59,11 @@ def sample(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | Non
 
 
 def decoding_model(model: torch.nn.Module) -> torch.nn.Module:
-    """`model`, with a segment-scoped decode cache appended if its stack has no KV cache."""
+    """`model`, with a segment-scoped decode cache appended unless a memory of its stack declares
+    itself a KV cache (`MemoryConfig.kv_cache`): that one decodes."""
     from memstack.memory.kv.config import DenseKVConfig
 
-    if any(k in model.memory.kinds for k in ("kv_dense", "kv_paged")):  # the stack's own cache decodes
+    if any(m.kv_cache is not None for m in model.cfg.memories):
         return model
     return model.with_memories([DenseKVConfig(scope="segment")])
 

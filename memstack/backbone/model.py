@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from memstack.memory.base import AttnIO, KVBlock, Step, StepContext
 from memstack.memory.stack import MemoryStack
 from memstack.memory.state import ModelState
 from memstack.ops.attention import attention
+
+if TYPE_CHECKING:
+    from memstack.backbone.attention import AttentionBackend
 
 
 @dataclass
@@ -65,9 +69,11 @@ class Attention(nn.Module):
         return k, self._heads(self.wv(x), self.kv_heads)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, extras: list[KVBlock]) -> Tensor:
-    """Attention of the chunk's queries over [memory blocks..., chunk (causal)]."""
-    if not extras:
+def _attend(q: Tensor, k: Tensor, v: Tensor, extras: list[KVBlock], valid: Tensor | None = None) -> Tensor:
+    """Attention of the chunk's queries over [memory blocks..., chunk (causal)]. valid (B, T):
+    which chunk tokens exist per row (None: all); a query always sees itself, so a row's invalid
+    tokens compute something finite that nobody reads."""
+    if not extras and valid is None:
         return attention(q, k, v)                                     # causal, no mask tensor
     B, T = q.shape[0], q.shape[2]
     tail = [e for e in extras if e.includes_chunk]
@@ -75,18 +81,37 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, extras: list[KVBlock]) -> Tensor:
         raise RuntimeError("two memories returned a KV block that includes the chunk; only one cache may")
     blocks = [e for e in extras if not e.includes_chunk] + tail       # the chunk-holding block goes last
     ones = lambda n: torch.ones(B, n, dtype=torch.bool, device=q.device)  # noqa: E731
-    valid = [e.valid if e.valid is not None else ones(e.k.shape[2]) for e in blocks]
+    past_valid = [e.valid if e.valid is not None else ones(e.k.shape[2]) for e in blocks]
     if tail:
         ks, vs = [e.k for e in blocks], [e.v for e in blocks]
-        valid[-1] = valid[-1][:, : valid[-1].shape[1] - T]            # the chunk part is causal, below
+        past_valid[-1] = past_valid[-1][:, : past_valid[-1].shape[1] - T]  # the chunk part is causal, below
     else:
         ks, vs = [e.k for e in blocks] + [k], [e.v for e in blocks] + [v]
     K = ks[0] if len(ks) == 1 else torch.cat(ks, dim=2)               # (B, Hkv, S, hd)
     V = vs[0] if len(vs) == 1 else torch.cat(vs, dim=2)
-    past = torch.cat(valid, dim=1) if len(valid) > 1 else valid[0]    # (B, S - T)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril().expand(B, T, T)
+    if valid is not None:
+        causal = (causal & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=q.device)
+    if not past_valid:
+        return attention(q, K, V, causal)
+    past = torch.cat(past_valid, dim=1) if len(past_valid) > 1 else past_valid[0]    # (B, S - T)
     mask = torch.cat([past[:, None, :].expand(B, T, past.shape[1]), causal], dim=2)  # (B, T, S)
     return attention(q, K, V, mask)
+
+
+def extended_positions(pos: Tensor, n_prefix: int, n_tokens: int, n_suffix: int, valid: Tensor | None) -> Tensor:
+    """RoPE positions (B, P+T+Q) of the extended chunk: the real tokens at pos, pos+1, ...; a row's
+    *valid* prefix tokens take the positions just before (pos-p..pos-1) and its valid suffix
+    tokens those just after, whatever the other rows got."""
+    ar = torch.arange(-n_prefix, n_tokens + n_suffix, device=pos.device)
+    positions = pos[:, None] + ar                                     # (B, P+T+Q)
+    if valid is None:
+        return positions
+    P, T = n_prefix, n_tokens
+    pre = valid[:, :P].long()
+    after = pre.flip(1).cumsum(1).flip(1)                             # valid prefix tokens at or after j
+    suf = valid[:, P + T:].long().cumsum(1)                           # valid suffix tokens up to j
+    return torch.cat([pos[:, None] - after, positions[:, P:P + T], pos[:, None] + T - 1 + suf], dim=1)
 
 
 class Block(nn.Module):
@@ -104,7 +129,8 @@ class Block(nn.Module):
         cos, sin = rope_tables(positions, self.attn.head_dim, self.rope_theta, h.dtype)
         return self.attn.kv(self.attn_norm(h), cos, sin)
 
-    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, stack: MemoryStack, states: list, ctx: StepContext) -> Tensor:
+    def forward(self, h: Tensor, cos: Tensor, sin: Tensor, stack: MemoryStack, states: list, ctx: StepContext,
+                attn: "AttentionBackend | None" = None) -> Tensor:
         B, T, D = h.shape
         if len(stack):
             h = stack.block_in(self.layer, h, states, ctx)
@@ -112,7 +138,10 @@ class Block(nn.Module):
         q = self.attn.q(x, cos, sin)                                  # (B, H, T, hd)
         k, v = self.attn.kv(x, cos, sin)                              # (B, Hkv, T, hd)
         extras = stack.attn(AttnIO(self.layer, h, q, k, v, self.project_kv), states, ctx) if len(stack) else []
-        o = _attend(q, k, v, extras)                                  # (B, H, T, hd)
+        if attn is None:
+            o = _attend(q, k, v, extras, ctx.valid)                   # (B, H, T, hd)
+        else:  # the caller's K/V store (a serving engine's paged pool) holds the past and this chunk
+            o = attn.attend(self.layer, q, k, v, extras, ctx)
         if len(stack):
             o = stack.attn_out(self.layer, q, o, states, ctx)
         h = h + self.attn.wo(o.transpose(1, 2).reshape(B, T, D))
@@ -160,6 +189,14 @@ class MemoryModel(nn.Module):
         model = MemoryModel(cfg, _shared=self, _stack=stack).to(self.tok_emb.weight.device)
         return model.train(self.training)
 
+    def without_memories(self, drop: list[int]) -> "MemoryModel":
+        """A model sharing every parameter with this one, without the memories at positions
+        `drop` of the stack (a serving engine drops the KV caches its own pool replaces)."""
+        keep = [i for i in range(len(self.memory)) if i not in set(drop)]
+        cfg = ModelConfig(self.cfg.backbone, tuple(self.cfg.memories[i] for i in keep))
+        stack = MemoryStack(cfg.memories, cfg.backbone, modules=[self.memory.memories[i] for i in keep])
+        return MemoryModel(cfg, _shared=self, _stack=stack).train(self.training)
+
     @property
     def device(self) -> torch.device:
         return self.tok_emb.weight.device
@@ -186,14 +223,21 @@ class MemoryModel(nn.Module):
         bare = MemoryStack((), b)
         B, L = positions.shape
         ctx = StepContext(positions.new_zeros(B, 0), positions[:, 0], positions.new_zeros(B, dtype=torch.bool),
-                          True, True, self.training, positions=positions)
+                          True, True, self.training, positions=positions)   # no memory reads these phases
         cos, sin = rope_tables(positions, b.head_dim, b.rope_theta, x.dtype)
         h = x
         for block in self.blocks:
             h = block(h, cos, sin, bare, [], ctx)
         return h
 
-    def forward(self, tokens: Tensor, state: ModelState | None = None, step: Step | None = None) -> tuple[ModelOutput, ModelState]:
+    def forward(self, tokens: Tensor, state: ModelState | None = None, step: Step | None = None,
+                attn: "AttentionBackend | None" = None, namespaces: tuple[str | None, ...] | None = None,
+                logits: str = "all") -> tuple[ModelOutput, ModelState]:
+        """One chunk of every row. `attn`: an attention backend holding the past keys/values
+        outside the model (a serving engine's paged pool, see backbone/attention.py); None: the
+        memories' own caches. `namespaces`: per-row datastore namespaces (StepContext.namespace_of).
+        logits="last": only each row's last position goes through the head (serving; allowed
+        when no memory changes logits)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, length), got {tuple(tokens.shape)}")
         B, T = tokens.shape
@@ -201,20 +245,23 @@ class MemoryModel(nn.Module):
         if tokens.dtype not in (torch.int64, torch.int32) or (T and (int(tokens.min()) < 0 or int(tokens.max()) >= V)):
             bad = tokens[(tokens < 0) | (tokens >= V)] if tokens.dtype in (torch.int64, torch.int32) else tokens.flatten()[:3]
             raise ValueError(f"token ids must be integers in [0, {V}); got {bad[:5].tolist()} (dtype {tokens.dtype})")
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
         step = step or Step()
         if state is None:
             state = self.init_state(B, tokens.device)
         elif state.batch_size != B:
             raise ValueError(f"state is for batch {state.batch_size}, tokens have batch {B}")
         reset = step.reset if step.reset is not None else torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        ctx = StepContext(tokens, state.pos, reset.bool(), step.seg_start, step.seg_end, self.training,
+                          encode=self.encode, embed=self.tok_emb, namespaces=namespaces)
         if step.reset is not None:
             if reset.shape != (B,):
                 raise ValueError(f"step.reset must have shape ({B},), got {tuple(reset.shape)}")
-            if not step.seg_start and bool(reset.any()):
-                raise ValueError("a row can only start a new document at a segment start (step.seg_start=True)")
+            if bool((reset.bool() & ~ctx.seg_start.to(reset.device)).any()):
+                raise ValueError("a row can only start a new document at a segment start (step.seg_start=True for it)")
             state = self.reset_state(state, reset)
-        ctx = StepContext(tokens, state.pos, reset.bool(), step.seg_start, step.seg_end, self.training,
-                          encode=self.encode, embed=self.tok_emb)
+            ctx = ctx.with_(pos=state.pos)
         states = list(state.memories)
         if len(self.memory):
             self.memory.prepare(states, ctx)   # e.g. start fetching offloaded table rows
@@ -222,20 +269,25 @@ class MemoryModel(nn.Module):
         x = self.tok_emb(tokens)                                      # (B, T, D)
         prefixes, suffixes, spans = self.memory.embed(x, states, ctx) if len(self.memory) else ([], [], [])
         P, Q = sum(p.shape[1] for p in prefixes), sum(s.shape[1] for s in suffixes)
-        positions = state.pos[:, None] + torch.arange(-P, T + Q, device=tokens.device)  # (B, P+T+Q)
-        ctx = ctx.with_(n_prefix=P, n_suffix=Q, positions=positions,
+        valid = self.memory.token_valid(spans, P, T, B, tokens.device) if spans else None
+        positions = extended_positions(state.pos, P, T, Q, valid)    # (B, P+T+Q)
+        ctx = ctx.with_(n_prefix=P, n_suffix=Q, positions=positions, valid=valid,
                         embed_slots=self.memory.slots(spans, P, T) if spans else {})
         h = torch.cat(prefixes + [x] + suffixes, dim=1) if P or Q else x
         cos, sin = rope_tables(positions, self.cfg.backbone.head_dim, self.cfg.backbone.rope_theta, h.dtype)
+        if attn is not None:
+            attn.begin(ctx)
         for block in self.blocks:
-            h = block(h, cos, sin, self.memory, states, ctx)
+            h = block(h, cos, sin, self.memory, states, ctx, attn)
         if spans:
             self.memory.embed_out(h, spans, states, ctx)
         h = self.norm(h[:, P:P + T])                                  # (B, T, D) real tokens only
-        logits = self.lm_head(h).float()                              # (B, T, V)
+        if logits == "last" and self.memory._logits:
+            raise ValueError("logits='last' with a memory that changes the logits (it reads every position)")
+        out = self.lm_head(h if logits == "all" else h[:, -1:]).float()   # (B, T | 1, V)
         if len(self.memory):
-            logits = self.memory.logits(logits, h, states, ctx)
-        return ModelOutput(logits, h, ctx.losses), ModelState(state.pos + T, tuple(states))
+            out = self.memory.logits(out, h, states, ctx)
+        return ModelOutput(out, h, ctx.losses), ModelState(state.pos + T, tuple(states))
 
 
 def build_model(cfg: ModelConfig | BackboneConfig, memories: list[MemoryConfig] | None = None) -> MemoryModel:

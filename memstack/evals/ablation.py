@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from memstack.memory.base import Step
+from memstack.memory.base import row_flags, Step
 from memstack.memory.state import ModelState
 
 RESET, IDENTITY, ZERO = "reset", "identity", "zero"
@@ -82,10 +82,10 @@ class AblatedModel(nn.Module):
 
     def forward(self, tokens: Tensor, state: ModelState | None = None, step: Step | None = None) -> tuple[Any, ModelState]:
         step = step or Step()
-        if self._reset_any and step.seg_start:
+        mask = row_flags(step.seg_start, tokens.shape[0], tokens.device)   # rows opening a segment
+        if self._reset_any and bool(mask.any()):
             if state is None:
                 state = self.model.init_state(tokens.shape[0], tokens.device)
-            mask = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
             memories = tuple(m.reset(s, mask) if mode == RESET else s
                              for m, s, mode in zip(self.model.memory.memories, state.memories, self.modes))
             state = ModelState(state.pos, memories)

@@ -82,22 +82,41 @@ class MemorySpec:
 
 @dataclass(frozen=True)
 class Step:
-    """What the caller says about a chunk: which rows start a new document, segment edges."""
+    """What the caller says about a chunk: which rows start a new document, segment edges.
 
-    reset: Tensor | None = None  # (B,) bool: these rows start a new document; their state is wiped first
-    seg_start: bool = True       # this chunk opens a segment
-    seg_end: bool = True         # this chunk closes a segment
+    `seg_start` / `seg_end` are one bool for every row (rows in step, as in training) or a (B,)
+    bool tensor: rows that are *not* in step (a serving engine's requests at different positions)
+    each open or close their own segment. A memory that writes at a segment end does so for
+    exactly the rows that reach one (the contract suite holds every memory to that)."""
+
+    reset: Tensor | None = None        # (B,) bool: these rows start a new document; their state is wiped first
+    seg_start: bool | Tensor = True    # this chunk opens a segment (all rows, or (B,) per row)
+    seg_end: bool | Tensor = True      # this chunk closes a segment (all rows, or (B,) per row)
+
+
+def row_flags(flag: bool | Tensor, batch: int, device: torch.device | str) -> Tensor:
+    """A Step phase as a (batch,) bool tensor (a bool is broadcast to every row)."""
+    if isinstance(flag, Tensor):
+        if flag.shape != (batch,):
+            raise ValueError(f"a per-row segment flag must have shape ({batch},), got {tuple(flag.shape)}")
+        return flag.to(device=device, dtype=torch.bool)
+    return torch.full((batch,), bool(flag), dtype=torch.bool, device=device)
 
 
 @dataclass(frozen=True)
 class StepContext:
-    """What a memory may know about the chunk being processed. Built by the model per call."""
+    """What a memory may know about the chunk being processed. Built by the model per call.
+
+    Phases are per row: `seg_start` / `seg_end` are (B,) bool tensors (a bool passed in is
+    broadcast). `if ctx.seg_end:` therefore fails loudly for B > 1; use the Python flags
+    `any_start` / `all_start` / `any_end` / `all_end` to skip work, and the tensors to decide per row.
+    """
 
     tokens: Tensor          # (B, T) ids of this chunk's real tokens
     pos: Tensor             # (B,) document position of tokens[:, 0]
     reset: Tensor           # (B,) bool: rows whose state was wiped at the start of this chunk
-    seg_start: bool
-    seg_end: bool
+    seg_start: Tensor       # (B,) bool: rows whose chunk opens a segment
+    seg_end: Tensor         # (B,) bool: rows whose chunk closes a segment
     training: bool
     n_prefix: int = 0       # tokens memories prepended (EMBED), in front of the real tokens
     n_suffix: int = 0       # tokens memories appended (EMBED), after the real tokens
@@ -119,6 +138,28 @@ class StepContext:
     # embed(ids (B, P) int64) -> (B, P, D): the backbone's own token embedding, for EMBED memories
     # that put real tokens (retrieved passages, cached prompts) in front of the chunk; None = not offered
     embed: Callable[[Tensor], Tensor] | None = None
+    # (B, n_prefix + T + n_suffix) bool: which tokens of the extended chunk exist for each row.
+    # None: all of them. Memory tokens added only for the rows that open (close) a segment are
+    # invalid in the other rows: attention never reads them, caches do not store them.
+    valid: Tensor | None = None
+    # per-row datastore namespace (a serving engine's tenant / user); None: every row reads the
+    # memory's configured namespace. See `namespace_of`.
+    namespaces: tuple[str | None, ...] | None = None
+    # Python summaries of the phases (set in __post_init__): skip work without a device sync
+    any_start: bool = field(default=False, init=False)
+    all_start: bool = field(default=False, init=False)
+    any_end: bool = field(default=False, init=False)
+    all_end: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        B, dev = self.tokens.shape[0], self.tokens.device
+        for name in ("seg_start", "seg_end"):
+            flags = row_flags(getattr(self, name), B, dev)
+            object.__setattr__(self, name, flags)
+            n = int(flags.sum()) if B else 0
+            short = "start" if name == "seg_start" else "end"
+            object.__setattr__(self, f"any_{short}", n > 0)
+            object.__setattr__(self, f"all_{short}", n == B)
 
     @property
     def n_tokens(self) -> int:
@@ -131,9 +172,16 @@ class StepContext:
 
     def slots_of(self, memory: "Memory") -> tuple[slice, slice]:
         """Where `memory`'s own prefix and suffix tokens sit in the extended chunk (empty slices
-        when it added none to this chunk)."""
+        when it added none to this chunk). Rows for which they are not valid: `self.valid`."""
         empty = slice(self.n_prefix, self.n_prefix)
         return self.embed_slots.get(id(memory), (empty, empty))
+
+    def namespace_of(self, default: str) -> list[str]:
+        """The datastore namespace of every row: the engine's per-row one, else `default`."""
+        B = self.tokens.shape[0]
+        if self.namespaces is None:
+            return [default] * B
+        return [default if n is None else n for n in self.namespaces]
 
     def with_(self, **kw: Any) -> "StepContext":
         return replace(self, **kw)
@@ -202,6 +250,30 @@ class Memory(nn.Module):
     def spec(self, dtype: torch.dtype = torch.float32) -> MemorySpec:
         return MemorySpec(dtype_bytes=torch.empty((), dtype=dtype).element_size())
 
+    def take_rows(self, state: Any, idx: Tensor) -> Any:
+        """The rows `idx` (1-D int64) of a batch state (a serving engine keeps each request's row
+        in its own slot). Default: every tensor indexed along dim 0 (memory/state.py)."""
+        from memstack.memory.state import take_rows
+
+        return take_rows(state, idx)
+
+    def cat_rows(self, states: list[Any]) -> Any:
+        """One batch state from row states (in order). Default: tensors concatenated along dim 0,
+        a ragged axis left-padded with zeros / False -- i.e. *invalid, oldest* entries, which is
+        right for buffers that keep their newest entries last with a validity mask. Override
+        when that is not what padding means for your state."""
+        from memstack.memory.state import cat_rows
+
+        return cat_rows(states)
+
+    def embed_tokens(self, seg_start: bool, seg_end: bool) -> tuple[int, int] | None:
+        """EMBED: how many (prefix, suffix) tokens `embed` adds for a row whose chunk opens /
+        closes a segment as given (0 for rows it adds none to). The model marks the tokens of the
+        other rows invalid; a serving engine reserves K/V slots for them before the call.
+        None (the default): not declared -- whatever `embed` returns is taken for every row (rows
+        in step), and a serving engine refuses the model."""
+        return None
+
     def held_bytes(self, state: Any) -> int:
         """Logical bytes of `state` (what `spec().state_bytes` predicts). Default: every tensor."""
         from memstack.memory.state import tensor_nbytes
@@ -241,7 +313,9 @@ class Memory(nn.Module):
 
     # -- sites (defaults are no-ops) -----------------------------------------------------------
     def embed(self, x: Tensor, state: Any, ctx: StepContext) -> tuple[Tensor | None, Tensor | None, Any]:
-        """EMBED: given token embeddings x (B,T,D) return (prefix (B,P,D) | None, suffix (B,Q,D) | None, state)."""
+        """EMBED: given token embeddings x (B,T,D) return (prefix (B,P,D) | None, suffix (B,Q,D) | None, state).
+        P / Q are what `embed_tokens` declares for the rows that get tokens (None when no row
+        does); the rows that get none may hold anything there (they are masked)."""
         return None, None, state
 
     def embed_out(self, h_prefix: Tensor | None, h_suffix: Tensor | None, state: Any, ctx: StepContext) -> Any:

@@ -42,6 +42,19 @@ class MemoryStack(nn.Module):
     def reset(self, states: tuple[Any, ...], mask: Tensor) -> tuple[Any, ...]:
         return tuple(m.reset(s, mask) for m, s in zip(self.memories, states))
 
+    def take_rows(self, states: tuple[Any, ...], idx: Tensor) -> tuple[Any, ...]:
+        return tuple(None if s is None else m.take_rows(s, idx) for m, s in zip(self.memories, states))
+
+    def cat_rows(self, rows: list[tuple[Any, ...]]) -> tuple[Any, ...]:
+        return tuple(None if all(r[i] is None for r in rows) else m.cat_rows([r[i] for r in rows])
+                     for i, m in enumerate(self.memories))
+
+    @property
+    def stateless(self) -> bool:
+        """No memory carries state between calls and none adds tokens: a row's output depends on
+        its tokens (and the KV cache) only."""
+        return not self._embed and all(m.init_state(1, torch.device("cpu"), torch.float32) is None for m in self.memories)
+
     def specs(self, dtype: torch.dtype = torch.float32) -> list[MemorySpec]:
         return [m.spec(dtype) for m in self.memories]
 
@@ -57,25 +70,78 @@ class MemoryStack(nn.Module):
         for i in self._prepare:
             self.memories[i].prepare(states[i], ctx)
 
-    def embed(self, x: Tensor, states: list[Any], ctx: StepContext) -> tuple[list[Tensor], list[Tensor], list[tuple[int, int, int, int]]]:
+    def embed_tokens(self, seg_start: bool, seg_end: bool) -> tuple[int, int]:
+        """Prefix and suffix tokens all EMBED memories add to a row with these phases (each must
+        declare them: `undeclared_embed` lists those that do not)."""
+        P = Q = 0
+        for i in self._embed:
+            p, q = self.memories[i].embed_tokens(seg_start, seg_end) or (0, 0)
+            P, Q = P + p, Q + q
+        return P, Q
+
+    def undeclared_embed(self) -> list[str]:
+        """EMBED memories that do not declare how many tokens they add (Memory.embed_tokens)."""
+        return [type(self.memories[i]).__name__ for i in self._embed
+                if self.memories[i].embed_tokens(True, True) is None]
+
+    def _declared_rows(self, i: int, ctx: StepContext) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-row declared (prefix, suffix) counts of EMBED memory i: (p (B,), q (B,)) and, as
+        Python ints per phase class, for the checks."""
+        m = self.memories[i]
+        table = torch.tensor([m.embed_tokens(bool(a), bool(b)) for a in (0, 1) for b in (0, 1)])   # (4, 2)
+        cls = ctx.seg_start.long().cpu() * 2 + ctx.seg_end.long().cpu()                        # (B,)
+        pq = table[cls]                                                                         # (B, 2)
+        return pq[:, 0], pq[:, 1], table[:, 0], table[:, 1]
+
+    def embed(self, x: Tensor, states: list[Any], ctx: StepContext) -> tuple[list[Tensor], list[Tensor], list[tuple]]:
         """Collect prefixes and suffixes. Returns (prefixes, suffixes, spans) where spans[j] =
-        (memory index, prefix offset, prefix len, suffix len) in stack order."""
+        (memory index, prefix offset, prefix len, suffix len, prefix rows, suffix rows) in stack
+        order; the row masks (B,) bool are None when every row gets the tokens."""
         prefixes, suffixes, spans = [], [], []
         for i in self._embed:
-            pre, suf, states[i] = self.memories[i].embed(x, states[i], ctx)
+            m = self.memories[i]
+            pre, suf, states[i] = m.embed(x, states[i], ctx)
             p = 0 if pre is None else pre.shape[1]
             q = 0 if suf is None else suf.shape[1]
-            spans.append((i, sum(t.shape[1] for t in prefixes), p, q))
+            if m.embed_tokens(True, True) is None:   # undeclared: its tokens are every row's (rows in step)
+                spans.append((i, sum(t.shape[1] for t in prefixes), p, q, None, None))
+                prefixes += [pre] if p else []
+                suffixes += [suf] if q else []
+                continue
+            dp, dq, _, _ = self._declared_rows(i, ctx)
+            rows = []
+            for got, want, what in ((p, dp, "prefix"), (q, dq, "suffix")):
+                bad = [int(w) for w in want.unique().tolist() if w not in (0, got)]
+                if bad or (got and not bool((want == got).any())):
+                    raise RuntimeError(f"memory {type(m).__name__} returned a {what} of {got} tokens but declares "
+                                       f"{sorted(set(want.tolist()))} for this chunk's rows (Memory.embed_tokens)")
+                rows.append(None if not got or bool((want == got).all()) else (want == got).to(x.device))
+            spans.append((i, sum(t.shape[1] for t in prefixes), p, q, rows[0], rows[1]))
             if p:
                 prefixes.append(pre)
             if q:
                 suffixes.append(suf)
         return prefixes, suffixes, spans
 
-    def slots(self, spans: list[tuple[int, int, int, int]], n_prefix: int, n_tokens: int) -> dict[int, tuple[slice, slice]]:
+    def token_valid(self, spans: list[tuple], n_prefix: int, n_tokens: int, batch: int, device) -> Tensor | None:
+        """(B, P+T+Q) bool validity of the extended chunk, or None when every token is valid."""
+        if all(s[4] is None and s[5] is None for s in spans):
+            return None
+        n_suf = sum(s[3] for s in spans)
+        valid = torch.ones(batch, n_prefix + n_tokens + n_suf, dtype=torch.bool, device=device)
+        suf_at = n_prefix + n_tokens
+        for _, off, p, q, pre_rows, suf_rows in spans:
+            if pre_rows is not None:
+                valid[:, off:off + p] = pre_rows[:, None]
+            if suf_rows is not None:
+                valid[:, suf_at:suf_at + q] = suf_rows[:, None]
+            suf_at += q
+        return valid
+
+    def slots(self, spans: list[tuple], n_prefix: int, n_tokens: int) -> dict[int, tuple[slice, slice]]:
         """id(memory) -> (prefix slice, suffix slice) in the extended chunk (StepContext.embed_slots)."""
         out, suf_at = {}, n_prefix + n_tokens
-        for i, off, p, q in spans:
+        for i, off, p, q, *_ in spans:
             out[id(self.memories[i])] = (slice(off, off + p), slice(suf_at, suf_at + q))
             suf_at += q
         return out
@@ -83,7 +149,7 @@ class MemoryStack(nn.Module):
     def embed_out(self, h: Tensor, spans: list[tuple[int, int, int, int]], states: list[Any], ctx: StepContext) -> None:
         """h (B, P+T+Q, D): hand each EMBED memory the final hidden states of its own slots."""
         suf_at = ctx.n_prefix + ctx.n_tokens
-        for i, off, p, q in spans:
+        for i, off, p, q, *_ in spans:
             h_pre = h[:, off:off + p] if p else None
             h_suf = h[:, suf_at:suf_at + q] if q else None
             suf_at += q

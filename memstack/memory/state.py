@@ -74,6 +74,112 @@ def allocated_nbytes(obj: Any) -> int:
     return sum(seen.values())
 
 
+# ----------------------------------------------------------------------------- rows
+# A serving engine keeps each request's state in its own slot (one row) and gathers the rows of
+# a step into one batch state; these are the generic row utilities (a memory overrides
+# `Memory.take_rows` / `Memory.cat_rows` only where padding needs more than this).
+
+def take_rows(obj: Any, idx: Tensor) -> Any:
+    """Rows `idx` (1-D int64) of every tensor in a state tree (dim 0 is the example)."""
+    return tree_map(lambda t: t.index_select(0, idx.to(t.device)), obj)
+
+
+def cat_rows(objs: list[Any]) -> Any:
+    """Concatenate row states along dim 0. Tensors whose non-batch sizes differ are left-padded
+    to the largest with zeros (False for bool): the padding is the oldest, invalid end of a
+    buffer that keeps its newest entries last. A None among tensors stands for zeros (an empty
+    accumulator). Scalars must agree across rows."""
+    first = objs[0]
+    if len(objs) == 1:
+        return first
+    if isinstance(first, Tensor) or (first is None and any(isinstance(o, Tensor) for o in objs)):
+        return _cat_tensors(objs)
+    if dataclasses.is_dataclass(first) and not isinstance(first, type):
+        return dataclasses.replace(first, **{f.name: cat_rows([getattr(o, f.name) for o in objs])
+                                             for f in dataclasses.fields(first) if f.init})
+    if isinstance(first, (tuple, list)):
+        out = [cat_rows([o[i] for o in objs]) for i in range(len(first))]
+        return tuple(out) if isinstance(first, tuple) else out
+    if any(o != first for o in objs):
+        raise ValueError(f"rows disagree on a scalar state field ({[o for o in objs]}); this memory must "
+                         "override Memory.cat_rows")
+    return first
+
+
+def _cat_tensors(objs: list[Tensor | None]) -> Tensor:
+    ref = next(o for o in objs if o is not None)
+    ts = [o if o is not None else ref.new_zeros((1, *ref.shape[1:])) for o in objs]
+    if any(t.dim() != ref.dim() for t in ts):
+        raise ValueError("rows of a state field have different ranks; cannot concatenate")
+    shape = [max(t.shape[d] for t in ts) for d in range(1, ref.dim())]
+    padded = []
+    for t in ts:
+        if list(t.shape[1:]) != shape:
+            pad: list[int] = []
+            for d in reversed(range(1, t.dim())):        # F.pad order: last dim first, (left, right)
+                pad += [shape[d - 1] - t.shape[d], 0]
+            t = torch.nn.functional.pad(t, pad) if t.dtype != torch.bool else torch.nn.functional.pad(t.to(torch.uint8), pad).bool()
+        padded.append(t)
+    return torch.cat(padded, 0)
+
+
+def split_rows(obj: Any, batch: int, take: Callable[[Any, Tensor], Any] = take_rows) -> list[Any]:
+    """[row 0, row 1, ...] of a batch state (each a batch of one)."""
+    return [take(obj, torch.tensor([i])) for i in range(batch)]
+
+
+def compact_index(valid: Tensor, keep: int | None = None, left: bool = False,
+                  width: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per row, the indices of its last `keep` valid entries (all of them with keep=None), in order,
+    right-aligned (left=False: newest last, padding first) or left-aligned (left=True: oldest
+    first, padding last), in a width of the most any row keeps (or exactly `width`, padded).
+    valid (B, N) -> (idx (B, W) int64 into N, ok (B, W) bool); gather with `gather_entries`."""
+    B, N = valid.shape
+    n = valid.sum(1)
+    W = int(n.max()) if B and N else 0
+    if keep is not None:
+        W = min(W, keep)
+    if width is not None:
+        if width < W:
+            raise ValueError(f"compact_index: {W} entries do not fit width {width}")
+        if width > W:
+            idx, ok = compact_index(valid, keep, left)
+            pad = width - W
+            z = torch.zeros(B, pad, dtype=idx.dtype, device=idx.device)
+            if left:
+                return torch.cat([idx, z], 1), torch.cat([ok, z.bool()], 1)
+            return torch.cat([z, idx], 1), torch.cat([z.bool(), ok], 1)
+    ar = torch.arange(N, device=valid.device)
+    if not left:
+        # invalid entries sort first (key -1), valid ones by position: take the last W columns
+        idx = torch.where(valid, ar, torch.full_like(ar, -1)).sort(dim=1).values[:, N - W:]
+        return idx.clamp(min=0), idx >= 0
+    drop = (n - keep).clamp(min=0) if keep is not None else torch.zeros_like(n)
+    rank = valid.long().cumsum(1) - 1                                           # 0-based rank among valid
+    use = valid & (rank >= drop[:, None])
+    key = torch.where(use, ar, torch.full_like(ar, N))                          # kept first, by position
+    idx = key.sort(dim=1).values[:, :W]
+    return idx.clamp(max=max(N - 1, 0)), idx < N
+
+
+def gather_entries(x: Tensor, idx: Tensor, dim: int = 1) -> Tensor:
+    """x gathered along `dim` (the entry axis) with per-row indices idx (B, W)."""
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = idx.shape
+    view = idx.view(shape)
+    expand = list(x.shape)
+    expand[dim] = idx.shape[1]
+    return x.gather(dim, view.expand(expand))
+
+
+def drop_leading_invalid(valid: Tensor) -> int:
+    """How many leading entries are invalid in every row (they can be cut from the buffer)."""
+    if not valid.numel():
+        return valid.shape[1] if valid.dim() == 2 else 0
+    any_valid = valid.any(0)
+    return int(any_valid.float().argmax()) if bool(any_valid.any()) else valid.shape[1]
+
+
 # ----------------------------------------------------------------------------- save / load
 
 def _flatten(obj: Any, prefix: str, out: dict[str, Tensor]) -> Any:

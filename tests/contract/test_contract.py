@@ -11,6 +11,8 @@ is tested without anyone editing this file:
 - state survives save/load: continuing from a reloaded state equals continuing from the original;
 - `MemorySpec` predicts the held state exactly and bounds the allocation;
 - rows are independent, and a per-row reset makes that row equal to a fresh run;
+- rows out of step (different positions, each opening and closing its own segments, gathered from
+  single-row states with `cat_rows` and split again with `take_rows`) equal each row run alone;
 - the memory's parameters (if any) receive gradient from the training loss (LM + auxiliary losses);
 - bad config fields are refused with every reason.
 """
@@ -26,7 +28,7 @@ from memstack.config import BackboneConfig, ModelConfig, from_dict
 from memstack.errors import ConfigError
 from memstack.generate import decoding_model
 from memstack.memory.base import Memory, Site, Step
-from memstack.memory.state import allocated_nbytes, load_state, save_state
+from memstack.memory.state import ModelState, allocated_nbytes, load_state, save_state
 from memstack.registry import MEMORIES
 from tolerances import assert_close
 
@@ -162,6 +164,68 @@ def test_rows_independent_and_reset_isolates_a_row(name, fields):
         fresh_a, _ = run_whole(model, a[:, 2 * S:])
     assert_close(both[1:], alone_b)
     assert_close(both[:1, 2 * S:], fresh_a)
+
+
+def _feed_alone(dec, state, tokens, start, stop):
+    """Feed tokens[start:stop] of one row (1, N) in chunks that never cross a segment boundary."""
+    outs, p = [], start
+    while p < stop:
+        n = min(S - p % S, stop - p)
+        step = Step(seg_start=p % S == 0, seg_end=(p + n) % S == 0)
+        out, state = dec(tokens[:, p:p + n], state, step)
+        outs.append(out.logits)
+        p += n
+    return (torch.cat(outs, 1) if outs else None), state
+
+
+@pytest.mark.parametrize("name,fields", CASES)
+def test_rows_out_of_step_equal_each_row_alone(name, fields):
+    """A serving engine's batch: rows at different document positions, each opening and closing
+    its own segments (per-row Step), one token per call; equal to every row decoded alone. The
+    batch state is gathered from single-row states (`cat_rows`) and split again (`take_rows`)."""
+    model = make(name, fields).eval()
+    dec = decoding_model(model)
+    stack = dec.memory
+    offsets = [5, S + 11, 2 * S, 1]                 # where each row is when the rows meet
+    N = S + 6                                       # tokens decoded together (every row crosses a boundary)
+    docs = [torch.randint(0, 97, (1, o + N + 4)) for o in offsets]
+    with torch.no_grad():
+        rows = [_feed_alone(dec, dec.init_state(1), d, 0, o)[1] for d, o in zip(docs, offsets)]
+        alone = []
+        for st, d, o in zip(rows, docs, offsets):
+            steps, st = _one_by_one(dec, _clone(st), d, o, o + N)
+            alone.append((steps, _feed_alone(dec, st, d, o + N, o + N + 4)[0]))
+        rows = [_clone(r) for r in rows]
+        state = ModelState(torch.cat([r.pos for r in rows]), stack.cat_rows([r.memories for r in rows]))
+        got = []
+        for i in range(N):
+            p = torch.tensor([o + i for o in offsets])
+            step = Step(seg_start=p % S == 0, seg_end=(p + 1) % S == 0)
+            out, state = dec(torch.cat([d[:, o + i:o + i + 1] for d, o in zip(docs, offsets)]), state, step)
+            got.append(out.logits)
+        got = torch.cat(got, 1)                                      # (rows, N, V)
+        for r, (d, o) in enumerate(zip(docs, offsets)):
+            assert_close(got[r:r + 1], alone[r][0])
+            idx = torch.tensor([r])                                  # split the row out again, continue alone
+            mine = ModelState(state.pos[idx], stack.take_rows(state.memories, idx))
+            assert_close(_feed_alone(dec, mine, d, o + N, o + N + 4)[0], alone[r][1])
+
+
+def _clone(state):
+    import copy
+
+    from memstack.memory.state import tree_map
+
+    return tree_map(lambda t: t.clone(), copy.copy(state))
+
+
+def _one_by_one(dec, state, tokens, start, stop):
+    """One row, one token per call (as in the joint run)."""
+    outs = []
+    for p in range(start, stop):
+        out, state = dec(tokens[:, p:p + 1], state, Step(seg_start=p % S == 0, seg_end=(p + 1) % S == 0))
+        outs.append(out.logits)
+    return torch.cat(outs, 1), state
 
 
 @pytest.mark.parametrize("name,fields", CASES)

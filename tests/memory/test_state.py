@@ -87,7 +87,7 @@ def test_detach_and_to():
     w = torch.randn(4, requires_grad=True)
     s = ModelState(torch.tensor([3, 4]), (XLState((w * 2,), torch.zeros(1, 0, dtype=torch.long),
                                                  torch.zeros(1, 0, dtype=torch.bool), (w + 1,),
-                                                 torch.zeros(1, 0, dtype=torch.long)),))
+                                                 torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, dtype=torch.bool)),))
     d = detach(s)
     assert s.memories[0].mems[0].requires_grad and s.memories[0].pending[0].requires_grad
     assert not any(t.requires_grad for t in tensors(d))

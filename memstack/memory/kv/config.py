@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from memstack.config import BackboneConfig, Checked, MemoryConfig, _layers_reasons
+from memstack.config import BackboneConfig, Checked, KVCacheSemantics, MemoryConfig, _layers_reasons
 
 
 def _scope_reasons(scope: str, window: int | None) -> list[str]:
@@ -38,6 +38,10 @@ class DenseKVConfig(MemoryConfig):
     @property
     def holds_context(self) -> bool:
         return self.scope == "document"
+
+    @property
+    def kv_cache(self) -> KVCacheSemantics:
+        return KVCacheSemantics(self.scope, self.window)
 
     def check(self) -> list[str]:
         r = _scope_reasons(self.scope, self.window)
@@ -102,6 +106,11 @@ class PagedKVConfig(MemoryConfig):
     @property
     def holds_context(self) -> bool:
         return self.scope == "document"
+
+    @property
+    def kv_cache(self) -> KVCacheSemantics:
+        # compressed or quantized blocks are not "the K/V of exactly these tokens": not plain
+        return KVCacheSemantics(self.scope, self.window, plain=self.compression.policy == "none")
 
     def check(self) -> list[str]:
         r = _scope_reasons(self.scope, self.window)

@@ -53,16 +53,16 @@ class DenseKVState:
         valid[:, : self.length] = self.valid[:, : self.length]
         self.valid = valid
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, layer: int, k: Tensor, v: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Write this chunk's k, v (B, Hkv, T, hd) after the held slots of `layer`, in place, and
-        return all of that layer's K/V including them (B, Hkv, length + T, hd). Call `advance(T)`
-        after the last layer."""
+        return all of that layer's K/V including them (B, Hkv, length + T, hd). valid (B, T): the
+        chunk tokens that exist per row (None: all). Call `advance(T)` after the last layer."""
         end = self.length + k.shape[2]
         if end > self.capacity:
             self._grow(end)
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
-        self.valid[:, self.length:end] = True
+        self.valid[:, self.length:end] = True if valid is None else valid
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, n: int) -> None:
@@ -73,7 +73,13 @@ class DenseKVState:
         viewed by this call's attention (the last layer trims before its attention runs)."""
         if self.length <= n:
             return
-        a = self.length - n
+        self.drop_first(self.length - n)
+
+    def drop_first(self, a: int) -> None:
+        """Drop the first `a` held slots (copying, as keep_last)."""
+        if a <= 0:
+            return
+        n = self.length - a
         for store in (self.k, self.v):
             for i, buf in enumerate(store):
                 new = buf.new_empty(buf.shape)
@@ -101,6 +107,17 @@ class DenseKV(Memory):
     def reset(self, state: DenseKVState, mask: Tensor) -> DenseKVState:
         return DenseKVState(list(state.k), list(state.v), state.valid & ~mask[:, None], state.length)
 
+    def cat_rows(self, states: list[DenseKVState]) -> DenseKVState:
+        """Rows of different lengths: each row's held slots right-aligned (left-padded with
+        invalid slots), so every row keeps appending at the same column."""
+        n = max(s.length for s in states)
+        pad = lambda t, a: torch.nn.functional.pad(t[:, :, :a], (0, 0, n - a, 0))  # noqa: E731
+        k = [torch.cat([pad(s.k[l], s.length) for s in states]) for l in range(len(states[0].k))]
+        v = [torch.cat([pad(s.v[l], s.length) for s in states]) for l in range(len(states[0].v))]
+        valid = torch.cat([torch.cat([s.valid.new_zeros(s.valid.shape[0], n - s.length), s.valid[:, :s.length]], 1)
+                           for s in states])
+        return DenseKVState(k, v, valid, n)
+
     def _bytes_per_token(self, dtype: torch.dtype) -> int:
         b = self.backbone
         return 2 * b.n_layers * b.kv_heads * b.head_dim * dtype_bytes(dtype) + 1  # K, V and valid
@@ -116,20 +133,48 @@ class DenseKV(Memory):
 
     def attn(self, io: AttnIO, state: DenseKVState, ctx: StepContext) -> tuple[KVBlock | None, DenseKVState]:
         T = io.k.shape[2]
-        if io.layer == 0 and ctx.seg_start and self.cfg.scope == "segment":
-            state = DenseKVState(list(state.k), list(state.v), state.valid & False, 0)
+        if io.layer == 0 and ctx.any_start and self.cfg.scope == "segment":
+            if ctx.all_start:
+                state = DenseKVState(list(state.k), list(state.v), state.valid & False, 0)
+            else:  # rows opening a segment forget theirs; the others keep reading the same slots
+                state = DenseKVState(list(state.k), list(state.v), state.valid & ~ctx.seg_start[:, None], state.length)
         if io.k.requires_grad or io.v.requires_grad:
-            block, state = self._functional(io, state, T)
+            block, state = self._functional(io, state, T, ctx.valid)
         else:
-            k_all, v_all = state.update(io.layer, io.k, io.v)
+            k_all, v_all = state.update(io.layer, io.k, io.v, ctx.valid)
             block = KVBlock(k_all, v_all, state.valid[:, : state.length + T], includes_chunk=True)
         if io.layer == self.last_layer:
             state.advance(T)
-            if ctx.seg_end and self.cfg.window is not None:
-                state.keep_last(self.cfg.window)
+            if ctx.any_end and self.cfg.window is not None:
+                self._window(state, ctx)
+            if ctx.any_start and not ctx.all_start and self.cfg.scope == "segment":
+                self._compact(state)
         return block, state
 
-    def _functional(self, io: AttnIO, state: DenseKVState, T: int) -> tuple[KVBlock | None, DenseKVState]:
+    def _window(self, state: DenseKVState, ctx: StepContext) -> None:
+        """Rows closing a segment keep their last `window` slots (valid ones: a row's slots are
+        the entries it wrote; invalid entries are other rows' memory tokens or a reset's past)."""
+        W = self.cfg.window
+        if ctx.all_end and state.valid.shape[0] and bool(state.valid[:, :state.length].all()):
+            state.keep_last(W)                                   # rows in step: the slots themselves
+            return
+        held = state.valid[:, :state.length]
+        from_right = held.long().flip(1).cumsum(1).flip(1)        # valid slots at or after j
+        keep = held & ((from_right <= W) | ~ctx.seg_end[:, None])
+        valid = state.valid.clone()                              # not in place: this call's blocks view it
+        valid[:, :state.length] = keep
+        state.valid = valid
+        self._compact(state)
+
+    def _compact(self, state: DenseKVState) -> None:
+        """Cut leading slots that no row can see any more (bounded memory for rows out of step)."""
+        from memstack.memory.state import drop_leading_invalid
+
+        lead = drop_leading_invalid(state.valid[:, :state.length])
+        if lead and lead * 2 >= state.length:                    # amortised: copy when half is dead
+            state.drop_first(lead)
+
+    def _functional(self, io: AttnIO, state: DenseKVState, T: int, cvalid: Tensor | None) -> tuple[KVBlock | None, DenseKVState]:
         """Training path: the past is a detached prefix; the chunk is appended detached."""
         n, l = state.length, io.layer
         block = KVBlock(state.k[l][:, :, :n], state.v[l][:, :, :n], state.valid[:, :n]) if n else None
@@ -138,7 +183,8 @@ class DenseKV(Memory):
         v[l] = torch.cat([state.v[l][:, :, :n], io.v.detach()], dim=2)
         valid = state.valid
         if l == 0:  # rows and slots are shared by all layers: extend the mask once
-            valid = torch.cat([state.valid[:, :n], torch.ones_like(state.valid[:, :1]).expand(-1, T)], dim=1)
+            new = torch.ones_like(state.valid[:, :1]).expand(-1, T) if cvalid is None else cvalid
+            valid = torch.cat([state.valid[:, :n], new], dim=1)
         return block, DenseKVState(k, v, valid, n)
 
     def make_identity(self) -> bool:

@@ -84,6 +84,33 @@ class PagedKV(Memory):
         s.valid = state.valid & ~mask[:, None]
         return s
 
+    def cat_rows(self, states: list[PagedKVState]) -> PagedKVState:
+        """Rows of different lengths: each row's full-precision slots right-aligned (left-padded
+        with invalid slots) into fresh blocks. Compressed or quantized rows cannot be regrouped."""
+        if self.policy != "none":
+            raise ValueError(f"kv_paged rows compressed with {self.policy!r} cannot be regrouped (their slots are "
+                             "scored / quantized together); run them in step")
+        bs, n = self.bs, max(s.n_slots for s in states)
+        nb = -(-n // bs)
+        kvs, valids = [], []
+        for s in states:
+            B = s.kv.shape[0]
+            x = s.kv[self._rows(s), s.table]                                     # (B, NB, L, 2, Hkv, bs, hd)
+            x = x.permute(0, 2, 3, 4, 1, 5, 6).flatten(4, 5)[..., :s.n_slots, :]  # (B, L, 2, Hkv, S, hd)
+            x = torch.nn.functional.pad(x, (0, 0, n - s.n_slots, nb * bs - n))
+            kvs.append(x.unflatten(4, (nb, bs)).permute(0, 4, 1, 2, 3, 5, 6))   # (B, nb, L, 2, Hkv, bs, hd)
+            valids.append(torch.cat([s.valid.new_zeros(B, n - s.n_slots), s.valid[:, :s.n_slots],
+                                     s.valid.new_zeros(B, nb * bs - n)], 1))
+        first = states[0]
+        kv = torch.cat(kvs)
+        B = kv.shape[0]
+        out = self.init_state(B, kv.device, kv.dtype)
+        out.kv, out.valid = kv, torch.cat(valids)
+        out.table = torch.arange(nb, device=kv.device).expand(B, nb).clone()
+        out.n_slots, out.seen = n, max(s.seen for s in states)
+        del first
+        return out
+
     def _clear(self, s: PagedKVState) -> PagedKVState:
         fresh = self.init_state(s.kv.shape[0], s.kv.device, s.kv.dtype)
         fresh.kv = s.kv                                                          # keep the pool, free every block
@@ -164,10 +191,15 @@ class PagedKV(Memory):
     def attn(self, io: AttnIO, s: PagedKVState, ctx: StepContext) -> tuple[KVBlock | None, PagedKVState]:
         T, l = io.k.shape[2], io.layer
         if l == 0:
-            if ctx.seg_start and self.cfg.scope == "segment":
+            if self.policy != "none" and ((ctx.any_end and not ctx.all_end) or (ctx.any_start and not ctx.all_start)):
+                raise ValueError(f"kv_paged with {self.policy} compression compresses every row at once: its rows "
+                                 "must open and close segments together (serve it with per-request compression)")
+            if ctx.all_start and self.cfg.scope == "segment":
                 s = self._clear(s)
             else:
                 s = PagedKVState(**vars(s))                                      # a new state object per call
+                if ctx.any_start and self.cfg.scope == "segment":              # rows out of step: forget theirs
+                    s.valid = s.valid & ~ctx.seg_start[:, None]
             self._ensure(s, T)
         nq = s.qk.shape[1] * self.bs
         pk, pv = self._past(s, l)
@@ -178,22 +210,47 @@ class PagedKV(Memory):
                 keys = torch.cat([pk, io.k.detach()], 2)
                 if self.policy == "h2o":
                     s.score[:, l, :, :s.n_slots + T] += attention_received(io.q.detach(), keys, pvalid, T)
-                elif ctx.seg_end:
+                elif ctx.all_end:
                     c = self.cfg.compression
                     s.score[:, l, :, :s.n_slots + T] = snap_scores(io.q.detach(), keys, pvalid, c.recent, c.pool_kernel)
         self._write(s, l, io.k, io.v)
         if l == self.last_layer:
-            s.valid[:, nq + s.n_slots:nq + s.n_slots + T] = True
+            valid = s.valid.clone()                                              # this call's blocks view the old one
+            valid[:, nq + s.n_slots:nq + s.n_slots + T] = True if ctx.valid is None else ctx.valid
+            s.valid = valid
             s.n_slots += T
             s.seen += T
-            if ctx.seg_end:
+            if ctx.any_end:
                 if self.cfg.window is not None:
-                    self._trim(s, self.cfg.window)
+                    self._window(s, ctx)
                 elif self.policy == "kivi":
                     self._quantize(s)
                 elif self.policy != "none":
                     self._compress(s)
+            if ctx.any_start and not ctx.all_start and self.cfg.scope == "segment":
+                self._free_dead(s)
         return block, s
+
+    def _window(self, s: PagedKVState, ctx: StepContext) -> None:
+        """Rows closing a segment keep their last `window` valid slots; blocks no row can see are freed."""
+        if ctx.all_end and bool(s.valid.all()):
+            self._trim(s, self.cfg.window)                                        # rows in step
+            return
+        nq = s.qk.shape[1] * self.bs
+        held = s.valid[:, nq:nq + s.n_slots]
+        from_right = held.long().flip(1).cumsum(1).flip(1)
+        keep = held & ((from_right <= self.cfg.window) | ~ctx.seg_end[:, None])
+        s.valid = torch.cat([s.valid[:, :nq], keep, s.valid[:, nq + s.n_slots:]], 1)
+        self._free_dead(s)
+
+    def _free_dead(self, s: PagedKVState) -> None:
+        """Free the leading full-precision blocks whose slots no row can see any more."""
+        from memstack.memory.state import drop_leading_invalid
+
+        nq = s.qk.shape[1] * self.bs
+        lead = drop_leading_invalid(s.valid[:, nq:nq + s.n_slots])
+        if lead >= self.bs:
+            self._drop_leading(s, lead // self.bs)
 
     # -- freeing whole blocks ------------------------------------------------------------------
     def _drop_leading(self, s: PagedKVState, nb: int) -> None:

@@ -77,6 +77,7 @@ class TrellisState:
     pend_k: tuple[Tensor, ...]     # per memory layer (B, Hkv, Tp, hd): this segment's keys so far (post-RoPE)
     pend_v: tuple[Tensor, ...]     # per memory layer (B, Hkv, Tp, hd)
     pend_pos: Tensor               # (B, Tp)
+    pend_valid: Tensor             # (B, Tp) bool: rows out of step hold segments of different lengths
 
 
 def _unrotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
@@ -112,14 +113,14 @@ class Trellis(Memory):
             tuple(self.k_init[j].float().expand(batch, -1, -1, -1).to(device) for j in range(L)),
             tuple(self.v_init[j].float().expand(batch, -1, -1, -1).to(device) for j in range(L)),
             tuple(kv() for _ in range(L)), tuple(kv() for _ in range(L)), pos, pos.bool(),
-            tuple(kv() for _ in range(L)), tuple(kv() for _ in range(L)), pos)
+            tuple(kv() for _ in range(L)), tuple(kv() for _ in range(L)), pos, pos.bool())
 
     def reset(self, state: TrellisState, mask: Tensor) -> TrellisState:
         m = mask[:, None, None, None]
         K = tuple(torch.where(m, self.k_init[j].float(), K) for j, K in enumerate(state.K))
         V = tuple(torch.where(m, self.v_init[j].float(), V) for j, V in enumerate(state.V))
         return TrellisState(K, V, state.win_k, state.win_v, state.win_pos, state.win_valid & ~mask[:, None],
-                            state.pend_k, state.pend_v, state.pend_pos)
+                            state.pend_k, state.pend_v, state.pend_pos, state.pend_valid & ~mask[:, None])
 
     def spec(self, dtype: torch.dtype = torch.float32) -> MemorySpec:
         b, L = self.backbone, len(self.mem_layers)
@@ -143,11 +144,12 @@ class Trellis(Memory):
         pk, pv = list(state.pend_k), list(state.pend_v)
         pk[j] = torch.cat([state.pend_k[j], io.k[:, :, ctx.real]], dim=2)          # (B, Hkv, Tp+T, hd)
         pv[j] = torch.cat([state.pend_v[j], io.v[:, :, ctx.real]], dim=2)
-        pend_pos = state.pend_pos
+        pend_pos, pend_valid = state.pend_pos, state.pend_valid
         if io.layer == self.first:  # shared by all layers: extended once, before any layer ends the segment
             pend_pos = torch.cat([state.pend_pos, ctx.positions[:, ctx.real]], dim=1)
+            pend_valid = torch.cat([state.pend_valid, torch.ones_like(ctx.positions[:, ctx.real], dtype=torch.bool)], 1)
         return block, TrellisState(state.K, state.V, state.win_k, state.win_v, state.win_pos, state.win_valid,
-                                   tuple(pk), tuple(pv), pend_pos)
+                                   tuple(pk), tuple(pv), pend_pos, pend_valid)
 
     def attn_out(self, layer: int, q: Tensor, out: Tensor, state: TrellisState, ctx: StepContext) -> tuple[Tensor, TrellisState]:
         j = self.slot[layer]
@@ -155,42 +157,55 @@ class Trellis(Memory):
         q0 = _unrotate(q, ctx.positions, theta)                                     # (B, H, T', hd) RoPE-free
         o_mem = trellis_read(state.K[j], state.V[j], q0)                            # (B, H, T', hd) fp32
         out = out + (self.gate[j][None, :, None, None] * o_mem).to(out.dtype)
-        if ctx.seg_end:
-            state = self._end_segment(j, layer, state)
+        if ctx.any_end:
+            state = self._end_segment(j, layer, state, ctx.seg_end)
         return out, state
 
-    def _end_segment(self, j: int, layer: int, state: TrellisState) -> TrellisState:
-        """Move this layer's pending tokens into the window; write what leaves it into the slots."""
+    def _end_segment(self, j: int, layer: int, state: TrellisState, ending: Tensor) -> TrellisState:
+        """For the rows closing a segment (ending (B,)): move this layer's pending tokens into the
+        window and write what leaves it into the slots; other rows keep their pending tokens."""
+        from memstack.memory.state import compact_index, gather_entries
+
         W = self.cfg.window
-        # win_pos / win_valid / pend_pos are shared by all layers: every layer sees the old window
-        # and the whole pending segment here; the last memory layer updates them
+        # win_* / pend_pos / pend_valid are shared by all layers: every layer sees the old values
+        # here; the last memory layer updates them
         pos_all = torch.cat([state.win_pos, state.pend_pos], dim=1)                  # (B, N)
-        n_tok = pos_all.shape[1]
-        n_out = max(n_tok - W, 0)
-        ones = torch.ones(pos_all.shape[0], n_tok - state.win_pos.shape[1], dtype=torch.bool, device=pos_all.device)
-        valid_all = torch.cat([state.win_valid, ones], dim=1)
+        nw = state.win_pos.shape[1]
+        pend_ok = state.pend_valid
+        valid_all = torch.cat([state.win_valid, pend_ok & ending[:, None]], dim=1)   # what the ending rows hold
         k_all = torch.cat([state.win_k[j], state.pend_k[j]], dim=2)                   # (B, Hkv, N, hd)
         v_all = torch.cat([state.win_v[j], state.pend_v[j]], dim=2)
+        # per row: the newest W valid entries stay exact, the older ones are written (oldest first)
+        from_right = valid_all.long().flip(1).cumsum(1).flip(1)
+        out = valid_all & (from_right > W) & ending[:, None]                         # (B, N)
         K, V = list(state.K), list(state.V)
-        if n_out:
-            k0 = _unrotate(k_all[:, :, :n_out], pos_all[:, :n_out], self.backbone.rope_theta).float()
-            v0 = v_all[:, :, :n_out].float()
-            ok = valid_all[:, None, :n_out, None]
-            if not bool((torch.isfinite(k0) | ~ok).all() and (torch.isfinite(v0) | ~ok).all()):
+        if bool(out.any()):
+            idx, ok = compact_index(out, left=True)                                  # (B, E): each row's writes from column 0
+            k0 = _unrotate(gather_entries(k_all, idx, 2), gather_entries(pos_all, idx), self.backbone.rope_theta).float()
+            v0 = gather_entries(v_all, idx, 2).float()
+            okx = ok[:, None, :, None]
+            if not bool((torch.isfinite(k0) | ~okx).all() and (torch.isfinite(v0) | ~okx).all()):
                 raise FloatingPointError(f"trellis: refusing to write non-finite keys/values into the memory of "
                                          f"layer {layer}; the state passed in is left as it was")
             alpha, th = self._gates(j, k0, v0)
-            K[j], V[j] = trellis_write(state.K[j], state.V[j], k0, v0, alpha, th, valid_all[:, :n_out],
-                                       chunk=self.cfg.write_chunk)
-        # the kept window is copied out: a view would keep the whole segment's buffer alive
+            Kn, Vn = trellis_write(state.K[j], state.V[j], k0, v0, alpha, th, ok, chunk=self.cfg.write_chunk)
+            rows = ok.any(1)[:, None, None, None]
+            K[j], V[j] = torch.where(rows, Kn, state.K[j]), torch.where(rows, Vn, state.V[j])
+        # the window: ending rows keep their newest W entries; the others keep theirs (copies: a
+        # view would keep the whole segment's buffer alive)
+        win_ok = torch.cat([state.win_valid & ~ending[:, None], torch.zeros_like(pend_ok)], 1) | (valid_all & (from_right <= W))
+        widx, wok = compact_index(win_ok, W if W else 0)
+        pidx, pok = compact_index(torch.cat([torch.zeros_like(state.win_valid), pend_ok & ~ending[:, None]], 1))
         wk, wv, pk, pv = list(state.win_k), list(state.win_v), list(state.pend_k), list(state.pend_v)
-        wk[j], wv[j] = k_all[:, :, n_out:].clone(), v_all[:, :, n_out:].clone()
-        pk[j], pv[j] = k_all.new_zeros(k_all[:, :, :0].shape), v_all.new_zeros(v_all[:, :, :0].shape)
-        win_pos, win_valid, pend_pos = state.win_pos, state.win_valid, state.pend_pos
+        wk[j], wv[j] = gather_entries(k_all, widx, 2), gather_entries(v_all, widx, 2)
+        pk[j], pv[j] = gather_entries(k_all, pidx, 2), gather_entries(v_all, pidx, 2)
+        win_pos, win_valid, pend_pos, pend_valid = state.win_pos, state.win_valid, state.pend_pos, state.pend_valid
         if layer == self.last:  # bookkeeping shared by all layers: once, at the last
-            win_pos, win_valid = pos_all[:, n_out:].clone(), valid_all[:, n_out:].clone()
-            pend_pos = pos_all.new_zeros(pos_all.shape[0], 0)
-        return TrellisState(tuple(K), tuple(V), tuple(wk), tuple(wv), win_pos, win_valid, tuple(pk), tuple(pv), pend_pos)
+            win_pos, win_valid = gather_entries(pos_all, widx), wok
+            pend_pos, pend_valid = gather_entries(pos_all, pidx), pok
+        del nw
+        return TrellisState(tuple(K), tuple(V), tuple(wk), tuple(wv), win_pos, win_valid, tuple(pk), tuple(pv),
+                            pend_pos, pend_valid)
 
     def _gates(self, j: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """alpha_t, theta_t (B, Hkv, N) from the token's RoPE-free key and value (B, Hkv, N, hd)."""

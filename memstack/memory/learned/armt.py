@@ -100,8 +100,11 @@ class ARMT(Memory):
         return MemorySpec(fixed_bytes=len(self.mem_layers) * per_layer, dtype_bytes=4)
 
     # -- sites -----------------------------------------------------------------------------------
+    def embed_tokens(self, seg_start: bool, seg_end: bool) -> tuple[int, int]:
+        return 0, (self.cfg.n_tokens if seg_end else 0)
+
     def embed(self, x: Tensor, state: ARMTState, ctx: StepContext) -> tuple[Tensor | None, Tensor | None, ARMTState]:
-        if not ctx.seg_end:
+        if not ctx.any_end:
             return None, None, state
         return None, self.tokens.to(x.dtype).expand(x.shape[0], -1, -1), state     # (B, m, D)
 
@@ -129,7 +132,12 @@ class ARMT(Memory):
             _, dA, dz = linear_memory(k, k, v, state.A[j][:, None], state.z[j][:, None], beta, rule="delta",
                                       z_rule="new_info" if self.cfg.correction else "sum", eps=self.cfg.eps)
         A, z = list(state.A), list(state.z)
-        A[j], z[j] = state.A[j] + dA[:, 0], state.z[j] + dz[:, 0]
+        if ctx.all_end:
+            A[j], z[j] = state.A[j] + dA[:, 0], state.z[j] + dz[:, 0]
+        else:  # only the rows that closed a segment have write tokens
+            end = ctx.seg_end
+            A[j] = torch.where(end[:, None, None], state.A[j] + dA[:, 0], state.A[j])
+            z[j] = torch.where(end[:, None], state.z[j] + dz[:, 0], state.z[j])
         return h, ARMTState(tuple(A), tuple(z))
 
     def make_identity(self) -> bool:

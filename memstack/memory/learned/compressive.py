@@ -59,7 +59,8 @@ from torch import Tensor, nn
 from memstack.config import BackboneConfig
 from memstack.memory.base import AttnIO, KVBlock, MemorySpec, Site, StepContext, dtype_bytes
 from memstack.memory.learned.config import CompressiveConfig
-from memstack.memory.learned.xl import Evicted, TransformerXL, XLState, _keep_last
+from memstack.memory.learned.xl import Evicted, TransformerXL, XLState
+from memstack.memory.state import compact_index, gather_entries
 from memstack.ops.attention import attention
 
 
@@ -123,31 +124,49 @@ class Compressive(TransformerXL):
         usage = list(state.usage)
         if self._most_used and mem_block is not None:
             usage[j] = state.usage[j] + self._usage(io.q[:, :, ctx.real], mem_block)
-        xl, ev = self.write(io, state.xl, ctx)
+        xl, ev, mem_idx = self.write(io, state.xl, ctx)
         cmem, cpos, cvalid = list(state.cmem), state.cpos, state.cvalid
-        if ctx.seg_end and self._most_used:  # usage follows the FIFO: new slots start at 0
-            Tp = xl.mems[j].shape[1] - usage[j].shape[1] + (ev.h.shape[1] if ev is not None else 0)
+        ev_usage = None
+        if mem_idx is not None and self._most_used:  # usage follows the FIFO: new slots start at 0
+            Tp = state.xl.pending[j].shape[1] + ctx.n_tokens
             full = torch.cat([usage[j], usage[j].new_zeros(usage[j].shape[0], Tp)], 1)
-            ev_usage = full[:, : full.shape[1] - xl.mems[j].shape[1]]
-            usage[j] = _keep_last(full, self.cfg.mem_len)
+            usage[j] = gather_entries(full, mem_idx)
+            if ev is not None:
+                ev_usage = gather_entries(full, ev.idx)
         if ev is not None:
-            n_c = ev.h.shape[1] // self.cfg.rate
-            if n_c:
-                drop = ev.h.shape[1] - n_c * self.cfg.rate                # oldest leftovers (short segments only)
-                ev = Evicted(ev.h[:, drop:], ev.pos[:, drop:], ev.valid[:, drop:])
-                c, c_pos, c_valid = self.compress(j, ev, ev_usage[:, drop:] if self._most_used else None)
+            grouped = self._groups(ev, ev_usage)
+            if grouped is not None:
+                ev, ev_usage = grouped
+                c, c_pos, c_valid = self.compress(j, ev, ev_usage)
                 if self.conv is not None and ctx.training and torch.is_grad_enabled() and self.cfg.recon_weight > 0:
                     loss = self._recon_loss(io, ev, c, c_pos, c_valid, ctx)
                     ctx.add_loss("compressive_recon", self.cfg.recon_weight * loss)
-                cmem[j] = _keep_last(torch.cat([state.cmem[j], c.detach()], 1), self.cfg.cmem_len)  # stop-gradient
+                # the newest cmem_len valid slots, in a buffer of exactly cmem_len (stop-gradient)
+                idx, ok = compact_index(torch.cat([state.cvalid, c_valid], 1), self.cfg.cmem_len, width=self.cfg.cmem_len)
+                cmem[j] = gather_entries(torch.cat([state.cmem[j], c.detach()], 1), idx)
                 if j == len(self.mem_layers) - 1:  # shared bookkeeping, once at the last memory layer
-                    cpos = _keep_last(torch.cat([state.cpos, c_pos], 1), self.cfg.cmem_len)
-                    cvalid = _keep_last(torch.cat([state.cvalid, c_valid], 1), self.cfg.cmem_len)
-        elif self.conv is not None and ctx.training and torch.is_grad_enabled() and j == 0 and ctx.seg_end:
+                    cpos, cvalid = gather_entries(torch.cat([state.cpos, c_pos], 1), idx), ok
+        elif self.conv is not None and ctx.training and torch.is_grad_enabled() and j == 0 and ctx.any_end:
             # nothing evicted yet: a zero loss touching the compressor keeps DDP's gradient
             # reduction complete (every parameter takes part in every step)
             ctx.add_loss("compressive_recon", sum(p.sum() for p in self.conv.parameters()) * 0.0)
         return block, CompressiveState(xl, tuple(cmem), cpos, cvalid, tuple(usage))
+
+    def _groups(self, ev: Evicted, usage: Tensor | None) -> tuple[Evicted, Tensor | None] | None:
+        """Each row's evicted states (oldest first), less its oldest E mod rate ones, so that the
+        rest falls in whole groups of `rate`; None when no row has a whole group."""
+        r = self.cfg.rate
+        n = ev.valid.sum(1)                                               # (B,)
+        if not bool((n >= r).any()):
+            return None
+        rank = ev.valid.long().cumsum(1) - 1
+        use = ev.valid & (rank >= (n % r)[:, None])
+        idx, ok = compact_index(use, left=True)
+        W = -(-idx.shape[1] // r) * r
+        if W > idx.shape[1]:
+            idx, ok = compact_index(use, left=True, width=W)
+        out = Evicted(gather_entries(ev.h, idx), gather_entries(ev.pos, idx), ok)
+        return out, (gather_entries(usage, idx) if usage is not None else None)
 
     # -- compression ---------------------------------------------------------------------------
     def compress(self, j: int, ev: Evicted, usage: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -157,10 +176,17 @@ class Compressive(TransformerXL):
         r, n = self.cfg.rate, E // self.cfg.rate
         kind = self.cfg.compression
         if kind == "most_used":
-            # the n most attended states, kept in time order; ties go to the earlier state
-            idx = torch.topk(usage.float(), n, dim=1, sorted=False).indices.sort(dim=1).values   # (B, n)
+            # the n most attended states (of each row's valid ones), kept in time order; ties go
+            # to the earlier state
+            score = usage.float().masked_fill(~ev.valid, float("-inf"))
+            top = torch.topk(score, n, dim=1, sorted=True).indices                      # (B, n) best first
+            want = (ev.valid.sum(1) // r)[:, None]                                     # a row keeps E_r / rate
+            keep = torch.arange(n, device=top.device)[None] < want
+            order = torch.where(keep, top, top + E).sort(dim=1)                         # kept ones first, in time order
+            idx = order.values % E if E else order.values
+            ok = order.values < E
             h = torch.gather(ev.h, 1, idx[..., None].expand(B, n, D))
-            return h, torch.gather(ev.pos, 1, idx), torch.gather(ev.valid, 1, idx)
+            return h, torch.gather(ev.pos, 1, idx), torch.gather(ev.valid, 1, idx) & ok
         groups = ev.h.reshape(B, n, r, D)
         if kind == "mean":
             h = groups.mean(2)

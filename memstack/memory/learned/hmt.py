@@ -114,21 +114,26 @@ class HMT(Memory):
         w = torch.softmax(scores, dim=-1).to(state.cache.dtype)
         return w @ state.cache                                                       # (B, 1, D)
 
+    def embed_tokens(self, seg_start: bool, seg_end: bool) -> tuple[int, int]:
+        return (1 + self.cfg.n_sensory if seg_start else 0), (1 if seg_end else 0)
+
     def embed(self, x: Tensor, state: HMTState, ctx: StepContext) -> tuple[Tensor | None, Tensor | None, HMTState]:
         B, _, D = x.shape
         tail, cur = state.tail, state.cur
         prefix = None
-        if ctx.seg_start:
+        if ctx.any_start:
             init = self.init_mem.to(x.dtype).expand(B, 1, D)
-            if bool(state.valid.any()):   # some row has something to recall
+            start = ctx.seg_start
+            if bool((state.valid.any(1) & start).any()):   # some starting row has something to recall
                 recalled = self._recall(self._summary(tail.to(x.dtype), ctx), state)
-                cur = torch.where(state.valid.any(1)[:, None, None], recalled.to(x.dtype), init)
+                new = torch.where(state.valid.any(1)[:, None, None], recalled.to(x.dtype), init)
             else:
-                cur = init
+                new = init
+            cur = new if ctx.all_start else torch.where(start[:, None, None], new, cur.to(x.dtype))
             sensory = tail[:, self.W - self.cfg.n_sensory:].to(x.dtype)              # (B, k, D), zeros if no prev
             prefix = torch.cat([cur, sensory], dim=1)                                # (B, 1 + k, D)
         tail = _keep_last(torch.cat([tail, x.to(tail.dtype)], dim=1), self.W)
-        suffix = cur if ctx.seg_end else None
+        suffix = cur if ctx.any_end else None
         return prefix, suffix, HMTState(tail, state.cache, state.valid, cur)
 
     def embed_out(self, h_prefix: Tensor | None, h_suffix: Tensor | None, state: HMTState, ctx: StepContext) -> HMTState:
@@ -137,6 +142,10 @@ class HMT(Memory):
         new = self.norm_mem(h_suffix).to(state.cache.dtype)                          # (B, 1, D)
         cache = torch.cat([state.cache[:, 1:], new], dim=1)                          # FIFO (B, N, D)
         valid = torch.cat([state.valid[:, 1:], torch.ones_like(state.valid[:, :1])], dim=1)
+        if not ctx.all_end:                                                          # only rows that closed a segment
+            end = ctx.seg_end
+            cache = torch.where(end[:, None, None], cache, state.cache)
+            valid = torch.where(end[:, None], valid, state.valid)
         return HMTState(state.tail, cache, valid, state.cur)
 
     def optim_group(self, name: str) -> str | None:

@@ -100,8 +100,12 @@ class Infini(Memory):
         M, z, pM, pz, ro = (list(x) for x in (state.M, state.z, state.pending_M, state.pending_z, state.readout))
         if pM[j] is not None:
             dM, dz = pM[j] + dM, pz[j] + dz
-        if ctx.seg_end:
+        if ctx.all_end:
             M[j], z[j], pM[j], pz[j] = M[j] + dM, z[j] + dz, None, None
+        elif ctx.any_end:  # the rows closing a segment commit; the others keep accumulating
+            e4, e3 = ctx.seg_end[:, None, None, None], ctx.seg_end[:, None, None]
+            M[j], z[j] = torch.where(e4, M[j] + dM, M[j]), torch.where(e3, z[j] + dz, z[j])
+            pM[j], pz[j] = dM.masked_fill(e4, 0.0), dz.masked_fill(e3, 0.0)
         else:
             pM[j], pz[j] = dM, dz
         ro[j] = read

@@ -53,6 +53,7 @@ from memstack.memory.learned.config import LatentConfig
 class LatentState:
     z: Tensor          # (B, N, D) the latent array
     pending: Tensor    # (B, Tp, D) final hidden states of this segment's tokens so far
+    pending_valid: Tensor   # (B, Tp) bool: rows out of step hold segments of different lengths
 
 
 class _Attention(nn.Module):
@@ -63,10 +64,11 @@ class _Attention(nn.Module):
         self.n_heads = n_heads
         self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d, bias=False) for _ in range(4))
 
-    def forward(self, x: Tensor, ctx: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ctx: Tensor, ctx_valid: Tensor | None = None) -> Tensor:
         B, N, D = x.shape
         heads = lambda t: t.view(B, t.shape[1], self.n_heads, D // self.n_heads).transpose(1, 2)  # noqa: E731
-        o = F.scaled_dot_product_attention(heads(self.wq(x)), heads(self.wk(ctx)), heads(self.wv(ctx)))
+        mask = None if ctx_valid is None else ctx_valid[:, None, None, :]          # (B, 1, 1, S)
+        o = F.scaled_dot_product_attention(heads(self.wq(x)), heads(self.wk(ctx)), heads(self.wv(ctx)), attn_mask=mask)
         return self.wo(o.transpose(1, 2).reshape(B, N, D))                    # (B, N, D)
 
 
@@ -81,9 +83,9 @@ class _LatentBlock(nn.Module):
         self.attn = _Attention(d, n_heads)
         self.mlp = SwiGLU(d, ff)
 
-    def forward(self, z: Tensor, x: Tensor | None) -> Tensor:
+    def forward(self, z: Tensor, x: Tensor | None, x_valid: Tensor | None = None) -> Tensor:
         zn = self.norm_z(z)
-        z = z + self.attn(zn, self.norm_x(x) if self.cross else zn)
+        z = z + (self.attn(zn, self.norm_x(x), x_valid) if self.cross else self.attn(zn, zn))
         return z + self.mlp(self.norm_mlp(z))
 
 
@@ -112,11 +114,13 @@ class Latents(Memory):
     # -- state ---------------------------------------------------------------------------------
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> LatentState:
         return LatentState(self.z0.to(device=device, dtype=dtype).expand(batch, -1, -1).clone(),
-                           torch.zeros(batch, 0, self.backbone.d_model, device=device, dtype=dtype))
+                           torch.zeros(batch, 0, self.backbone.d_model, device=device, dtype=dtype),
+                           torch.zeros(batch, 0, dtype=torch.bool, device=device))
 
     def reset(self, state: LatentState, mask: Tensor) -> LatentState:
         z0 = self.z0.to(state.z.dtype).expand_as(state.z)
-        return LatentState(torch.where(mask[:, None, None], z0, state.z), state.pending)
+        return LatentState(torch.where(mask[:, None, None], z0, state.z), state.pending,
+                           state.pending_valid & ~mask[:, None])
 
     def spec(self, dtype: torch.dtype = torch.float32) -> MemorySpec:
         db = dtype_bytes(dtype)
@@ -134,16 +138,24 @@ class Latents(Memory):
 
     # -- write: at the last block, once the segment is complete ----------------------------------
     def block(self, layer: int, h: Tensor, state: LatentState, ctx: StepContext) -> tuple[Tensor, LatentState]:
+        from memstack.memory.state import compact_index, gather_entries
+
         if layer != self.write_layer:
             return h, state
         seg = torch.cat([state.pending, h[:, ctx.real]], 1)                     # (B, Tp + T, D)
-        if not ctx.seg_end:
-            return h, LatentState(state.z, seg)
+        ok = torch.cat([state.pending_valid, torch.ones_like(ctx.tokens, dtype=torch.bool)], 1)
+        if not ctx.any_end:
+            return h, LatentState(state.z, seg, ok)
+        every = bool(ok.all())
         z = state.z
         for i, blk in enumerate(self.blocks):
-            z = blk(z, seg if i == 0 else None)
+            z = blk(z, seg if i == 0 else None, None if every else ok)
         z = self.out_norm(z).to(state.z.dtype)                                  # (B, N, D)
-        return h, LatentState(z, seg.new_zeros(seg.shape[0], 0, seg.shape[2]))
+        if ctx.all_end and every:
+            return h, LatentState(z, seg.new_zeros(seg.shape[0], 0, seg.shape[2]), ok.new_zeros(ok.shape[0], 0))
+        end = ctx.seg_end                                                       # rows out of step: per row
+        idx, pok = compact_index(ok & ~end[:, None])
+        return h, LatentState(torch.where(end[:, None, None], z, state.z), gather_entries(seg, idx), pok)
 
     @classmethod
     def contract_configs(cls) -> list[dict]:

@@ -55,6 +55,7 @@ from memstack.memory.learned.config import LM2Config
 class LM2State:
     mem: tuple[Tensor, ...]        # per memory layer (B, N, D): the bank
     pending: tuple[Tensor, ...]    # per memory layer (B, Tp, D): this segment's normalised inputs so far
+    pending_valid: Tensor          # (B, Tp) bool: rows out of step hold segments of different lengths
 
 
 class LM2Layer(nn.Module):
@@ -80,9 +81,10 @@ class LM2Layer(nn.Module):
         B, T, D = x.shape
         return x.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)   # (B, nh, T, hd)
 
-    def _cross(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Multi-head attention of every query over every key (no mask): (B, Tq, D)."""
-        o = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v))
+    def _cross(self, q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None = None) -> Tensor:
+        """Multi-head attention of every query over every (valid) key: (B, Tq, D)."""
+        mask = None if key_valid is None else key_valid[:, None, None, :]               # (B, 1, 1, Tk)
+        o = F.scaled_dot_product_attention(self._heads(q), self._heads(k), self._heads(v), attn_mask=mask)
         return o.transpose(1, 2).reshape(q.shape)
 
     def read(self, x: Tensor, mem: Tensor) -> Tensor:
@@ -90,9 +92,10 @@ class LM2Layer(nn.Module):
         e = self._cross(self.read_q(x), self.read_k(mem), self.read_v(mem))   # (B, T, D)
         return torch.sigmoid(self.gate_out(e)) * e
 
-    def write(self, x: Tensor, mem: Tensor) -> Tensor:
-        """x (B, T, D) the segment's normalised inputs, mem (B, N, D) -> the new bank (B, N, D)."""
-        c = self._cross(self.write_q(mem), self.write_k(x), self.write_v(x))  # (B, N, D)
+    def write(self, x: Tensor, mem: Tensor, valid: Tensor | None = None) -> Tensor:
+        """x (B, T, D) the segment's normalised inputs (valid (B, T): which exist), mem (B, N, D)
+        -> the new bank (B, N, D)."""
+        c = self._cross(self.write_q(mem), self.write_k(x), self.write_v(x), valid)  # (B, N, D)
         return torch.sigmoid(self.gate_in(c)) * torch.tanh(c) + torch.sigmoid(self.gate_forget(c)) * mem
 
 
@@ -112,18 +115,20 @@ class LM2(Memory):
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> LM2State:
         empty = torch.zeros(batch, 0, self.backbone.d_model, device=device, dtype=dtype)
         return LM2State(tuple(self._initial(batch, device, dtype).clone() for _ in self.mem_layers),
-                        tuple(empty for _ in self.mem_layers))
+                        tuple(empty for _ in self.mem_layers), torch.zeros(batch, 0, dtype=torch.bool, device=device))
 
     def reset(self, state: LM2State, mask: Tensor) -> LM2State:
         m = mask[:, None, None]
         return LM2State(tuple(torch.where(m, self._initial(M.shape[0], M.device, M.dtype), M) for M in state.mem),
-                        state.pending)
+                        state.pending, state.pending_valid & ~mask[:, None])
 
     def spec(self, dtype: torch.dtype = torch.float32) -> MemorySpec:
         db = dtype_bytes(dtype)
         return MemorySpec(fixed_bytes=len(self.mem_layers) * self.cfg.n_slots * self.backbone.d_model * db, dtype_bytes=db)
 
     def block(self, layer: int, h: Tensor, state: LM2State, ctx: StepContext) -> tuple[Tensor, LM2State]:
+        from memstack.memory.state import compact_index, gather_entries
+
         j = self.slot[layer]
         bank = self.banks[j]
         x = bank.norm(h)                                               # (B, T', D)
@@ -131,12 +136,22 @@ class LM2(Memory):
         out = h + bank.read(x, mem).to(h.dtype)
         pend, mems = list(state.pending), list(state.mem)
         seg = torch.cat([state.pending[j], x[:, ctx.real]], 1)        # (B, Tp + T, D)
-        if ctx.seg_end:
+        ok = torch.cat([state.pending_valid, torch.ones_like(ctx.tokens, dtype=torch.bool)], 1)
+        pvalid = ok
+        if ctx.all_end and bool(ok.all()):
             mems[j] = bank.write(seg, mem).to(mem.dtype)                # the bank keeps its dtype (fp32)
-            pend[j] = seg.new_zeros(seg.shape[0], 0, seg.shape[2])
+            pend[j], pvalid = seg.new_zeros(seg.shape[0], 0, seg.shape[2]), ok.new_zeros(ok.shape[0], 0)
+        elif ctx.any_end:                                               # rows out of step: per row
+            end = ctx.seg_end
+            new = bank.write(seg, mem, ok).to(mem.dtype)
+            mems[j] = torch.where(end[:, None, None], new, mem)
+            idx, pvalid = compact_index(ok & ~end[:, None])             # the others keep their segment
+            pend[j] = gather_entries(seg, idx)
         else:
             pend[j] = seg
-        return out, LM2State(tuple(mems), tuple(pend))
+        if j != len(self.mem_layers) - 1:                              # shared bookkeeping: once, at the last
+            pvalid = state.pending_valid
+        return out, LM2State(tuple(mems), tuple(pend), pvalid if j == len(self.mem_layers) - 1 else state.pending_valid)
 
     def make_identity(self) -> bool:
         with torch.no_grad():

@@ -30,8 +30,11 @@ class MemoryTokens(Memory):
         super().__init__(cfg, backbone)
         self.tokens = nn.Parameter(torch.randn(cfg.n_tokens, backbone.d_model) * cfg.init_std)  # (M, D)
 
+    def embed_tokens(self, seg_start: bool, seg_end: bool) -> tuple[int, int]:
+        return (self.cfg.n_tokens if seg_start else 0), 0
+
     def embed(self, x: Tensor, state: Any, ctx: StepContext) -> tuple[Tensor | None, Tensor | None, Any]:
-        if not ctx.seg_start:  # later chunks of a segment: the tokens are already in the decode cache
+        if not ctx.any_start:  # later chunks of a segment: the tokens are already in the decode cache
             return None, None, state
         return self.tokens.to(x.dtype).expand(x.shape[0], -1, -1), None, state  # (B, M, D)
 

@@ -74,17 +74,24 @@ class RMT(Memory):
         init = self.init_mem.to(dtype)[None]                                   # (1, m, D)
         return torch.where(state.fresh[:, None, None], init, state.mem.to(dtype))
 
+    def embed_tokens(self, seg_start: bool, seg_end: bool) -> tuple[int, int]:
+        m = self.cfg.n_tokens
+        return (m if seg_start else 0), (m if seg_end else 0)
+
     def embed(self, x: Tensor, state: RMTState, ctx: StepContext) -> tuple[Tensor | None, Tensor | None, RMTState]:
-        if not (ctx.seg_start or ctx.seg_end):   # a middle chunk of a segment being decoded
+        if not (ctx.any_start or ctx.any_end):   # a middle chunk of a segment being decoded
             return None, None, state
         mem = self.memory(state, x.dtype)                                      # (B, m, D)
-        return (mem if ctx.seg_start else None), (mem if ctx.seg_end else None), state
+        return (mem if ctx.any_start else None), (mem if ctx.any_end else None), state
 
     def embed_out(self, h_prefix: Tensor | None, h_suffix: Tensor | None, state: RMTState, ctx: StepContext) -> RMTState:
-        if h_suffix is None:                     # the segment is not finished: nothing written yet
+        if h_suffix is None:                     # no row finished its segment: nothing written yet
             return state
         new = self.norm(h_suffix).to(state.mem.dtype)                         # (B, m, D)
-        return RMTState(new, torch.zeros_like(state.fresh))
+        if ctx.all_end:
+            return RMTState(new, torch.zeros_like(state.fresh))
+        end = ctx.seg_end                                                      # only those rows write
+        return RMTState(torch.where(end[:, None, None], new, state.mem), state.fresh & ~end)
 
     def optim_group(self, name: str) -> str | None:
         return "no_decay" if name == "init_mem" else None

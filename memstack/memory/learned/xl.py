@@ -38,15 +38,17 @@ class XLState:
     valid: Tensor                 # (B, M) bool
     pending: tuple[Tensor, ...]   # per memory layer (B, Tp, D): this segment's states so far
     pending_pos: Tensor           # (B, Tp)
+    pending_valid: Tensor         # (B, Tp) bool: rows out of step hold segments of different lengths
 
 
 @dataclass
 class Evicted:
     """What the FIFO memory of one layer dropped at a segment end (oldest first)."""
 
-    h: Tensor       # (B, E, D) hidden states, stop-gradient
+    h: Tensor       # (B, E, D) hidden states, stop-gradient; each row's oldest first, padding last
     pos: Tensor     # (B, E) positions
     valid: Tensor   # (B, E) bool
+    idx: Tensor | None = None   # (B, E) where they sat in cat(old memory, pending) (to follow other per-slot data)
 
 
 def _keep_last(x: Tensor, n: int) -> Tensor:
@@ -65,10 +67,12 @@ class TransformerXL(Memory):
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> XLState:
         empty = lambda: torch.zeros(batch, 0, self.backbone.d_model, device=device, dtype=dtype)  # noqa: E731
         z = torch.zeros(batch, 0, dtype=torch.long, device=device)
-        return XLState(tuple(empty() for _ in self.mem_layers), z, z.bool(), tuple(empty() for _ in self.mem_layers), z)
+        return XLState(tuple(empty() for _ in self.mem_layers), z, z.bool(), tuple(empty() for _ in self.mem_layers), z,
+                       z.bool())
 
     def reset(self, state: XLState, mask: Tensor) -> XLState:
-        return XLState(state.mems, state.pos, state.valid & ~mask[:, None], state.pending, state.pending_pos)
+        return XLState(state.mems, state.pos, state.valid & ~mask[:, None], state.pending, state.pending_pos,
+                       state.pending_valid & ~mask[:, None])
 
     def spec(self, dtype: torch.dtype = torch.float32) -> MemorySpec:
         per_tok = len(self.mem_layers) * self.backbone.d_model * dtype_bytes(dtype) + 8 + 1  # states + pos + valid
@@ -76,7 +80,7 @@ class TransformerXL(Memory):
 
     def attn(self, io: AttnIO, state: XLState, ctx: StepContext) -> tuple[KVBlock | None, XLState]:
         block = self.read(io, state)
-        state, _ = self.write(io, state, ctx)
+        state, _, _ = self.write(io, state, ctx)
         return block, state
 
     def read(self, io: AttnIO, state: XLState) -> KVBlock | None:
@@ -87,38 +91,48 @@ class TransformerXL(Memory):
         k, v = io.project_kv(state.mems[j], state.pos)               # (B, Hkv, M, hd)
         return KVBlock(k, v, state.valid)
 
-    def write(self, io: AttnIO, state: XLState, ctx: StepContext) -> tuple[XLState, Evicted | None]:
-        """Append the chunk's (stop-gradient) states; at a segment end push the segment into the
-        FIFO memory. Returns the new state and what the FIFO dropped at this layer (None if nothing)."""
+    def write(self, io: AttnIO, state: XLState, ctx: StepContext) -> tuple[XLState, Evicted | None, Tensor | None]:
+        """Append the chunk's (stop-gradient) states; for the rows closing a segment push it into
+        the FIFO memory. Returns the new state, what the FIFO dropped at this layer (None if
+        nothing) and where each new memory slot came from in cat(old memory, pending) ((B, M')
+        indices; None when no row closed a segment)."""
+        from memstack.memory.state import compact_index, gather_entries
+
         j = self.slot[io.layer]
         h_new = io.h[:, ctx.real].detach()                            # (B, T, D) stop-gradient
         pos_new = ctx.positions[:, ctx.real]
         pending = torch.cat([state.pending[j], h_new], dim=1)
         pending_pos = torch.cat([state.pending_pos, pos_new], dim=1)
+        pending_valid = torch.cat([state.pending_valid, torch.ones_like(pos_new, dtype=torch.bool)], dim=1)
         mems, pend = list(state.mems), list(state.pending)
-        evicted = None
-        if ctx.seg_end:  # the segment is complete: push it into the FIFO memory
+        evicted, mem_idx = None, None
+        pos, valid, ppos, pvalid = state.pos, state.valid, pending_pos, pending_valid
+        if ctx.any_end:  # those rows' segments are complete: push them into the FIFO memory
+            # pos/valid are shared by all layers and only updated at the last one, so every
+            # layer sees the pre-update values here
+            end = ctx.seg_end[:, None]
             full = torch.cat([state.mems[j], pending], dim=1)         # (B, M + Tp, D)
-            n_out = full.shape[1] - self.cfg.mem_len
-            if n_out > 0:
-                # pos/valid are shared by all layers and only updated at the last one, so every
-                # layer sees the pre-update values here
-                full_pos = torch.cat([state.pos, pending_pos], dim=1)
-                full_valid = torch.cat([state.valid, torch.ones_like(pending_pos, dtype=torch.bool)], dim=1)
-                evicted = Evicted(full[:, :n_out], full_pos[:, :n_out], full_valid[:, :n_out])
-            mems[j] = _keep_last(full, self.cfg.mem_len)
-            pend[j] = pending.new_zeros(pending.shape[0], 0, pending.shape[2])
+            full_pos = torch.cat([state.pos, pending_pos], dim=1)
+            in_mem = torch.cat([state.valid, pending_valid & end], dim=1)
+            from_right = in_mem.long().flip(1).cumsum(1).flip(1)
+            kept = in_mem & (from_right <= self.cfg.mem_len)
+            out = in_mem & ~kept
+            if bool(out.any()):
+                eidx, eok = compact_index(out, left=True)             # each row's evicted states, oldest first
+                evicted = Evicted(gather_entries(full, eidx), gather_entries(full_pos, eidx), eok, eidx)
+            mem_idx, mvalid = compact_index(kept)
+            # fresh tensors (gathers): a slice would keep the whole buffer alive
+            mems[j] = gather_entries(full, mem_idx)
+            rest = torch.cat([torch.zeros_like(state.valid), pending_valid & ~end], dim=1)
+            pidx, pok = compact_index(rest)
+            pend[j] = gather_entries(full, pidx)
+            pos, valid = gather_entries(full_pos, mem_idx), mvalid
+            ppos, pvalid = gather_entries(full_pos, pidx), pok
         else:
             pend[j] = pending
-        pos, valid, ppos = state.pos, state.valid, state.pending_pos
-        if j == len(self.mem_layers) - 1:  # bookkeeping shared by all layers: once, at the last
-            if ctx.seg_end:
-                pos = _keep_last(torch.cat([state.pos, pending_pos], dim=1), self.cfg.mem_len)
-                valid = _keep_last(torch.cat([state.valid, torch.ones_like(pending_pos, dtype=torch.bool)], dim=1), self.cfg.mem_len)
-                ppos = pending_pos.new_zeros(pending_pos.shape[0], 0)
-            else:
-                ppos = pending_pos
-        return XLState(tuple(mems), pos, valid, tuple(pend), ppos), evicted
+        if j != len(self.mem_layers) - 1:  # bookkeeping shared by all layers: once, at the last
+            pos, valid, ppos, pvalid = state.pos, state.valid, state.pending_pos, state.pending_valid
+        return XLState(tuple(mems), pos, valid, tuple(pend), ppos, pvalid), evicted, mem_idx
 
     @classmethod
     def contract_configs(cls) -> list[dict]:

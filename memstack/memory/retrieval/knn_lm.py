@@ -125,7 +125,8 @@ class KNNLM(Memory):
         if self.store is not None:
             if self.store.device != h.device:
                 self.store.to(h.device)
-            res = self.store.search(h.detach().reshape(B * T, D).float(), k, self.cfg.namespace)
+            names = [n for n in ctx.namespace_of(self.cfg.namespace) for _ in range(T)]    # per query: its row's
+            res = self.store.search(h.detach().reshape(B * T, D).float(), k, names[0] if len(set(names)) == 1 else names)
             tok = self.store.payload("token")[res.rows.clamp(min=0)]
             cand_s.append(res.scores.reshape(B, T, k))
             cand_v.append(tok.reshape(B, T, k))

@@ -49,6 +49,7 @@ class MemorizingState:
     pk: tuple[Tensor, ...]      # per kNN layer (B, Hkv, Tp, hd): this segment's keys, joining at its end
     pv: tuple[Tensor, ...]
     ppos: Tensor                # (B, Tp) positions of the pending entries
+    pvalid: Tensor              # (B, Tp) bool: rows out of step hold segments of different lengths
 
 
 def unrotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
@@ -78,11 +79,12 @@ class MemorizingTransformer(Memory):
         z = torch.zeros(batch, 0, dtype=torch.long, device=device)
         L = len(self.mem_layers)
         return MemorizingState(tuple(kv() for _ in range(L)), tuple(kv() for _ in range(L)), tuple(z.bool() for _ in range(L)),
-                               tuple(z for _ in range(L)), tuple(kv() for _ in range(L)), tuple(kv() for _ in range(L)), z)
+                               tuple(z for _ in range(L)), tuple(kv() for _ in range(L)), tuple(kv() for _ in range(L)), z,
+                               z.bool())
 
     def reset(self, state: MemorizingState, mask: Tensor) -> MemorizingState:
         return MemorizingState(state.mk, state.mv, tuple(v & ~mask[:, None] for v in state.valid), state.stamp,
-                               state.pk, state.pv, state.ppos)
+                               state.pk, state.pv, state.ppos, state.pvalid & ~mask[:, None])
 
     def _bytes_per_token(self, dtype: torch.dtype) -> int:
         b = self.backbone
@@ -115,8 +117,11 @@ class MemorizingTransformer(Memory):
         pk, pv = list(state.pk), list(state.pv)
         pk[j] = torch.cat([state.pk[j], k], 2)
         pv[j] = torch.cat([state.pv[j], v], 2)
-        ppos = torch.cat([state.ppos, pos], 1) if j == 0 else state.ppos
-        return None, MemorizingState(state.mk, state.mv, state.valid, state.stamp, tuple(pk), tuple(pv), ppos)
+        ppos, pvalid = state.ppos, state.pvalid
+        if j == 0:  # shared by all kNN layers: extended once
+            ppos = torch.cat([state.ppos, pos], 1)
+            pvalid = torch.cat([state.pvalid, torch.ones_like(pos, dtype=torch.bool)], 1)
+        return None, MemorizingState(state.mk, state.mv, state.valid, state.stamp, tuple(pk), tuple(pv), ppos, pvalid)
 
     # -- read: top-k over the memory, gated with local attention --------------------------------
     def attn_out(self, layer: int, q: Tensor, out: Tensor, state: MemorizingState, ctx: StepContext) -> tuple[Tensor, MemorizingState]:
@@ -133,21 +138,33 @@ class MemorizingTransformer(Memory):
             when = torch.where(flat >= 0, when, torch.full_like(when, -1))
             stamp = stamp.scatter_reduce(1, flat.clamp(min=0), when, reduce="amax")
         mks, mvs, vals, stamps = list(state.mk), list(state.mv), list(state.valid), list(state.stamp)
-        pk, pv, ppos = list(state.pk), list(state.pv), state.ppos
-        if ctx.seg_end:
-            mks[j], mvs[j], vals[j], stamps[j] = self._merge(mk, mv, valid, stamp, state.pk[j], state.pv[j], state.ppos)
-            pk[j], pv[j] = state.pk[j][:, :, :0], state.pv[j][:, :, :0]
+        pk, pv, ppos, pvalid = list(state.pk), list(state.pv), state.ppos, state.pvalid
+        if ctx.all_end and bool(state.pvalid.all()):
+            mks[j], mvs[j], vals[j], stamps[j] = self._merge(mk, mv, valid, stamp, state.pk[j], state.pv[j], state.ppos,
+                                                             state.pvalid)
+            pk[j], pv[j] = state.pk[j][:, :, :0].clone(), state.pv[j][:, :, :0].clone()
             if j == len(self.mem_layers) - 1:
-                ppos = state.ppos[:, :0]
+                ppos, pvalid = state.ppos[:, :0].clone(), state.pvalid[:, :0].clone()
+        elif ctx.any_end:  # rows out of step: the rows closing a segment merge theirs, the others wait
+            from memstack.memory.state import compact_index, gather_entries
+
+            end = ctx.seg_end[:, None]
+            mks[j], mvs[j], vals[j], stamps[j] = self._merge(mk, mv, valid, stamp, state.pk[j], state.pv[j], state.ppos,
+                                                             state.pvalid & end)
+            idx, ok = compact_index(state.pvalid & ~end)
+            pk[j], pv[j] = gather_entries(state.pk[j], idx, 2), gather_entries(state.pv[j], idx, 2)
+            if j == len(self.mem_layers) - 1:
+                ppos, pvalid = gather_entries(state.ppos, idx), ok
         else:
             stamps[j] = stamp
-        return out, MemorizingState(tuple(mks), tuple(mvs), tuple(vals), tuple(stamps), tuple(pk), tuple(pv), ppos)
+        return out, MemorizingState(tuple(mks), tuple(mvs), tuple(vals), tuple(stamps), tuple(pk), tuple(pv), ppos, pvalid)
 
-    def _merge(self, mk: Tensor, mv: Tensor, valid: Tensor, stamp: Tensor, pk: Tensor, pv: Tensor, ppos: Tensor):
-        """Append the segment's entries; if that overflows mem_len, evict the slots with the
-        oldest stamps (invalid slots first). Never a reset."""
+    def _merge(self, mk: Tensor, mv: Tensor, valid: Tensor, stamp: Tensor, pk: Tensor, pv: Tensor, ppos: Tensor,
+               pvalid: Tensor):
+        """Append the segment's (valid) entries; if that overflows mem_len, evict the slots with
+        the oldest stamps (invalid slots first). Never a reset."""
         k, v = torch.cat([mk, pk], 2), torch.cat([mv, pv], 2)                             # (B, Hkv, M+P, hd)
-        ok = torch.cat([valid, torch.ones_like(ppos, dtype=torch.bool)], 1)              # (B, M+P)
+        ok = torch.cat([valid, pvalid], 1)                                                # (B, M+P)
         st = torch.cat([stamp, ppos], 1)
         C = self.cfg.mem_len
         if k.shape[2] <= C:

@@ -69,15 +69,35 @@ class RAGContext(Memory):
     def make_identity(self) -> bool:
         return self.pipeline is None   # without a store nothing is ever put in the context
 
-    def passage_ids(self, queries: list[str]) -> list[list[int]]:
+    def embed_tokens(self, seg_start: bool, seg_end: bool) -> tuple[int, int]:
+        return (self.cfg.k * self.cfg.passage_tokens if seg_start and self.pipeline is not None else 0), 0
+
+    def _retrieve(self, queries: list[str], namespace: str):
+        """Top passages of `queries` within `namespace` (one shared store; the engine's per-row
+        namespaces reach here through StepContext.namespace_of)."""
+        pipe = self.pipeline
+        if namespace != pipe.dense.namespace:
+            from memstack.memory.retrieval.rag import DenseRetriever, RAGPipeline
+
+            pipe = RAGPipeline(DenseRetriever(pipe.dense.store, pipe.dense.embedder, namespace), pipe.bm25, pipe.pool,
+                               pipe.alpha)
+        return pipe.retrieve(queries, self.cfg.k, self.cfg.method).idx
+
+    def passage_ids(self, queries: list[str], namespaces: list[str] | None = None) -> list[list[int]]:
         """Token ids of the prefix for each query ('' = no query: all <eot>)."""
         cfg, eot = self.cfg, self.tokenizer.eot_id
         out = [[eot] * (cfg.k * cfg.passage_tokens) for _ in queries]
         asked = [i for i, q in enumerate(queries) if q.strip()]
         if not asked:
             return out
-        top = self.pipeline.retrieve([queries[i] for i in asked], cfg.k, cfg.method).idx
-        for i, row in zip(asked, top):
+        namespaces = namespaces or [cfg.namespace] * len(queries)
+        top: dict[int, list[int]] = {}
+        for ns in dict.fromkeys(namespaces[i] for i in asked):
+            group = [i for i in asked if namespaces[i] == ns]
+            for i, row in zip(group, self._retrieve([queries[i] for i in group], ns)):
+                top[i] = row
+        for i in asked:
+            row = top[i]
             ids: list[int] = []
             for p in row:
                 if p < 0:
@@ -92,12 +112,14 @@ class RAGContext(Memory):
 
     def embed(self, x: Tensor, state: RAGState, ctx: StepContext) -> tuple[Tensor | None, Tensor | None, Any]:
         prefix = None
-        if ctx.seg_start and self.pipeline is not None:
+        if ctx.any_start and self.pipeline is not None:
             if ctx.embed is None:
                 raise RuntimeError("the rag memory needs the backbone's token embedding (StepContext.embed)")
-            queries = [self.tokenizer.decode(r[len(r) - int(n):].tolist()) if int(n) else ""
-                       for r, n in zip(state.recent.cpu(), state.n.cpu())]
-            ids = torch.tensor(self.passage_ids(queries), dtype=torch.long, device=x.device)   # (B, k * passage_tokens)
+            start = ctx.seg_start.cpu().tolist()                       # only rows opening a segment retrieve
+            queries = [self.tokenizer.decode(r[len(r) - int(n):].tolist()) if int(n) and s else ""
+                       for r, n, s in zip(state.recent.cpu(), state.n.cpu(), start)]
+            ids = torch.tensor(self.passage_ids(queries, ctx.namespace_of(self.cfg.namespace)), dtype=torch.long,
+                               device=x.device)                                                 # (B, k * passage_tokens)
             prefix = ctx.embed(ids).to(x.dtype)                                                # (B, P, D)
         Q = self.cfg.query_tokens
         recent = torch.cat([state.recent, ctx.tokens], 1)[:, -Q:].clone()

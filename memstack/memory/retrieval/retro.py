@@ -96,7 +96,8 @@ class NeighbourEncoder(nn.Module):
 
 @dataclass
 class RetroState:
-    buf: Tensor        # (B, nb) tokens of the current, incomplete chunk (nb < chunk)
+    buf: Tensor        # (B, chunk - 1) the document's last chunk - 1 tokens, right-aligned (0 before the
+                       # document): a row's incomplete chunk is its last pos % chunk of them
     enc: Tensor        # (B, k * 2m, D) encoded neighbours of the last completed chunk (empty if none)
     enc_ok: Tensor     # (B, k * 2m) bool: real neighbour tokens
     call_enc: Tensor   # (B, U, k * 2m, D) this call's chunks' neighbours (shared by the CCA layers of one call)
@@ -144,7 +145,7 @@ class Retro(Memory):
         m, D, kr = self.cfg.chunk, self.backbone.d_model, self.cfg.k * 2 * self.cfg.chunk
         n_db = self.cfg.db_len if self.store is None else 0
         z = lambda *s, dt=torch.long: torch.zeros(batch, *s, dtype=dt, device=device)  # noqa: E731
-        return RetroState(z(0), z(kr, D, dt=dtype), z(kr, dt=torch.bool), z(0, kr, D, dt=dtype), z(0, kr, dt=torch.bool),
+        return RetroState(z(m - 1), z(kr, D, dt=dtype), z(kr, dt=torch.bool), z(0, kr, D, dt=dtype), z(0, kr, dt=torch.bool),
                           z().fill_(-1), z(m), z(dt=torch.bool), z(n_db, self.cfg.key_dim, dt=dtype), z(n_db, 2 * m),
                           z(n_db, dt=torch.bool))
 
@@ -179,7 +180,7 @@ class Retro(Memory):
                 {"chunk": 8, "k": 1, "layers": [0, 1], "db_len": 3, "key_dim": 8, "exclude_own_doc": False}]
 
     # -- retrieval at the first CCA layer -------------------------------------------------------
-    def _retrieve(self, chunks: Tensor, sig: Tensor, st: dict) -> tuple[Tensor, Tensor]:
+    def _retrieve(self, chunks: Tensor, sig: Tensor, st: dict, namespace: str | list[str] | None = None) -> tuple[Tensor, Tensor]:
         """chunks (B, m) completed now -> neighbour tokens (B, k, 2m), ok (B, k)."""
         B, m, k = chunks.shape[0], self.cfg.chunk, self.cfg.k
         q = chunk_keys(chunks, self.table)                                               # (B, key_dim)
@@ -187,7 +188,7 @@ class Retro(Memory):
             if self.store.device != chunks.device:
                 self.store.to(chunks.device)
             excl = sig if self.cfg.exclude_own_doc else None
-            res = self.store.search(q.float(), k, self.cfg.namespace, exclude_doc=excl)
+            res = self.store.search(q.float(), k, namespace or self.cfg.namespace, exclude_doc=excl)
             ok = res.rows >= 0
             return self.store.payload("tokens")[res.rows.clamp(min=0)], ok
         keys, ok_db = st["db_keys"], st["db_ok"]
@@ -201,41 +202,54 @@ class Retro(Memory):
             ok[:, :kk] = ts > float("-inf")
         return nb, ok
 
-    def _complete(self, chunks: Tensor, st: dict, first_chunk: Tensor) -> tuple[Tensor, Tensor]:
-        """A chunk completed in every row: signature, document database, retrieval, encoding."""
+    def _complete(self, chunks: Tensor, st: dict, first_chunk: Tensor, done: Tensor,
+                  namespace: str | list[str] | None = None) -> tuple[Tensor, Tensor]:
+        """Chunks completed now (B, m) in the rows `done` (B,) bool: signature, document database,
+        retrieval, encoding. The other rows' state is left as it was."""
         B, m = chunks.shape
-        st["sig"] = torch.where(first_chunk, doc_signature(chunks), st["sig"])
+        d1, d2 = done[:, None], done[:, None, None]
+        st["sig"] = torch.where(first_chunk & done, doc_signature(chunks), st["sig"])
         if self.store is None:   # entry [last, chunk] becomes complete; then `chunks` waits for its continuation
             entry = torch.cat([st["last"], chunks], 1)
             key = chunk_keys(st["last"], self.table).to(st["db_keys"].dtype)
             # FIFO of constant size (fresh tensors: a view would pin the longer buffer)
-            st["db_keys"] = torch.cat([st["db_keys"][:, 1:], key[:, None]], 1)
-            st["db_tok"] = torch.cat([st["db_tok"][:, 1:], entry[:, None]], 1)
-            st["db_ok"] = torch.cat([st["db_ok"][:, 1:], st["has_last"][:, None]], 1)
-        st["last"], st["has_last"] = chunks, torch.ones_like(st["has_last"])
-        nb, ok = self._retrieve(chunks, st["sig"], st)                                  # (B, k, 2m)
+            st["db_keys"] = torch.where(d2, torch.cat([st["db_keys"][:, 1:], key[:, None]], 1), st["db_keys"])
+            st["db_tok"] = torch.where(d2, torch.cat([st["db_tok"][:, 1:], entry[:, None]], 1), st["db_tok"])
+            st["db_ok"] = torch.where(d1, torch.cat([st["db_ok"][:, 1:], st["has_last"][:, None]], 1), st["db_ok"])
+        st["last"] = torch.where(d1, chunks, st["last"])
+        st["has_last"] = st["has_last"] | done
+        nb, ok = self._retrieve(chunks, st["sig"], st, namespace)                       # (B, k, 2m)
         if not self.cfg.retrieval:
             ok = torch.zeros_like(ok)
+        ok = ok & d1
         enc = self.encoder(nb.reshape(-1, 2 * m)).reshape(B, -1, self.backbone.d_model)  # (B, k*2m, D)
         return enc, ok[:, :, None].expand(-1, -1, 2 * m).reshape(B, -1)
 
     def _prepare(self, h: Tensor, state: RetroState, ctx: StepContext) -> RetroState:
-        """Process this call's tokens chunk by chunk (at the first CCA layer, once per call)."""
+        """Process this call's tokens chunk by chunk (at the first CCA layer, once per call). Rows
+        may be at different positions: row r completes a chunk where (pos_r + t + 1) % m == 0."""
         m = self.cfg.chunk
         st = {f: getattr(state, f) for f in ("sig", "last", "has_last", "db_keys", "db_tok", "db_ok")}
-        tokens = ctx.tokens
-        buf = torch.cat([state.buf, tokens], 1)                                          # (B, nb + T)
+        B, T = ctx.tokens.shape
+        ext = torch.cat([state.buf, ctx.tokens], 1)                                      # (B, m-1+T); token t at m-1+t
+        nb = ctx.pos.remainder(m)                                                        # (B,) tokens of the open chunk
+        n_done = torch.div(nb + T, m, rounding_mode="floor")                             # (B,) chunks completed now
+        U = int(n_done.max()) if B else 0
         encs, oks = [], []
-        for a in range(0, buf.shape[1] - m + 1, m):
-            first = (ctx.pos - state.buf.shape[1] + a) == 0                              # (B,) the document's first chunk
-            e, o = self._complete(buf[:, a:a + m], st, first)
+        for c in range(U):
+            start = m - 1 - nb + c * m                                                   # ext column of the chunk's first token
+            cols = (start[:, None] + torch.arange(m, device=ext.device)).clamp(max=ext.shape[1] - 1)
+            chunks = ext.gather(1, cols)                                                 # (B, m)
+            first = (ctx.pos - nb + c * m) == 0                                          # the document's first chunk
+            names = ctx.namespace_of(self.cfg.namespace)
+            e, o = self._complete(chunks, st, first, n_done > c, names[0] if len(set(names)) == 1 else names)
             encs.append(e)
             oks.append(o)
-        n_done = len(encs) * m
-        B, kr, D = h.shape[0], self.cfg.k * 2 * m, self.backbone.d_model
+        kr, D = self.cfg.k * 2 * m, self.backbone.d_model
         call_enc = torch.stack(encs, 1) if encs else h.new_zeros(B, 0, kr, D)
         call_ok = torch.stack(oks, 1) if oks else torch.zeros(B, 0, kr, dtype=torch.bool, device=h.device)
-        return RetroState(buf[:, n_done:], state.enc, state.enc_ok, call_enc, call_ok, st["sig"], st["last"],
+        buf = ext[:, ext.shape[1] - (m - 1):].clone() if m > 1 else ext[:, :0].clone()
+        return RetroState(buf, state.enc, state.enc_ok, call_enc, call_ok, st["sig"], st["last"],
                           st["has_last"], st["db_keys"], st["db_tok"], st["db_ok"])
 
     # -- chunked cross-attention ------------------------------------------------------------------
@@ -244,14 +258,14 @@ class Retro(Memory):
         if layer == self.first:
             state = self._prepare(h, state, ctx)
         B, T, D = h.shape[0], ctx.n_tokens, self.backbone.d_model
-        # slot 0: neighbours of the last chunk completed before this call; then this call's chunks
-        E = torch.cat([state.enc[:, None], state.call_enc], 1)                           # (B, U, kr, D)
-        ok = torch.cat([state.enc_ok[:, None], state.call_ok], 1)                        # (B, U, kr)
+        # slot 0: neighbours of the last chunk completed before this call; slot c + 1: the row's
+        # c-th chunk completed in this call
+        E = torch.cat([state.enc[:, None], state.call_enc], 1)                           # (B, U+1, kr, D)
+        ok = torch.cat([state.enc_ok[:, None], state.call_ok], 1)                        # (B, U+1, kr)
         U, kr = E.shape[1], E.shape[2]
         pos = ctx.pos[:, None] + torch.arange(T, device=h.device)                         # (B, T) document positions
         u = torch.div(pos + 1, m, rounding_mode="floor") - 1                              # the chunk each token reads
-        first_done = torch.div(ctx.pos + T, m, rounding_mode="floor") - state.call_enc.shape[1]   # chunk in call slot 0
-        slot = u - first_done[:, None] + 1                                                # (B, T); u < 0: no chunk
+        slot = u - torch.div(ctx.pos, m, rounding_mode="floor")[:, None] + 1              # (B, T)
         slot = torch.where(u >= 0, slot, -1)
         sel = slot[:, :, None] == torch.arange(U, device=h.device)                       # (B, T, U)
         mask = (sel[..., None] & ok[:, None]).reshape(B, T, U * kr)                       # (B, T, U*kr)
@@ -270,10 +284,17 @@ class Retro(Memory):
             h = h + o
         else:   # memory tokens of other memories around the chunk: only the real tokens read neighbours
             h = torch.cat([h[:, :ctx.n_prefix], hr + o, h[:, ctx.n_prefix + T:]], 1)
-        if layer == self.last_layer:   # keep the newest completed chunk's neighbours for the next call
-            if state.call_enc.shape[1]:
-                # copies: views would keep this call's whole neighbour stack alive in the state
-                state = RetroState(state.buf.clone(), state.call_enc[:, -1].clone(), state.call_ok[:, -1].clone(),
+        if layer == self.last_layer:   # keep each row's newest completed chunk's neighbours for the next call
+            n_call = state.call_enc.shape[1]
+            if n_call:
+                n_done = torch.div(ctx.pos.remainder(m) + T, m, rounding_mode="floor")   # (B,)
+                last = (n_done - 1).clamp(min=0)
+                pick = last[:, None, None, None].expand(B, 1, kr, D)
+                newest = state.call_enc.gather(1, pick)[:, 0]                               # (B, kr, D) fresh
+                newest_ok = state.call_ok.gather(1, last[:, None, None].expand(B, 1, kr))[:, 0]
+                got = (n_done > 0)
+                state = RetroState(state.buf, torch.where(got[:, None, None], newest, state.enc),
+                                   torch.where(got[:, None], newest_ok, state.enc_ok),
                                    state.call_enc.new_zeros(B, 0, kr, D), state.call_ok.new_zeros(B, 0, kr), state.sig,
                                    state.last.clone(), state.has_last, state.db_keys, state.db_tok, state.db_ok)
         return h, state

@@ -63,7 +63,8 @@ def test_read_equals_xl_with_the_latents_as_memory_before_the_segment():
         z = st.memories[0].z                                          # (B, N, D)
         pos = torch.full((2, 5), S - 1)
         e = torch.zeros(2, 0, 16)
-        xs = XLState((z, z), pos, torch.ones(2, 5, dtype=torch.bool), (e, e), torch.zeros(2, 0, dtype=torch.long))
+        xs = XLState((z, z), pos, torch.ones(2, 5, dtype=torch.bool), (e, e), torch.zeros(2, 0, dtype=torch.long),
+                     torch.zeros(2, 0, dtype=torch.bool))
         xst = xl.init_state(2)
         xst.pos.fill_(S)
         want, _ = xl(tokens[:, S:], type(xst)(xst.pos, (xs,)))

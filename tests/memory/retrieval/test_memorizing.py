@@ -31,7 +31,7 @@ def test_gated_read_matches_reference():
     mk, mv = torch.randn(B, 2, M, 8), torch.randn(B, 2, M, 8)
     valid = torch.rand(B, M) > 0.2
     st = mem.init_state(B, torch.device("cpu"), torch.float32)
-    st = MemorizingState((mk,), (mv,), (valid,), (torch.zeros(B, M, dtype=torch.long),), st.pk, st.pv, st.ppos)
+    st = MemorizingState((mk,), (mv,), (valid,), (torch.zeros(B, M, dtype=torch.long),), st.pk, st.pv, st.ppos, st.pvalid)
     pos = torch.tensor([[40], [100]]) + torch.arange(T)
     ctx = StepContext(torch.zeros(B, T, dtype=torch.long), pos[:, 0], torch.zeros(B, dtype=torch.bool), True, False, False,
                       positions=pos)
@@ -91,11 +91,13 @@ def test_lru_keeps_recently_retrieved_entries():
     mk = torch.randn(B, 2, 4, 8)
     stamp = torch.tensor([[0, 1, 90, 3]])             # entry 2 was retrieved at position 90
     pk = torch.randn(B, 2, 2, 8)
-    k, _, ok, st = mem._merge(mk, mk, torch.ones(B, 4, dtype=torch.bool), stamp, pk, pk, torch.tensor([[50, 51]]))
+    k, _, ok, st = mem._merge(mk, mk, torch.ones(B, 4, dtype=torch.bool), stamp, pk, pk, torch.tensor([[50, 51]]),
+                              torch.ones(1, 2, dtype=torch.bool))
     assert st.tolist() == [[90, 3, 50, 51]]           # the two least recently used (0, 1) went; order kept
     assert torch.equal(k[:, :, 0], mk[:, :, 2]) and torch.equal(k[:, :, 2:], pk) and bool(ok.all())
     # invalid (reset) slots go first, whatever their stamp
-    k, _, ok, st = mem._merge(mk, mk, torch.tensor([[True, True, False, True]]), stamp, pk, pk, torch.tensor([[50, 51]]))
+    k, _, ok, st = mem._merge(mk, mk, torch.tensor([[True, True, False, True]]), stamp, pk, pk, torch.tensor([[50, 51]]),
+                              torch.ones(1, 2, dtype=torch.bool))
     assert st.tolist() == [[1, 3, 50, 51]] and bool(ok.all())
 
 
