@@ -158,7 +158,9 @@ def _engine_stream(model, ids: list[int], cfg, tok, args: argparse.Namespace):
     from memstack.engine.policy import context_policy
 
     _, reasons = context_policy(model)
-    if reasons:
+    if reasons:  # say why, then decode with the plain decoder
+        print("memstack generate: the engine cannot serve this model (" + "; ".join(reasons) + "); using the plain "
+              "segment decoder", file=sys.stderr)
         return None
     engine = Engine(model, EngineConfig(block_size=args.block_size, kv_memory_mb=args.kv_memory_mb,
                                         device=args.device or "auto"), tokenizer=f"{tok.name}:{tok.fingerprint()}")
@@ -181,7 +183,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not ids:
         ids = [tok.eot_id]
     stream = _engine_stream(model, ids, cfg, tok, args) if not args.no_engine else None
-    if stream is None:  # a model the engine does not serve (stateful memories): the plain decoder
+    if stream is None:  # --no-engine, or a model the engine refuses: the plain decoder
         stream = (int(nxt[0]) for nxt in generate(model, torch.tensor([ids]), cfg))
     sys.stdout.write(args.prompt)
     out: list[int] = []
@@ -284,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", help="generate text from a checkpoint",
                        description="Stream text from a trained checkpoint. Greedy by default; --temperature > 0 "
-                       "samples, with optional --top-k / --top-p. Models whose only memory is a KV cache run on the "
-                       "paged-KV engine (memstack.engine); others decode segment by segment with their memory.")
+                       "samples, with optional --top-k / --top-p. Runs on the engine (memstack.engine: paged KV, "
+                       "every memory's state per request); --no-engine decodes segment by segment with the plain "
+                       "decoder (the same tokens).")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--prompt", default="")
     s.add_argument("--max-new-tokens", type=int, default=64)
@@ -296,13 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-stop", action="store_true", help="do not stop at <|endoftext|>")
     s.add_argument("--device")
     s.add_argument("--no-engine", action="store_true", help="decode with the plain segment decoder instead of the "
-                   "paged-KV engine (models with stateful memories always use the plain decoder)")
+                   "engine (a model the engine refuses uses it too, and the reasons are printed)")
     s.add_argument("--block-size", type=int, default=16, help="engine KV block size in tokens (default 16)")
     s.add_argument("--kv-memory-mb", type=float, default=64.0, help="engine KV pool size in MiB (default 64)")
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("serve", help="serve a checkpoint over HTTP (continuous batching, streaming)",
-                       description="Serve a checkpoint whose only memory is a KV cache on the paged-KV engine over "
+                       description="Serve a checkpoint (any memory) on the engine over "
                        "HTTP: POST /v1/generate {prompt, max_new_tokens, temperature, top_p, top_k, seed, salt, "
                        "stream}, POST /v1/prefix/pin {prompt, ttl, salt}, POST /v1/prefix/unpin {handle}, GET /health. "
                        "Streaming responses are server-sent events, one per token.")

@@ -8,12 +8,23 @@
     engine.generate([p1, p2], params)      # or all at once
     for tok in engine.stream(p, params): ...
 
-Requests join and leave between steps; each step runs one packed forward pass (runner.py) over
-the decode tokens of running requests and chunks of new prompts (scheduler.py). Sampling per
-request (greedy / temperature / top-k / top-p, seeded), stop on stop ids, max_new_tokens or
+Requests join and leave between steps; each step runs the model's own forward (runner.py) over
+the decode tokens of running requests and chunks of new prompts (scheduler.py), with the K/V in
+one paged pool and every memory's state in per-request slots. Any registered memory is served:
+the KV-cache memory (if any) is replaced by the pool with the same context semantics
+(policy.py), every other memory runs in the forward with each request's own state row. Sampling
+per request (greedy / temperature / top-k / top-p, seeded), stop on stop ids, max_new_tokens or
 max_model_len. Bad requests are refused at `add_request` with every reason: too long for
 max_model_len, or more KV blocks than the whole pool (it could never run); a request that fits
 the pool but not now waits. Nothing about a refused request touches other requests' blocks.
+
+Failure isolation: a request whose forward (a memory raising for its row) or sampling fails is
+finished with finish_reason "error" and the error; every other request of the step goes on
+(the rows of a failed call are re-run one by one from their saved states).
+
+Prefix reuse needs the K/V of a prefix to be the whole story: it is on for models whose
+memories keep no state and add no tokens; a model with memory state recomputes every request
+from its first token (its state after a prefix is not in the pool; sessions carry it).
 """
 from __future__ import annotations
 
@@ -25,7 +36,7 @@ from typing import Iterable, Iterator
 import torch
 
 from memstack.engine.config import EngineConfig
-from memstack.engine.policy import context_policy
+from memstack.engine.policy import context_policy, kv_cache_memories
 from memstack.engine.request import Request, RequestOutput, Status
 from memstack.engine.runner import ModelRunner, Work
 from memstack.engine.scheduler import Scheduler
@@ -56,19 +67,28 @@ class Engine:
         self.cfg, self.policy = cfg, policy
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device).eval()
+        # the model the engine runs: its KV-cache memory is replaced by the paged pool
+        self.serving = self.model.without_memories(kv_cache_memories(self.model))
+        self.stateful = not self.serving.memory.stateless
         dtype = next(model.parameters()).dtype
         self.spec = KVSpec.of(model.cfg.backbone, cfg.block_size, dtype)
         self.num_blocks = cfg.num_blocks or max(1, int(cfg.kv_memory_mb * 2**20) // self.spec.block_bytes)
         self.namespace = CacheNamespace(model_fingerprint(model), tokenizer, str(dtype).removeprefix("torch."),
                                         "none", cfg.block_size)
-        self.pool = BlockPool(self.num_blocks, cfg.enable_prefix_caching)
+        self.prefix_caching = cfg.enable_prefix_caching and not self.stateful
+        self.pool = BlockPool(self.num_blocks, self.prefix_caching)
         self.manager = KVCacheManager(self.pool, cfg.block_size)
         self.cache = PagedKVCache(self.spec, self.num_blocks, self.device)
-        self.runner = ModelRunner(self.model, self.cache)
-        self.scheduler = Scheduler(self.manager, policy, cfg.max_num_seqs, cfg.max_num_batched_tokens, self._new_seq)
+        self.runner = ModelRunner(self.serving, self.cache)
+        stack = self.serving.memory
+        phases = [(a, b) for a in (True, False) for b in (True, False)]
+        self.seg_extra = (max(stack.embed_tokens(*ph)[0] for ph in phases)
+                          + max(stack.embed_tokens(*ph)[1] for ph in phases))   # memory tokens per segment, at most
+        self.scheduler = Scheduler(self.manager, policy, cfg.max_num_seqs, cfg.max_num_batched_tokens, self._new_seq,
+                                   self.runner.extra_slots)
         self.requests: dict[str, Request] = {}
         self.tiers = None
-        if cfg.host_cache_blocks or cfg.disk_cache_dir:
+        if (cfg.host_cache_blocks or cfg.disk_cache_dir) and self.prefix_caching:
             from memstack.memory.kv.tiers import TieredStore
 
             self.tiers = TieredStore(self.spec, self.namespace, cfg.host_cache_blocks, cfg.disk_cache_dir)
@@ -81,10 +101,12 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------
     def max_blocks(self, n_tokens: int) -> int:
-        """Most blocks a request of n_tokens (prompt + new) ever holds at once."""
-        need = self.spec.blocks_for(n_tokens)
+        """Most blocks a request of n_tokens (prompt + new) ever holds at once (its slots: the
+        tokens and the memory tokens of each segment)."""
+        seg = self.policy.seg_len
+        need = self.spec.blocks_for(n_tokens + -(-n_tokens // seg) * self.seg_extra)
         vis = self.policy.max_visible()
-        return need if vis is None else min(need, self.spec.blocks_for(vis) + 1)
+        return need if vis is None else min(need, self.spec.blocks_for(vis + self.seg_extra) + 1)
 
     def check_request(self, prompt: list[int], params: SamplingConfig, compression=None) -> list[str]:
         r = []
@@ -112,12 +134,19 @@ class Engine:
         return r
 
     def add_request(self, prompt: Iterable[int], params: SamplingConfig = SamplingConfig(), salt: str | None = None,
-                    request_id: str | None = None, compression: CompressionConfig | None = None) -> str:
+                    request_id: str | None = None, compression: CompressionConfig | None = None,
+                    namespace: str | None = None) -> str:
         """Queue a request. `compression` (StreamingLLM, policy="streaming") bounds its KV: after
         every step, whole blocks between the sink blocks and the most recent ones are freed so the
-        request holds at most max(ceil(keep_ratio * tokens), sinks + 2 blocks) blocks."""
+        request holds at most max(ceil(keep_ratio * tokens), sinks + 2 blocks) blocks.
+        `namespace`: the datastore namespace its retrieval memories read (None: their configured one)."""
         prompt = [int(t) for t in prompt]
-        reasons = self.check_request(prompt, params, compression)
+        reasons = [] if isinstance(params, SamplingConfig) else [f"params must be a SamplingConfig, got {type(params).__name__}"]
+        if not reasons:
+            reasons += params.check()                 # a config built around its checks is refused here too
+            reasons += self.check_request(prompt, params, compression)
+        if namespace is not None and (not isinstance(namespace, str) or not namespace):
+            reasons.append(f"namespace must be a non-empty string or None, got {namespace!r}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests and not self.requests[rid].finished:
             reasons.append(f"request id {rid!r} is in use")
@@ -125,7 +154,8 @@ class Engine:
             raise EngineError(reasons)
         gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.temperature > 0 else None
         req = Request(rid, prompt, params, salt, generator=gen,
-                      compression=compression if compression is not None and compression.policy != "none" else None)
+                      compression=compression if compression is not None and compression.policy != "none" else None,
+                      namespace=namespace)
         self.requests[rid] = req
         if params.max_new_tokens == 0:
             req.status, req.finish_reason = Status.FINISHED, "length"
@@ -137,7 +167,7 @@ class Engine:
         req = self.requests.get(request_id)
         if req is not None and not req.finished:
             self.scheduler.finish(req)
-            req.finish_reason = "aborted"
+            req.finish_reason, req.state = "aborted", None
 
     def _stream_budget(self, c: CompressionConfig, n_tokens: int) -> int:
         bs = self.cfg.block_size
@@ -159,11 +189,16 @@ class Engine:
     def _new_seq(self, req: Request) -> None:
         """A fresh sequence for req, starting from the longest cached prefix (pool, then tiers)."""
         seq = self.manager.new_seq(self.namespace.root(req.salt))
+        if not self.prefix_caching:
+            seq.cacheable = False                    # its blocks are never keyed (memory state, or caching off)
+            req.seq, req.seg_slot0 = seq, 0
+            return
         toks = req.tokens
         hit = self.manager.match_prefix(seq, toks, len(toks) - 1)
         if self.tiers is not None:
             hit = self.tiers.extend_prefix(self, seq, toks, len(toks) - 1)
         req.seq, req.cached_tokens = seq, max(req.cached_tokens, hit)
+        req.seg_slot0 = hit - hit % self.policy.seg_len  # slots are tokens here
 
     # -- one step ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -172,7 +207,7 @@ class Engine:
         self.sessions.expire()
         work, copies = self.scheduler.schedule()
         for req, why in self.scheduler.failed:
-            req.status, req.finish_reason = Status.FINISHED, "error"
+            req.status, req.finish_reason, req.error = Status.FINISHED, "error", why
             outs.append(RequestOutput(req.id, [], True, "error", why))
         self.scheduler.failed.clear()
         if not work:
@@ -181,11 +216,21 @@ class Engine:
         items = []
         for req, n in work:
             s = req.seq
-            items.append(Work(req.tokens[s.n_tokens:s.n_tokens + n], s.n_tokens, s.n_slots, s.start, s.block_ids))
-        logits = self.runner.run(items)
-        greedy = logits.argmax(-1).tolist()
+            items.append(Work(req.tokens[s.n_tokens:s.n_tokens + n], s.n_tokens, s.n_slots, s.start, s.block_ids,
+                              req.state, req.namespace))
+        logits, errors = self._forward(items)
+        ok_rows = [r for r in range(len(work)) if r not in errors]
+        greedy = dict(zip(ok_rows, torch.stack([logits[r] for r in ok_rows]).argmax(-1).tolist())) if ok_rows else {}
         for row, (req, n) in enumerate(work):
-            stored = self.manager.commit(req.seq, req.tokens, n)
+            item = items[row]
+            if row not in errors and item.written != self.scheduler.slots(req, n):
+                errors[row] = (f"the model wrote {item.written} K/V slots for a chunk that reserved "
+                               f"{self.scheduler.slots(req, n)} (a memory adds tokens it does not declare)")
+            if row in errors:
+                outs.append(self._fail(req, errors[row]))
+                continue
+            stored = self.manager.commit(req.seq, req.tokens, n, item.written)
+            req.state = item.state
             if self.tiers is not None and stored:
                 self.tiers.offload(self.cache, req.seq, stored)
             if req.compression is not None:
@@ -193,9 +238,13 @@ class Engine:
             if req.remaining:
                 continue                                        # a prompt chunk: nothing to sample yet
             p = req.params
-            if self.record_logits:
-                req.logits.append(logits[row].clone())
-            tok = greedy[row] if p.temperature == 0 else int(sample(logits[row:row + 1], p, req.generator)[0])
+            try:
+                if self.record_logits:
+                    req.logits.append(logits[row].clone())
+                tok = greedy[row] if p.temperature == 0 else int(sample(logits[row][None], p, req.generator)[0])
+            except Exception as e:  # noqa: BLE001 -- one request's sampling failure is that request's
+                outs.append(self._fail(req, f"sampling failed: {type(e).__name__}: {e}"))
+                continue
             req.output.append(tok)
             if req.first_token_time is None:
                 req.first_token_time = time.perf_counter()
@@ -208,8 +257,33 @@ class Engine:
             if reason:
                 self.scheduler.finish(req)
                 req.finish_reason = reason
+                req.state = None
             outs.append(RequestOutput(req.id, [tok], reason is not None, reason))
         return outs
+
+    def _forward(self, items: list[Work]) -> tuple[list, dict[int, str]]:
+        """The step's forward calls; if one fails, its rows are re-run one by one from their
+        saved states so only the failing requests get the error (K/V writes are idempotent)."""
+        saved = [it.state for it in items]
+        try:
+            return list(self.runner.run(items)), {}
+        except Exception:  # noqa: BLE001 -- isolate the request(s) that fail
+            pass
+        logits, errors = [], {}
+        for i, it in enumerate(items):
+            it.state, it.written = saved[i], 0
+            try:
+                logits.append(self.runner.run([it])[0])
+            except Exception as e:  # noqa: BLE001
+                logits.append(None)
+                errors[i] = f"{type(e).__name__}: {e}"
+        return logits, errors
+
+    def _fail(self, req: Request, why: str) -> RequestOutput:
+        """Finish one request with an error; nothing of any other request is touched."""
+        self.scheduler.finish(req)
+        req.finish_reason, req.error, req.state = "error", why, None
+        return RequestOutput(req.id, [], True, "error", why)
 
     # -- conveniences --------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingConfig | list[SamplingConfig] = SamplingConfig(),

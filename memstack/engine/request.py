@@ -23,7 +23,7 @@ class RequestOutput:
     request_id: str
     new_tokens: list[int]
     finished: bool = False
-    finish_reason: str | None = None   # "stop" | "length" | "aborted"
+    finish_reason: str | None = None   # "stop" | "length" | "aborted" | "error"
     error: str | None = None
 
 
@@ -44,6 +44,10 @@ class Request:
     preemptions: int = 0
     compression: Any = None                       # CompressionConfig (streaming) or None
     logits: list = field(default_factory=list)   # the rows tokens were sampled from (Engine.record_logits)
+    state: Any = None                             # memory state row (ModelState, batch 1); None: fresh
+    seg_slot0: int = 0                            # absolute K/V slot where the current segment began
+    namespace: str | None = None                  # datastore namespace of its retrieval memories (None: theirs)
+    error: str | None = None                      # why it finished with finish_reason "error"
 
     @property
     def tokens(self) -> list[int]:

@@ -1,35 +1,48 @@
-"""The model runner: one forward pass over a packed step of many requests, K/V in paged blocks.
+"""The model runner: one engine step as forward calls of the model's own `forward`.
 
-A step is a list of (request, n new tokens). Their tokens are packed into one (1, N) sequence
-(no padding); each token has its document position (RoPE) and a physical slot in the pool.
-Per layer: project q/k/v with the backbone's own modules, write k/v into the slots, then attend:
-- requests with one new token (decode) together, through `paged_decode` (the Triton kernel on
-  a GPU) -- K/V read in place through the block tables;
-- each prefill chunk through `paged_prefill`: its visible slots gathered, then SDPA, causal.
-Only the backbone is run (tok_emb, blocks, norm, lm_head): the engine serves KV-only models
-(engine/policy.py), and their KV cache memory is replaced by the pool.
+The runner holds no copy of the model. It turns the scheduler's work -- each request's next chunk
+(a prompt piece or one decode token) -- into forward calls of the serving model (the model
+without the KV-cache memory that the engine's paged pool replaces), passing per call:
+
+- the tokens (B, T) and each row's memory state, gathered from the requests' state slots
+  (`Memory.cat_rows`) and scattered back after the call (`Memory.take_rows`), as vLLM gathers a
+  Mamba layer's state by request;
+- a per-row `Step`: each row opens / closes its own segments;
+- a `PagedAttention` backend (engine/attention.py): block tables, the slot of the chunk's first
+  token, the first visible slot.
+
+Rows of one call share a chunk length T (decode rows T = 1); a call groups the rows with the same
+T and the same memory-token layout (`MemoryStack.embed_tokens` of their phases), so memory tokens
+added for one row never widen another row's chunk. Models whose memories keep no state and add no
+tokens (a plain or KV-only model) put prompt chunks of different lengths into one call, padded
+(padding is masked and never written), since nothing but attention can tell the rows apart.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from memstack.backbone.layers import rope_tables
+from memstack.engine.attention import PagedAttention
+from memstack.memory.base import Step
 from memstack.memory.kv.store import PagedKVCache
-from memstack.ops.paged_attention import paged_decode, paged_prefill
+from memstack.memory.state import ModelState
 
 
-@dataclass
+@dataclass(eq=False)
 class Work:
     """One request's share of a step."""
 
     tokens: list[int]          # the new tokens
     pos0: int                  # document position of tokens[0]
-    slot0: int                 # slot of tokens[0] in the sequence's block table
+    slot0: int                 # slot of the chunk's first token in the sequence's block table
     start: int                 # first visible slot
     block_ids: list[int]       # the sequence's block table
+    state: Any = None          # the request's memory state row (ModelState, batch 1); replaced by run()
+    namespace: str | None = None   # the request's datastore namespace (None: the memories' own)
+    written: int = 0           # slots the call wrote (real + memory tokens), set by run()
 
     @property
     def n(self) -> int:
@@ -38,54 +51,89 @@ class Work:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache):
-        self.model, self.cache = model, cache
+        self.model, self.cache = model, cache               # `model`: the serving model (no KV-cache memory)
         self.bs = cache.spec.block_size
-        b = model.cfg.backbone
-        self.head_dim, self.theta = b.head_dim, b.rope_theta
+        self.seg_len = model.cfg.backbone.seg_len
+        self.stack = model.memory
+        self.stateless = self.stack.stateless
+        self.last_only = not self.stack._logits           # only the last position needs the head
+
+    def phases(self, w: Work) -> tuple[bool, bool]:
+        return w.pos0 % self.seg_len == 0, (w.pos0 + w.n) % self.seg_len == 0
+
+    def extra_slots(self, pos0: int, n: int) -> int:
+        """Memory tokens a chunk of n tokens at document position pos0 adds (its K/V slots)."""
+        if not self.stack._embed:
+            return 0
+        p, q = self.stack.embed_tokens(pos0 % self.seg_len == 0, (pos0 + n) % self.seg_len == 0)
+        return p + q
+
+    def groups(self, work: list[Work]) -> list[list[int]]:
+        """Indices of the work items that go into one forward call each."""
+        key: dict[Any, list[int]] = {}
+        for i, w in enumerate(work):
+            if self.stateless:
+                k = ("decode",) if w.n == 1 else ("prefill",)
+            else:
+                k = (w.n, self.stack.embed_tokens(*self.phases(w)) if self.stack._embed else None)
+            key.setdefault(k, []).append(i)
+        return list(key.values())
 
     @torch.no_grad()
     def run(self, work: list[Work], all_logits: bool = False) -> Tensor | list[Tensor]:
         """Logits (n_work, V) after each request's last new token (fp32), or with all_logits a
-        list of (n, V) per request."""
-        m, dev, bs = self.model, self.cache.device, self.bs
-        toks = torch.tensor([t for w in work for t in w.tokens], dtype=torch.long, device=dev)
-        pos = torch.tensor([w.pos0 + i for w in work for i in range(w.n)], device=dev)
-        slots = torch.tensor([w.block_ids[(w.slot0 + i) // bs] * bs + (w.slot0 + i) % bs
-                              for w in work for i in range(w.n)], device=dev)
-        offs = [0]
-        for w in work:
-            offs.append(offs[-1] + w.n)
-        dec = [i for i, w in enumerate(work) if w.n == 1]
-        pre = [i for i, w in enumerate(work) if w.n > 1]
-        if dec:
-            dec_rows = torch.tensor([offs[i] for i in dec], device=dev)
-            width = max(len(work[i].block_ids) for i in dec)
-            tables = torch.zeros(len(dec), width, dtype=torch.int32, device=dev)
-            for r, i in enumerate(dec):
-                tables[r, :len(work[i].block_ids)] = torch.tensor(work[i].block_ids, dtype=torch.int32)
-            starts = torch.tensor([work[i].start for i in dec], device=dev)
-            lens = torch.tensor([work[i].slot0 + 1 for i in dec], device=dev)
-        pre_tables = {i: torch.tensor(work[i].block_ids, device=dev) for i in pre}
+        list of (n, V) per request. Each Work's `state` is replaced by its state after the call
+        and `written` set to the slots it filled."""
+        out: list[Tensor | None] = [None] * len(work)
+        for idx in self.groups(work):
+            logits = self.call([work[i] for i in idx], all_logits)
+            for i, lg in zip(idx, logits):
+                out[i] = lg
+        return out if all_logits else torch.stack(out)
 
-        h = m.tok_emb(toks)[None]                                                # (1, N, D)
-        cos, sin = rope_tables(pos[None], self.head_dim, self.theta, h.dtype)
-        for l, blk in enumerate(m.blocks):
-            x = blk.attn_norm(h)
-            q = blk.attn.q(x, cos, sin)[0].transpose(0, 1)                       # (N, H, hd)
-            k, v = blk.attn.kv(x, cos, sin)                                      # (1, Hkv, N, hd)
-            self.cache.write(l, slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
-            kc, vc = self.cache.layer(l)
-            o = torch.empty_like(q)                                              # (N, H, hd)
-            if dec:
-                o[dec_rows] = paged_decode(q[dec_rows], kc, vc, tables, starts, lens)
-            for i in pre:
-                w = work[i]
-                o[offs[i]:offs[i + 1]] = paged_prefill(q[offs[i]:offs[i + 1]], kc, vc, pre_tables[i], w.start,
-                                                       w.slot0 + w.n)
-            h = h + blk.attn.wo(o.reshape(1, o.shape[0], -1))
-            h = h + blk.mlp(blk.mlp_norm(h))
+    def call(self, work: list[Work], all_logits: bool = False) -> list[Tensor]:
+        """One forward call over rows that share a chunk length (or are padded, stateless)."""
+        dev = self.cache.device
+        B, T = len(work), max(w.n for w in work)
+        ragged = any(w.n != T for w in work)
+        toks = torch.zeros(B, T, dtype=torch.long)
+        for r, w in enumerate(work):
+            toks[r, :w.n] = torch.tensor(w.tokens)
+        toks = toks.to(dev)
+        pos = torch.tensor([w.pos0 for w in work], device=dev)
+        nb = max(len(w.block_ids) for w in work)
+        tables = torch.zeros(B, nb, dtype=torch.long)
+        for r, w in enumerate(work):
+            tables[r, :len(w.block_ids)] = torch.tensor(w.block_ids)
+        tables = tables.to(dev)
+        slot0 = torch.tensor([w.slot0 for w in work], device=dev)
+        start = torch.tensor([w.start for w in work], device=dev)
+        attn = PagedAttention(self.cache, tables, slot0, start)
+        if ragged:
+            if not self.stateless:
+                raise RuntimeError("rows of different lengths in one call need a stateless model")
+            attn.pad_lengths = torch.tensor([w.n for w in work], device=dev)
+        ph = [self.phases(w) for w in work]
+        step = Step(seg_start=torch.tensor([a for a, _ in ph], device=dev),
+                    seg_end=torch.tensor([b for _, b in ph], device=dev))
+        if self.stateless:
+            state = ModelState(pos, tuple(None for _ in self.stack.memories))
+        else:
+            rows = [w.state if w.state is not None else self.model.init_state(1, dev) for w in work]
+            state = ModelState(torch.cat([r.pos for r in rows]), self.stack.cat_rows([r.memories for r in rows]))
+            if not torch.equal(state.pos, pos):
+                raise RuntimeError("a request's memory state is not at its document position (engine bug)")
+        names = tuple(w.namespace for w in work)
+        res, new = self.model(toks, state, step, attn=attn, namespaces=None if all(n is None for n in names) else names,
+                              logits="last" if self.last_only and not all_logits and not ragged else "all")
+        written = attn.n_written.tolist()
+        for r, w in enumerate(work):
+            w.written = written[r]
+            if not self.stateless:
+                idx = torch.tensor([r], device=dev)
+                w.state = ModelState(new.pos[idx], self.stack.take_rows(new.memories, idx))
         if all_logits:
-            out = m.lm_head(m.norm(h[0])).float()                                # (N, V)
-            return [out[offs[i]:offs[i + 1]] for i in range(len(work))]
-        last = torch.tensor([o - 1 for o in offs[1:]], device=dev)
-        return m.lm_head(m.norm(h[0, last])).float()                             # (n_work, V)
+            return [res.logits[r, :w.n] for r, w in enumerate(work)]
+        if res.logits.shape[1] == 1:
+            return list(res.logits[:, 0])
+        return [res.logits[r, w.n - 1] for r, w in enumerate(work)]

@@ -11,6 +11,9 @@ Every step (Orca-style iteration-level scheduling, vLLM's v1 scheduler in spirit
    and only the rest is computed.
 A chunk never crosses a segment boundary (policy.py) nor exceeds the step's token budget.
 A request that could never fit was refused when it was added (Engine.add_request).
+K/V slots: a chunk of n tokens takes n slots plus the memory tokens its phases add
+(`extra_slots`); the visible range is kept in slots (policy.visible_slot), from the slot where the
+request's current segment began.
 """
 from __future__ import annotations
 
@@ -24,10 +27,11 @@ from memstack.memory.kv.manager import KVCacheManager
 
 class Scheduler:
     def __init__(self, manager: KVCacheManager, policy: ContextPolicy, max_num_seqs: int, max_tokens: int,
-                 new_seq: Callable[[Request], None]):
+                 new_seq: Callable[[Request], None], extra_slots: Callable[[int, int], int] = lambda pos, n: 0):
         self.manager, self.policy = manager, policy
         self.max_num_seqs, self.max_tokens = max_num_seqs, max_tokens
         self.new_seq = new_seq                      # takes cached prefixes for a fresh request
+        self.extra_slots = extra_slots              # memory tokens a chunk (pos0, n) adds
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.failed: list[tuple[Request, str]] = []  # requests refused at scheduling, with the reason
@@ -41,16 +45,23 @@ class Scheduler:
         to_seg_end = self.policy.seg_len - t0 % self.policy.seg_len
         return min(req.remaining, budget, to_seg_end)
 
+    def slots(self, req: Request, n: int) -> int:
+        """K/V slots the next chunk of n tokens of req writes."""
+        return n + self.extra_slots(req.seq.n_tokens, n)
+
     def _prepare(self, req: Request) -> None:
         """Hide what a query at the next token can no longer see (frees whole blocks)."""
         seq = req.seq
-        first_visible = self.policy.visible_start(seq.n_tokens)
-        if seq.cacheable:  # slot = token - dropped blocks (no compression has rewritten the slots)
-            self.manager.set_start(seq, first_visible - seq.n_dropped * self.manager.block_size)
+        bs = self.manager.block_size
+        if seq.n_tokens % self.policy.seg_len == 0:                # the next chunk opens a segment
+            req.seg_slot0 = seq.n_slots + seq.n_dropped * bs
+        if req.compression is None:  # slots in order (no compression has dropped blocks in the middle)
+            self.manager.set_start(seq, self.policy.visible_slot(req.seg_slot0) - seq.n_dropped * bs)
 
     def preempt(self, req: Request) -> None:
         self.manager.free(req.seq)
         req.seq = None
+        req.state = None                            # recomputed from the document's first token
         req.status = Status.WAITING
         req.preemptions += 1
         self.running.remove(req)
@@ -64,16 +75,17 @@ class Scheduler:
                 continue
             self._prepare(req)
             n = self._chunk(req, budget)
-            while self.manager.blocks_needed(req.seq, n) > self.manager.pool.num_free:
+            ns = self.slots(req, n)
+            while self.manager.blocks_needed(req.seq, ns) > self.manager.pool.num_free:
                 victims = [r for r in self.running if r is not req and r.status is Status.RUNNING
                            and all(r is not w for w, _ in work)]
                 if not victims:
                     break
                 self.preempt(victims[-1])
-            if self.manager.blocks_needed(req.seq, n) > self.manager.pool.num_free:
+            if self.manager.blocks_needed(req.seq, ns) > self.manager.pool.num_free:
                 self.preempt(req)                   # nothing left to take from: retry later
                 continue
-            copies += self.manager.allocate(req.seq, n)
+            copies += self.manager.allocate(req.seq, ns)
             work.append((req, n))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -82,23 +94,28 @@ class Scheduler:
                 self.new_seq(req)
             self._prepare(req)
             n = self._chunk(req, budget)
-            if self.manager.blocks_needed(req.seq, n) > self.manager.pool.num_free:
-                self.manager.free(req.seq)          # give back the cached prefix it took; admit later
-                req.seq = None
+            ns = self.slots(req, n)
+            if self.manager.blocks_needed(req.seq, ns) > self.manager.pool.num_free:
+                self.release_waiting(req)           # give back what it took (cached prefix); admit later
                 if not self.running and not work:   # alone and still short: pinned blocks hold the pool
                     self.waiting.popleft()
-                    self.failed.append((req, f"needs {self.manager.blocks_needed(self.manager.new_seq(b''), n)} "
+                    self.failed.append((req, f"needs {self.manager.blocks_needed(self.manager.new_seq(b''), ns)} "
                                         f"free KV blocks but only {self.manager.pool.num_free} of "
                                         f"{self.manager.pool.num_blocks} are not pinned or in use"))
                     continue
                 break
-            copies += self.manager.allocate(req.seq, n)
+            copies += self.manager.allocate(req.seq, ns)
             self.waiting.popleft()
             req.status = Status.RUNNING
             self.running.append(req)
             work.append((req, n))
             budget -= n
         return work, copies
+
+    def release_waiting(self, req: Request) -> None:
+        """A request that could not be admitted gives back the blocks it took (a prefix hit)."""
+        self.manager.free(req.seq)
+        req.seq = None
 
     def finish(self, req: Request) -> None:
         if req.seq is not None:

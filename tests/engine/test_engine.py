@@ -14,7 +14,6 @@ from memstack.config import BackboneConfig
 from memstack.engine import Engine, EngineConfig, EngineError
 from memstack.generate import SamplingConfig, generate
 from memstack.memory.kv.config import DenseKVConfig
-from memstack.memory.learned.config import XLConfig
 from tolerances import assert_close
 
 V = 64
@@ -206,9 +205,11 @@ def test_preemption_recomputes_and_keeps_outputs():
     assert [r.output for r in reqs] == [lib(model, p, cfg) for p in ps]
 
 
-def test_engine_refuses_a_stateful_memory_with_reasons():
-    with pytest.raises(EngineError, match="memory 'xl' keeps state the engine does not page"):
-        Engine(tiny([XLConfig(mem_len=8)]))
+def test_engine_refuses_what_it_cannot_run_with_reasons():
+    from memstack.memory.kv.config import CompressionConfig, PagedKVConfig
+
+    with pytest.raises(EngineError, match="its cache compresses inside the model"):
+        Engine(tiny([PagedKVConfig(compression=CompressionConfig(policy="h2o", keep_ratio=0.5))]))
 
 
 def test_cli_generate_runs_on_the_engine(tmp_path, capsys):

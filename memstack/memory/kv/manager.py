@@ -102,10 +102,11 @@ class KVCacheManager:
         seq.blocks.extend(fresh)
         return copies
 
-    def commit(self, seq: SeqKV, tokens: list[int], n_new: int) -> list[int]:
-        """n_new slots were written with the KV of tokens[seq.n_tokens : +n_new] (`tokens` is
-        the document so far). Blocks that became full are keyed and cached; returns their ids."""
-        seq.n_slots += n_new
+    def commit(self, seq: SeqKV, tokens: list[int], n_new: int, n_slots: int | None = None) -> list[int]:
+        """n_new tokens' KV was written (tokens[seq.n_tokens : +n_new]; `tokens` is the document so
+        far), in n_slots slots (default n_new; more when a model's memories add tokens -- such a
+        sequence is not cacheable). Blocks that became full are keyed and cached; returns their ids."""
+        seq.n_slots += n_new if n_slots is None else n_slots
         seq.n_tokens += n_new
         if seq.n_slots > len(seq.blocks) * self.block_size:
             raise RuntimeError("commit beyond allocated blocks")
