@@ -8,6 +8,8 @@ already has a KV cache (a memory whose config declares `kv_cache`) uses it inste
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -19,10 +21,25 @@ from memstack.memory.base import Step
 from memstack.memory.state import ModelState
 
 
+MIN_TEMPERATURE = 1e-5   # below this, sampling is argmax in fp32 anyway (vLLM treats it as greedy too)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 @dataclass(frozen=True)
 class SamplingConfig(Checked):
+    """How one request samples. Every field is checked (type, finiteness, range) and every
+    problem is listed at once: a value that would crash or poison a step -- temperature 1e-300
+    (logits / t overflow), NaN, top_k 2.5 -- is refused here, before it reaches an engine."""
+
     max_new_tokens: int = 64
-    temperature: float = 0.0      # 0: greedy
+    temperature: float = 0.0      # 0: greedy; else >= MIN_TEMPERATURE
     top_k: int = 0                # 0: off
     top_p: float = 1.0            # 1: off (nucleus sampling keeps the smallest set with mass >= top_p)
     stop_ids: tuple[int, ...] = ()
@@ -30,14 +47,31 @@ class SamplingConfig(Checked):
 
     def check(self) -> list[str]:
         r = []
-        if self.max_new_tokens < 0:
+        if not _is_int(self.max_new_tokens):
+            r.append(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        elif self.max_new_tokens < 0:
             r.append(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            r.append(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
+        t = self.temperature
+        if not _is_real(t) or not math.isfinite(t):
+            r.append(f"temperature must be a finite number, got {t!r}")
+        elif t < 0:
+            r.append(f"temperature must be >= 0, got {t}")
+        elif 0 < t < MIN_TEMPERATURE:
+            r.append(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g}, got {t:g} (logits / t would "
+                     "overflow; use 0 for greedy decoding)")
+        if not _is_int(self.top_k):
+            r.append(f"top_k must be an integer (0: off), got {self.top_k!r}")
+        elif self.top_k < 0:
             r.append(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            r.append(f"top_p must be in (0, 1], got {self.top_p}")
+        p = self.top_p
+        if not _is_real(p) or not math.isfinite(p):
+            r.append(f"top_p must be a finite number in (0, 1], got {p!r}")
+        elif not 0 < p <= 1:
+            r.append(f"top_p must be in (0, 1], got {p}")
+        if not isinstance(self.stop_ids, (tuple, list)) or not all(_is_int(x) and x >= 0 for x in self.stop_ids):
+            r.append(f"stop_ids must be non-negative integers, got {self.stop_ids!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2 ** 63:
+            r.append(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         return r
 
 

@@ -220,7 +220,14 @@ class Engine:
                               req.state, req.namespace))
         logits, errors = self._forward(items)
         ok_rows = [r for r in range(len(work)) if r not in errors]
-        greedy = dict(zip(ok_rows, torch.stack([logits[r] for r in ok_rows]).argmax(-1).tolist())) if ok_rows else {}
+        greedy = {}
+        if ok_rows:
+            stacked = torch.stack([logits[r] for r in ok_rows])                  # (n, V)
+            finite = torch.isfinite(stacked).all(-1).tolist()                    # NaN / inf: that request fails
+            greedy = dict(zip(ok_rows, stacked.argmax(-1).tolist()))
+            for r, fin in zip(ok_rows, finite):
+                if not fin and not work[r][0].remaining - work[r][1] > 0:
+                    errors[r] = "the model produced non-finite logits for this request"
         for row, (req, n) in enumerate(work):
             item = items[row]
             if row not in errors and item.written != self.scheduler.slots(req, n):
