@@ -58,7 +58,7 @@ def tiny(how):
 def prompts():
     g = torch.Generator().manual_seed(0)
     ps = [torch.randint(0, POISON, (n,), generator=g).tolist() for n in (5, 9, 3)]   # ids < POISON: clean
-    ps[1][4] = POISON
+    ps[1][-1] = POISON                                  # in the chunk its first token is sampled from
     return ps
 
 
