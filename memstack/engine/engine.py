@@ -95,6 +95,9 @@ class Engine:
         from memstack.engine.sessions import Sessions
 
         self.sessions = Sessions(self)      # pin / TTL / unpin / export / import of prefixes
+        from memstack.engine.memory_sessions import MemorySessions
+
+        self.memory_sessions = MemorySessions(self)   # conversations: memory state + K/V between requests
         self._ids = itertools.count()
         self.record_logits = False          # keep each request's sampling logits (tests, benchmarks)
         self.vocab = model.cfg.backbone.vocab_size
@@ -135,19 +138,29 @@ class Engine:
 
     def add_request(self, prompt: Iterable[int], params: SamplingConfig = SamplingConfig(), salt: str | None = None,
                     request_id: str | None = None, compression: CompressionConfig | None = None,
-                    namespace: str | None = None) -> str:
+                    namespace: str | None = None, session: tuple[str, str] | None = None) -> str:
         """Queue a request. `compression` (StreamingLLM, policy="streaming") bounds its KV: after
         every step, whole blocks between the sink blocks and the most recent ones are freed so the
         request holds at most max(ceil(keep_ratio * tokens), sinks + 2 blocks) blocks.
-        `namespace`: the datastore namespace its retrieval memories read (None: their configured one)."""
+        `namespace`: the datastore namespace its retrieval memories read (None: their configured one).
+        `session`: (tenant, session id) of a memory session (memory_sessions.py): the prompt is
+        appended to the session's document and decoding continues from its memory state and K/V."""
         prompt = [int(t) for t in prompt]
-        reasons = [] if isinstance(params, SamplingConfig) else [f"params must be a SamplingConfig, got {type(params).__name__}"]
-        if not reasons:
+        reasons, sess = [], None
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if session is not None:
+            sess, reasons = self.memory_sessions.check_request(session, rid)
+            if sess is not None:
+                prompt = sess.tokens + prompt             # the request continues the session's document
+                if compression is not None:
+                    reasons.append("a session request cannot also use per-request compression")
+        if not isinstance(params, SamplingConfig):
+            reasons.append(f"params must be a SamplingConfig, got {type(params).__name__}")
+        else:
             reasons += params.check()                 # a config built around its checks is refused here too
             reasons += self.check_request(prompt, params, compression)
         if namespace is not None and (not isinstance(namespace, str) or not namespace):
             reasons.append(f"namespace must be a non-empty string or None, got {namespace!r}")
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests and not self.requests[rid].finished:
             reasons.append(f"request id {rid!r} is in use")
         if reasons:
@@ -155,7 +168,9 @@ class Engine:
         gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.temperature > 0 else None
         req = Request(rid, prompt, params, salt, generator=gen,
                       compression=compression if compression is not None and compression.policy != "none" else None,
-                      namespace=namespace)
+                      namespace=namespace, session=sess)
+        if sess is not None:
+            sess.busy = rid
         self.requests[rid] = req
         if params.max_new_tokens == 0:
             req.status, req.finish_reason = Status.FINISHED, "length"
@@ -166,8 +181,14 @@ class Engine:
     def abort(self, request_id: str) -> None:
         req = self.requests.get(request_id)
         if req is not None and not req.finished:
-            self.scheduler.finish(req)
+            self._end(req, ok=False)
             req.finish_reason, req.state = "aborted", None
+
+    def _end(self, req: Request, ok: bool) -> None:
+        """Finish a request: a session adopts its K/V and state (ok) or stays as it was."""
+        if req.session is not None:
+            self.memory_sessions.finish(req, ok)
+        self.scheduler.finish(req)
 
     def _stream_budget(self, c: CompressionConfig, n_tokens: int) -> int:
         bs = self.cfg.block_size
@@ -186,27 +207,46 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.running or self.scheduler.waiting)
 
-    def _new_seq(self, req: Request) -> None:
-        """A fresh sequence for req, starting from the longest cached prefix (pool, then tiers)."""
+    def _new_seq(self, req: Request) -> bool:
+        """A fresh sequence for req, starting from the longest cached prefix (pool, then tiers),
+        or from its memory session. False: it cannot start now (its session's K/V does not fit)."""
+        if req.session is not None:
+            need = self.memory_sessions.need_blocks(req.session)
+            if need > self.pool.num_free:
+                self.memory_sessions.reclaim(need - self.pool.num_free)
+            if need > self.pool.num_free:
+                return False
+            self.memory_sessions.start(req)
+            return True
         seq = self.manager.new_seq(self.namespace.root(req.salt))
         if not self.prefix_caching:
             seq.cacheable = False                    # its blocks are never keyed (memory state, or caching off)
             req.seq, req.seg_slot0 = seq, 0
-            return
+            return True
         toks = req.tokens
         hit = self.manager.match_prefix(seq, toks, len(toks) - 1)
         if self.tiers is not None:
             hit = self.tiers.extend_prefix(self, seq, toks, len(toks) - 1)
         req.seq, req.cached_tokens = seq, max(req.cached_tokens, hit)
         req.seg_slot0 = hit - hit % self.policy.seg_len  # slots are tokens here
+        return True
 
     # -- one step ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
         outs: list[RequestOutput] = []
         self.sessions.expire()
+        if self.scheduler.waiting and self.memory_sessions.sessions:
+            head = self.scheduler.waiting[0]               # idle sessions give way to waiting requests
+            need = self.spec.blocks_for(min(len(head.tokens), self.cfg.max_num_batched_tokens) + self.seg_extra) + 1
+            if head.session is not None:
+                need += self.memory_sessions.need_blocks(head.session)
+            if need > self.pool.num_free:
+                self.memory_sessions.reclaim(need - self.pool.num_free)
         work, copies = self.scheduler.schedule()
         for req, why in self.scheduler.failed:
+            if req.session is not None:
+                self.memory_sessions.finish(req, ok=False)
             req.status, req.finish_reason, req.error = Status.FINISHED, "error", why
             outs.append(RequestOutput(req.id, [], True, "error", why))
         self.scheduler.failed.clear()
@@ -262,7 +302,7 @@ class Engine:
                     self.cfg.max_model_len is not None and len(req.tokens) >= self.cfg.max_model_len):
                 reason = "length"
             if reason:
-                self.scheduler.finish(req)
+                self._end(req, ok=True)
                 req.finish_reason = reason
                 req.state = None
             outs.append(RequestOutput(req.id, [tok], reason is not None, reason))
@@ -288,7 +328,7 @@ class Engine:
 
     def _fail(self, req: Request, why: str) -> RequestOutput:
         """Finish one request with an error; nothing of any other request is touched."""
-        self.scheduler.finish(req)
+        self._end(req, ok=False)
         req.finish_reason, req.error, req.state = "error", why, None
         return RequestOutput(req.id, [], True, "error", why)
 

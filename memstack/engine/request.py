@@ -48,6 +48,7 @@ class Request:
     seg_slot0: int = 0                            # absolute K/V slot where the current segment began
     namespace: str | None = None                  # datastore namespace of its retrieval memories (None: theirs)
     error: str | None = None                      # why it finished with finish_reason "error"
+    session: Any = None                           # its MemorySession (memory_sessions.py) or None
 
     @property
     def tokens(self) -> list[int]:

@@ -27,7 +27,7 @@ from memstack.memory.kv.manager import KVCacheManager
 
 class Scheduler:
     def __init__(self, manager: KVCacheManager, policy: ContextPolicy, max_num_seqs: int, max_tokens: int,
-                 new_seq: Callable[[Request], None], extra_slots: Callable[[int, int], int] = lambda pos, n: 0):
+                 new_seq: Callable[[Request], bool | None], extra_slots: Callable[[int, int], int] = lambda pos, n: 0):
         self.manager, self.policy = manager, policy
         self.max_num_seqs, self.max_tokens = max_num_seqs, max_tokens
         self.new_seq = new_seq                      # takes cached prefixes for a fresh request
@@ -90,8 +90,12 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            if req.seq is None:
-                self.new_seq(req)
+            if req.seq is None and self.new_seq(req) is False:   # its session's K/V does not fit now
+                if not self.running and not work:
+                    self.waiting.popleft()
+                    self.failed.append((req, "its session's K/V does not fit in the pool's free blocks"))
+                    continue
+                break
             self._prepare(req)
             n = self._chunk(req, budget)
             ns = self.slots(req, n)

@@ -11,26 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memstack.backbone.model import build_model
-from memstack.config import BackboneConfig, ModelConfig
+from served import V, make
+
 from memstack.engine import Engine, EngineConfig
 from memstack.generate import SamplingConfig, generate
 from memstack.registry import MEMORIES
 
-S, V = 16, 97
-BACKBONE = BackboneConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, seg_len=S, init_std=0.3)
 PROMPTS = (3, 17, 9, 30, 1, 12, 25, 6)
 NEW = (10, 20, 5, 14, 18, 7, 12, 9)
 ARRIVE = (0, 0, 0, 0, 3, 3, 7, 7)             # engine step at which each request is added
-
-
-def make(name: str, fields: dict, seed: int = 0):
-    torch.manual_seed(seed)
-    model = build_model(ModelConfig(BACKBONE, (MEMORIES.config_class(name)(**fields),)))
-    with torch.no_grad():                       # memories may start at an identity: move them off it
-        for p in model.memory.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
 
 
 def serve_mixed(model, prompts, news, arrive, **cfg):
@@ -55,8 +44,7 @@ def pool_for(model, prompts, news, block_size=4) -> int:
 
 @pytest.mark.parametrize("name", MEMORIES.names())
 def test_every_memory_served_equals_generate_alone(name):
-    fields = MEMORIES.target_class(name).contract_configs()[0]
-    model = make(name, fields)
+    model = make(name)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, V, (n,), generator=g).tolist() for n in PROMPTS]
     want = [[int(t) for t in generate(model, p, SamplingConfig(max_new_tokens=n))] for p, n in zip(prompts, NEW)]
