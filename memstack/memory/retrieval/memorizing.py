@@ -92,9 +92,6 @@ class MemorizingTransformer(Memory):
         return MemorySpec(bytes_per_token=self._bytes_per_token(dtype), max_tokens=self.cfg.mem_len,
                           slack_tokens=self.backbone.seg_len, dtype_bytes=dtype_bytes(dtype))
 
-    def held_bytes(self, state: MemorizingState) -> int:
-        return state.valid[0].shape[0] * state.valid[0].shape[1] * self._bytes_per_token(state.mk[0].dtype)
-
     def make_identity(self) -> bool:
         with torch.no_grad():
             self.gate.fill_(-1e4)   # sigmoid -> exactly 0: V = V_c
