@@ -37,6 +37,15 @@ from torch import Tensor, nn
 from memstack.config import BackboneConfig, MemoryConfig
 
 
+class Ablation(str, Enum):
+    """How a memory was switched off for an ablation (`Memory.ablate`)."""
+
+    IDENTITY = "identity"   # it now leaves the backbone's output unchanged: the model is the plain backbone
+    RESET = "reset"         # its state is wiped at every segment start (by the caller): nothing crosses a
+                            # segment through it; learned initial states, which hold no document, stay
+    ZERO = "zero"           # its parameters are zero: its slots remain but bring no content
+
+
 class Site(str, Enum):
     EMBED = "embed"
     ATTN = "attn"
@@ -291,6 +300,22 @@ class Memory(nn.Module):
         gate) and return True; return False if the memory has no such setting."""
         return False
 
+    def ablate(self) -> Ablation:
+        """Switch this memory off for an ablation -- in place: callers ablate a copy -- and say how
+        (`memstack eval --ablate-memory` and the bench's ablation ask every memory this). Default:
+        close it (`make_identity`) when it can be closed; else, when it carries state, have its
+        state reset at every segment start; else zero its parameters. Override when the family
+        knows a truer "off" (the ablated model must differ from the full one whenever the memory
+        has an effect; the contract tests check it for every registered memory)."""
+        if self.make_identity():
+            return Ablation.IDENTITY
+        if self.init_state(1, torch.device("cpu"), torch.float32) is not None:
+            return Ablation.RESET
+        with torch.no_grad():
+            for p in self.parameters():
+                p.zero_()
+        return Ablation.ZERO
+
     def prepare(self, state: Any, ctx: StepContext) -> None:
         """Called once per forward call, before the first block runs, for memories that override
         it: start work that depends only on the token ids (e.g. prefetching table rows from host
@@ -345,6 +370,30 @@ class Memory(nn.Module):
 
     def extra_repr(self) -> str:
         return f"sites={sorted(s.value for s in self.sites)}"
+
+
+def segment_so_far(pending: Tensor, new: Tensor, ctx: StepContext, dim: int = 1,
+                   valid: Tensor | None = None) -> Any:
+    """The current segment's entries: `pending` (what earlier chunks of the segment left) then
+    `new` -- entries still pending in a row whose chunk *opens* a segment belong to a segment that
+    never ended (its document stopped mid-segment, then the row was reset) and must not be
+    written into memory.
+
+    valid=None (rows in step): returns `new` alone when every row opens a segment, else the
+    concatenation (refused when only some rows open one: pass the validity). With `valid` (B, Tp),
+    the pending buffer's per-row validity, returns (entries, validity (B, Tp + T)): the pending
+    entries of the rows opening a segment are marked invalid, the new ones valid."""
+    if valid is None:
+        if ctx.all_start:
+            return new
+        if ctx.any_start:
+            raise ValueError("rows open segments at different times: pass the pending buffer's validity")
+        return torch.cat([pending, new], dim=dim)
+    ones = torch.ones(new.shape[0], new.shape[dim], dtype=torch.bool, device=new.device)
+    if ctx.all_start:
+        return new, ones
+    ok = valid & ~ctx.seg_start[:, None] if ctx.any_start else valid
+    return torch.cat([pending, new], dim=dim), torch.cat([ok, ones], dim=1)
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from memstack.backbone.layers import apply_rope, rope_tables
 from memstack.config import BackboneConfig
-from memstack.memory.base import AttnIO, KVBlock, Memory, MemorySpec, Site, StepContext, dtype_bytes
+from memstack.memory.base import AttnIO, KVBlock, Memory, MemorySpec, Site, StepContext, dtype_bytes, segment_so_far
 from memstack.memory.kv.config import TrellisConfig
 from memstack.ops.trellis import trellis_read, trellis_write
 
@@ -142,12 +142,14 @@ class Trellis(Memory):
         j = self.slot[io.layer]
         block = KVBlock(state.win_k[j], state.win_v[j], state.win_valid) if state.win_pos.shape[1] else None
         pk, pv = list(state.pend_k), list(state.pend_v)
-        pk[j] = torch.cat([state.pend_k[j], io.k[:, :, ctx.real]], dim=2)          # (B, Hkv, Tp+T, hd)
-        pv[j] = torch.cat([state.pend_v[j], io.v[:, :, ctx.real]], dim=2)
+        # pend_valid is shared by all layers and extended at the first one: later layers see it
+        # with this chunk already in, so they use the validity from before the call
+        before = state.pend_valid if io.layer == self.first else state.pend_valid[:, :state.pend_k[j].shape[2]]
+        pk[j], _ = segment_so_far(state.pend_k[j], io.k[:, :, ctx.real], ctx, 2, before)   # (B, Hkv, Tp+T, hd)
+        pv[j], _ = segment_so_far(state.pend_v[j], io.v[:, :, ctx.real], ctx, 2, before)
         pend_pos, pend_valid = state.pend_pos, state.pend_valid
         if io.layer == self.first:  # shared by all layers: extended once, before any layer ends the segment
-            pend_pos = torch.cat([state.pend_pos, ctx.positions[:, ctx.real]], dim=1)
-            pend_valid = torch.cat([state.pend_valid, torch.ones_like(ctx.positions[:, ctx.real], dtype=torch.bool)], 1)
+            pend_pos, pend_valid = segment_so_far(state.pend_pos, ctx.positions[:, ctx.real], ctx, 1, before)
         return block, TrellisState(state.K, state.V, state.win_k, state.win_v, state.win_pos, state.win_valid,
                                    tuple(pk), tuple(pv), pend_pos, pend_valid)
 

@@ -128,7 +128,7 @@ class Compressive(TransformerXL):
         cmem, cpos, cvalid = list(state.cmem), state.cpos, state.cvalid
         ev_usage = None
         if mem_idx is not None and self._most_used:  # usage follows the FIFO: new slots start at 0
-            Tp = state.xl.pending[j].shape[1] + ctx.n_tokens
+            Tp = (0 if ctx.all_start else state.xl.pending[j].shape[1]) + ctx.n_tokens   # see segment_so_far
             full = torch.cat([usage[j], usage[j].new_zeros(usage[j].shape[0], Tp)], 1)
             usage[j] = gather_entries(full, mem_idx)
             if ev is not None:

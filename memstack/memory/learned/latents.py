@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from memstack.backbone.layers import RMSNorm, SwiGLU
 from memstack.config import BackboneConfig
-from memstack.memory.base import AttnIO, KVBlock, Memory, MemorySpec, Site, StepContext, dtype_bytes
+from memstack.memory.base import AttnIO, KVBlock, Memory, MemorySpec, Site, StepContext, dtype_bytes, segment_so_far
 from memstack.memory.learned.config import LatentConfig
 
 
@@ -142,8 +142,7 @@ class Latents(Memory):
 
         if layer != self.write_layer:
             return h, state
-        seg = torch.cat([state.pending, h[:, ctx.real]], 1)                     # (B, Tp + T, D)
-        ok = torch.cat([state.pending_valid, torch.ones_like(ctx.tokens, dtype=torch.bool)], 1)
+        seg, ok = segment_so_far(state.pending, h[:, ctx.real], ctx, 1, state.pending_valid)   # (B, Tp + T, D)
         if not ctx.any_end:
             return h, LatentState(state.z, seg, ok)
         every = bool(ok.all())

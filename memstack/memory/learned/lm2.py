@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from memstack.backbone.layers import RMSNorm
 from memstack.config import BackboneConfig
-from memstack.memory.base import Memory, MemorySpec, Site, StepContext, dtype_bytes
+from memstack.memory.base import Memory, MemorySpec, Site, StepContext, dtype_bytes, segment_so_far
 from memstack.memory.learned.config import LM2Config
 
 
@@ -135,8 +135,7 @@ class LM2(Memory):
         mem = state.mem[j]
         out = h + bank.read(x, mem).to(h.dtype)
         pend, mems = list(state.pending), list(state.mem)
-        seg = torch.cat([state.pending[j], x[:, ctx.real]], 1)        # (B, Tp + T, D)
-        ok = torch.cat([state.pending_valid, torch.ones_like(ctx.tokens, dtype=torch.bool)], 1)
+        seg, ok = segment_so_far(state.pending[j], x[:, ctx.real], ctx, 1, state.pending_valid)   # (B, Tp + T, D)
         pvalid = ok
         if ctx.all_end and bool(ok.all()):
             mems[j] = bank.write(seg, mem).to(mem.dtype)                # the bank keeps its dtype (fp32)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from memstack.config import BackboneConfig
-from memstack.memory.base import AttnIO, KVBlock, Memory, MemorySpec, Site, StepContext, dtype_bytes
+from memstack.memory.base import AttnIO, KVBlock, Memory, MemorySpec, Site, StepContext, dtype_bytes, segment_so_far
 from memstack.memory.learned.config import XLConfig
 
 
@@ -101,9 +101,8 @@ class TransformerXL(Memory):
         j = self.slot[io.layer]
         h_new = io.h[:, ctx.real].detach()                            # (B, T, D) stop-gradient
         pos_new = ctx.positions[:, ctx.real]
-        pending = torch.cat([state.pending[j], h_new], dim=1)
-        pending_pos = torch.cat([state.pending_pos, pos_new], dim=1)
-        pending_valid = torch.cat([state.pending_valid, torch.ones_like(pos_new, dtype=torch.bool)], dim=1)
+        pending, pending_valid = segment_so_far(state.pending[j], h_new, ctx, valid=state.pending_valid)
+        pending_pos = segment_so_far(state.pending_pos, pos_new, ctx, valid=state.pending_valid)[0]
         mems, pend = list(state.mems), list(state.pending)
         evicted, mem_idx = None, None
         pos, valid, ppos, pvalid = state.pos, state.valid, pending_pos, pending_valid

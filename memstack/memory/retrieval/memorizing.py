@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from memstack.backbone.layers import rope_tables
 from memstack.config import BackboneConfig
-from memstack.memory.base import AttnIO, KVBlock, Memory, MemorySpec, Site, StepContext, dtype_bytes
+from memstack.memory.base import AttnIO, KVBlock, Memory, MemorySpec, Site, StepContext, dtype_bytes, segment_so_far
 from memstack.memory.retrieval.config import MemorizingConfig
 from memstack.ops.knn import topk_attention
 
@@ -94,9 +94,6 @@ class MemorizingTransformer(Memory):
         return MemorySpec(bytes_per_token=self._bytes_per_token(dtype), max_tokens=self.cfg.mem_len,
                           slack_tokens=self.backbone.seg_len, dtype_bytes=dtype_bytes(dtype))
 
-    def held_bytes(self, state: MemorizingState) -> int:
-        return state.valid[0].shape[0] * state.valid[0].shape[1] * self._bytes_per_token(state.mk[0].dtype)
-
     def make_identity(self) -> bool:
         with torch.no_grad():
             self.gate.fill_(-1e4)   # sigmoid -> exactly 0: V = V_c
@@ -115,12 +112,13 @@ class MemorizingTransformer(Memory):
         k = unrotate(io.k[:, :, ctx.real].detach(), pos, self.backbone.rope_theta)        # (B, Hkv, T, hd)
         v = io.v[:, :, ctx.real].detach()
         pk, pv = list(state.pk), list(state.pv)
-        pk[j] = torch.cat([state.pk[j], k], 2)
-        pv[j] = torch.cat([state.pv[j], v], 2)
+        # pvalid is shared by the kNN layers and extended at the first: later layers read the part before this call
+        before = state.pvalid if j == 0 else state.pvalid[:, :state.pk[j].shape[2]]
+        pk[j], _ = segment_so_far(state.pk[j], k, ctx, 2, before)
+        pv[j], _ = segment_so_far(state.pv[j], v, ctx, 2, before)
         ppos, pvalid = state.ppos, state.pvalid
         if j == 0:  # shared by all kNN layers: extended once
-            ppos = torch.cat([state.ppos, pos], 1)
-            pvalid = torch.cat([state.pvalid, torch.ones_like(pos, dtype=torch.bool)], 1)
+            ppos, pvalid = segment_so_far(state.ppos, pos, ctx, 1, before)
         return None, MemorizingState(state.mk, state.mv, state.valid, state.stamp, tuple(pk), tuple(pv), ppos, pvalid)
 
     # -- read: top-k over the memory, gated with local attention --------------------------------

@@ -96,8 +96,8 @@ class NeighbourEncoder(nn.Module):
 
 @dataclass
 class RetroState:
-    buf: Tensor        # (B, chunk - 1) the document's last chunk - 1 tokens, right-aligned (0 before the
-                       # document): a row's incomplete chunk is its last pos % chunk of them
+    buf: Tensor        # (B, chunk) the document's last chunk tokens, right-aligned (0 before the document):
+                       # a row's open chunk is its last pos % chunk of them (its position says how many)
     enc: Tensor        # (B, k * 2m, D) encoded neighbours of the last completed chunk (empty if none)
     enc_ok: Tensor     # (B, k * 2m) bool: real neighbour tokens
     call_enc: Tensor   # (B, U, k * 2m, D) this call's chunks' neighbours (shared by the CCA layers of one call)
@@ -145,13 +145,13 @@ class Retro(Memory):
         m, D, kr = self.cfg.chunk, self.backbone.d_model, self.cfg.k * 2 * self.cfg.chunk
         n_db = self.cfg.db_len if self.store is None else 0
         z = lambda *s, dt=torch.long: torch.zeros(batch, *s, dtype=dt, device=device)  # noqa: E731
-        return RetroState(z(m - 1), z(kr, D, dt=dtype), z(kr, dt=torch.bool), z(0, kr, D, dt=dtype), z(0, kr, dt=torch.bool),
+        return RetroState(z(m), z(kr, D, dt=dtype), z(kr, dt=torch.bool), z(0, kr, D, dt=dtype), z(0, kr, dt=torch.bool),
                           z().fill_(-1), z(m), z(dt=torch.bool), z(n_db, self.cfg.key_dim, dt=dtype), z(n_db, 2 * m),
                           z(n_db, dt=torch.bool))
 
     def reset(self, state: RetroState, mask: Tensor) -> RetroState:
         keep = ~mask
-        return RetroState(state.buf, state.enc, state.enc_ok & keep[:, None], state.call_enc, state.call_ok,
+        return RetroState(state.buf * keep[:, None], state.enc, state.enc_ok & keep[:, None], state.call_enc, state.call_ok,
                           torch.where(mask, -1, state.sig), state.last, state.has_last & keep, state.db_keys, state.db_tok,
                           state.db_ok & keep[:, None])
 
@@ -164,9 +164,6 @@ class Retro(Memory):
 
     def spec(self, dtype: torch.dtype = torch.float32) -> MemorySpec:
         return MemorySpec(fixed_bytes=self._fixed_bytes(dtype), dtype_bytes=dtype_bytes(dtype))
-
-    def held_bytes(self, state: RetroState) -> int:
-        return state.sig.shape[0] * self._fixed_bytes(state.enc.dtype)
 
     def make_identity(self) -> bool:
         with torch.no_grad():
@@ -231,13 +228,14 @@ class Retro(Memory):
         m = self.cfg.chunk
         st = {f: getattr(state, f) for f in ("sig", "last", "has_last", "db_keys", "db_tok", "db_ok")}
         B, T = ctx.tokens.shape
-        ext = torch.cat([state.buf, ctx.tokens], 1)                                      # (B, m-1+T); token t at m-1+t
+        W = state.buf.shape[1]
+        ext = torch.cat([state.buf, ctx.tokens], 1)                                      # (B, W+T); token t at W+t
         nb = ctx.pos.remainder(m)                                                        # (B,) tokens of the open chunk
         n_done = torch.div(nb + T, m, rounding_mode="floor")                             # (B,) chunks completed now
         U = int(n_done.max()) if B else 0
         encs, oks = [], []
         for c in range(U):
-            start = m - 1 - nb + c * m                                                   # ext column of the chunk's first token
+            start = W - nb + c * m                                                       # ext column of the chunk's first token
             cols = (start[:, None] + torch.arange(m, device=ext.device)).clamp(max=ext.shape[1] - 1)
             chunks = ext.gather(1, cols)                                                 # (B, m)
             first = (ctx.pos - nb + c * m) == 0                                          # the document's first chunk
@@ -248,7 +246,7 @@ class Retro(Memory):
         kr, D = self.cfg.k * 2 * m, self.backbone.d_model
         call_enc = torch.stack(encs, 1) if encs else h.new_zeros(B, 0, kr, D)
         call_ok = torch.stack(oks, 1) if oks else torch.zeros(B, 0, kr, dtype=torch.bool, device=h.device)
-        buf = ext[:, ext.shape[1] - (m - 1):].clone() if m > 1 else ext[:, :0].clone()
+        buf = ext[:, ext.shape[1] - m:].clone()
         return RetroState(buf, state.enc, state.enc_ok, call_enc, call_ok, st["sig"], st["last"],
                           st["has_last"], st["db_keys"], st["db_tok"], st["db_ok"])
 
