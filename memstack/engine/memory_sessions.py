@@ -161,7 +161,8 @@ class MemorySessions:
         if not ok or req.seq is None:
             return                                      # the fork is freed by the scheduler; the session is as it was
         old = s.seq
-        s.tokens, s.seq, s.state, s.seg_slot0 = list(req.tokens), req.seq, req.state, req.seg_slot0
+        s.tokens, s.seq, s.seg_slot0 = list(req.tokens), req.seq, req.seg_slot0
+        s.state = self.engine.runner.row_state(req.state)   # its own row (not a view of the last batch)
         req.seq = None                                  # the session owns the blocks now
         if old is not None:
             self.engine.manager.free(old)

@@ -32,6 +32,23 @@ from memstack.memory.state import ModelState
 
 
 @dataclass(eq=False)
+class Batch:
+    """The memory state of the rows of one forward call, kept as one batch after the call: as long
+    as the next call has the same rows, nothing is split or concatenated (decode steps)."""
+
+    state: ModelState
+    rows: int
+
+
+@dataclass(eq=False)
+class RowRef:
+    """A request's memory state: row `row` of a Batch (see `ModelRunner.row_state`)."""
+
+    batch: Batch
+    row: int
+
+
+@dataclass(eq=False)
 class Work:
     """One request's share of a step."""
 
@@ -40,7 +57,7 @@ class Work:
     slot0: int                 # slot of the chunk's first token in the sequence's block table
     start: int                 # first visible slot
     block_ids: list[int]       # the sequence's block table
-    state: Any = None          # the request's memory state row (ModelState, batch 1); replaced by run()
+    state: Any = None          # the request's memory state: None (fresh), a ModelState row or a RowRef; replaced by run()
     namespace: str | None = None   # the request's datastore namespace (None: the memories' own)
     written: int = 0           # slots the call wrote (real + memory tokens), set by run()
 
@@ -91,47 +108,62 @@ class ModelRunner:
                 out[i] = lg
         return out if all_logits else torch.stack(out)
 
+    def row_state(self, state: Any) -> ModelState | None:
+        """A request's memory state as its own ModelState row (sessions keep it, exports write it)."""
+        if isinstance(state, RowRef):
+            idx = torch.tensor([state.row], device=state.batch.state.pos.device)
+            b = state.batch.state
+            return ModelState(b.pos[idx], self.stack.take_rows(b.memories, idx))
+        return state
+
+    def _gather_states(self, work: list[Work], dev) -> ModelState:
+        """The call's batch state from its rows' slots: the previous call's batch as is when the rows
+        are the same, one index_select per tensor when they are a subset of one batch, else rows
+        taken from their batches and concatenated (ragged axes padded, Memory.cat_rows)."""
+        refs = [w.state for w in work]
+        first = refs[0]
+        if isinstance(first, RowRef) and all(isinstance(r, RowRef) and r.batch is first.batch for r in refs):
+            b = first.batch
+            rows = [r.row for r in refs]
+            if rows == list(range(b.rows)):
+                return b.state
+            idx = torch.tensor(rows, device=dev)
+            return ModelState(b.state.pos[idx], self.stack.take_rows(b.state.memories, idx))
+        parts = [self.row_state(r) if r is not None else self.model.init_state(1, dev) for r in refs]
+        return ModelState(torch.cat([p.pos for p in parts]), self.stack.cat_rows([p.memories for p in parts]))
+
     def call(self, work: list[Work], all_logits: bool = False) -> list[Tensor]:
         """One forward call over rows that share a chunk length (or are padded, stateless)."""
         dev = self.cache.device
         B, T = len(work), max(w.n for w in work)
         ragged = any(w.n != T for w in work)
-        toks = torch.zeros(B, T, dtype=torch.long)
-        for r, w in enumerate(work):
-            toks[r, :w.n] = torch.tensor(w.tokens)
-        toks = toks.to(dev)
-        pos = torch.tensor([w.pos0 for w in work], device=dev)
+        toks = torch.tensor([w.tokens + [0] * (T - w.n) for w in work], dtype=torch.long, device=dev)
         nb = max(len(w.block_ids) for w in work)
-        tables = torch.zeros(B, nb, dtype=torch.long)
-        for r, w in enumerate(work):
-            tables[r, :len(w.block_ids)] = torch.tensor(w.block_ids)
-        tables = tables.to(dev)
-        slot0 = torch.tensor([w.slot0 for w in work], device=dev)
-        start = torch.tensor([w.start for w in work], device=dev)
+        meta = torch.tensor([[w.pos0, w.slot0, w.start] + w.block_ids + [0] * (nb - len(w.block_ids)) for w in work],
+                            dtype=torch.long, device=dev)                          # one host -> device transfer
+        pos, slot0, start, tables = meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3:]
         attn = PagedAttention(self.cache, tables, slot0, start)
         if ragged:
             if not self.stateless:
                 raise RuntimeError("rows of different lengths in one call need a stateless model")
             attn.pad_lengths = torch.tensor([w.n for w in work], device=dev)
         ph = [self.phases(w) for w in work]
-        step = Step(seg_start=torch.tensor([a for a, _ in ph], device=dev),
-                    seg_end=torch.tensor([b for _, b in ph], device=dev))
+        step = Step(seg_start=[a for a, _ in ph], seg_end=[b for _, b in ph])
         if self.stateless:
             state = ModelState(pos, tuple(None for _ in self.stack.memories))
         else:
-            rows = [w.state if w.state is not None else self.model.init_state(1, dev) for w in work]
-            state = ModelState(torch.cat([r.pos for r in rows]), self.stack.cat_rows([r.memories for r in rows]))
+            state = self._gather_states(work, dev)
             if not torch.equal(state.pos, pos):
                 raise RuntimeError("a request's memory state is not at its document position (engine bug)")
         names = tuple(w.namespace for w in work)
         res, new = self.model(toks, state, step, attn=attn, namespaces=None if all(n is None for n in names) else names,
                               logits="last" if self.last_only and not all_logits and not ragged else "all")
-        written = attn.n_written.tolist()
+        written = attn.n_written.tolist() if ragged or attn.rows is not None else [attn.q_slot.shape[1]] * B
+        batch = None if self.stateless else Batch(new, B)
         for r, w in enumerate(work):
             w.written = written[r]
-            if not self.stateless:
-                idx = torch.tensor([r], device=dev)
-                w.state = ModelState(new.pos[idx], self.stack.take_rows(new.memories, idx))
+            if batch is not None:
+                w.state = RowRef(batch, r)
         if all_logits:
             return [res.logits[r, :w.n] for r, w in enumerate(work)]
         if res.logits.shape[1] == 1:

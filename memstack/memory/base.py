@@ -98,13 +98,15 @@ class Step:
     each open or close their own segment. A memory that writes at a segment end does so for
     exactly the rows that reach one (the contract suite holds every memory to that)."""
 
-    reset: Tensor | None = None        # (B,) bool: these rows start a new document; their state is wiped first
-    seg_start: bool | Tensor = True    # this chunk opens a segment (all rows, or (B,) per row)
-    seg_end: bool | Tensor = True      # this chunk closes a segment (all rows, or (B,) per row)
+    reset: Tensor | None = None                    # (B,) bool: these rows start a new document; their state is wiped first
+    seg_start: bool | Tensor | list[bool] = True   # this chunk opens a segment (all rows, or (B,) per row)
+    seg_end: bool | Tensor | list[bool] = True     # this chunk closes a segment (all rows, or (B,) per row)
 
 
-def row_flags(flag: bool | Tensor, batch: int, device: torch.device | str) -> Tensor:
+def row_flags(flag: bool | Tensor | list[bool], batch: int, device: torch.device | str) -> Tensor:
     """A Step phase as a (batch,) bool tensor (a bool is broadcast to every row)."""
+    if isinstance(flag, (list, tuple)):
+        flag = torch.tensor(flag, dtype=torch.bool)
     if isinstance(flag, Tensor):
         if flag.shape != (batch,):
             raise ValueError(f"a per-row segment flag must have shape ({batch},), got {tuple(flag.shape)}")
@@ -159,16 +161,29 @@ class StepContext:
     all_start: bool = field(default=False, init=False)
     any_end: bool = field(default=False, init=False)
     all_end: bool = field(default=False, init=False)
+    phase: tuple[bool, bool, bool, bool] | None = None   # (any_start, all_start, any_end, all_end) when known
 
     def __post_init__(self) -> None:
         B, dev = self.tokens.shape[0], self.tokens.device
+        known = self.phase
+        flags = []
         for name in ("seg_start", "seg_end"):
-            flags = row_flags(getattr(self, name), B, dev)
-            object.__setattr__(self, name, flags)
-            n = int(flags.sum()) if B else 0
-            short = "start" if name == "seg_start" else "end"
-            object.__setattr__(self, f"any_{short}", n > 0)
-            object.__setattr__(self, f"all_{short}", n == B)
+            f = getattr(self, name)
+            if not isinstance(f, Tensor):
+                if isinstance(f, (list, tuple)):       # per-row Python bools: summaries without a sync
+                    flags += [any(f), all(f)] if len(f) == B else [None, None]
+                else:
+                    flags += [bool(f), bool(f)]
+            object.__setattr__(self, name, row_flags(f, B, dev))
+        if known is None:
+            if len(flags) != 4 or None in flags:
+                n0, n1 = (int(getattr(self, n).sum()) if B else 0 for n in ("seg_start", "seg_end"))
+                known = (n0 > 0, n0 == B, n1 > 0, n1 == B)
+            else:
+                known = tuple(flags)
+        object.__setattr__(self, "phase", known)
+        for name, value in zip(("any_start", "all_start", "any_end", "all_end"), known):
+            object.__setattr__(self, name, value)
 
     @property
     def n_tokens(self) -> int:

@@ -68,8 +68,7 @@ class PagedKVCache:
         """Write k, v (N, kv_heads, head_dim) of layer l at physical slots (N,) = block * bs + offset."""
         bs = self.spec.block_size
         blk, off = slots // bs, slots % bs
-        self.kv[blk, l, 0, :, off] = k                                # (N, Hkv, hd) at (blk, :, off)
-        self.kv[blk, l, 1, :, off] = v
+        self.kv[blk, l, :, :, off] = torch.stack([k, v], 1).to(self.kv.dtype)   # (N, 2, Hkv, hd) at (blk, :, :, off)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst (copy-on-write)."""
