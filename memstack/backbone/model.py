@@ -232,12 +232,13 @@ class MemoryModel(nn.Module):
 
     def forward(self, tokens: Tensor, state: ModelState | None = None, step: Step | None = None,
                 attn: "AttentionBackend | None" = None, namespaces: tuple[str | None, ...] | None = None,
-                logits: str = "all") -> tuple[ModelOutput, ModelState]:
+                logits: str | Tensor = "all") -> tuple[ModelOutput, ModelState]:
         """One chunk of every row. `attn`: an attention backend holding the past keys/values
         outside the model (a serving engine's paged pool, see backbone/attention.py); None: the
         memories' own caches. `namespaces`: per-row datastore namespaces (StepContext.namespace_of).
-        logits="last": only each row's last position goes through the head (serving; allowed
-        when no memory changes logits)."""
+        logits="last": only each row's last position goes through the head, or a (B,) tensor: that
+        position of each row (serving; allowed when no memory changes logits: a LOGITS memory
+        reads every position)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, length), got {tuple(tokens.shape)}")
         B, T = tokens.shape
@@ -245,8 +246,8 @@ class MemoryModel(nn.Module):
         if tokens.dtype not in (torch.int64, torch.int32) or (T and (int(tokens.min()) < 0 or int(tokens.max()) >= V)):
             bad = tokens[(tokens < 0) | (tokens >= V)] if tokens.dtype in (torch.int64, torch.int32) else tokens.flatten()[:3]
             raise ValueError(f"token ids must be integers in [0, {V}); got {bad[:5].tolist()} (dtype {tokens.dtype})")
-        if logits not in ("all", "last"):
-            raise ValueError(f"logits must be 'all' or 'last', got {logits!r}")
+        if not isinstance(logits, Tensor) and logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all', 'last' or a (B,) tensor of positions, got {logits!r}")
         step = step or Step()
         if state is None:
             state = self.init_state(B, tokens.device)
@@ -282,9 +283,17 @@ class MemoryModel(nn.Module):
         if spans:
             self.memory.embed_out(h, spans, states, ctx)
         h = self.norm(h[:, P:P + T])                                  # (B, T, D) real tokens only
-        if logits == "last" and self.memory._logits:
-            raise ValueError("logits='last' with a memory that changes the logits (it reads every position)")
-        out = self.lm_head(h if logits == "all" else h[:, -1:]).float()   # (B, T | 1, V)
+        if isinstance(logits, Tensor):
+            if self.memory._logits:
+                raise ValueError("logits at chosen positions with a memory that changes the logits (it reads every position)")
+            sel = h.gather(1, logits.to(h.device)[:, None, None].expand(B, 1, h.shape[2]))   # (B, 1, D)
+        elif logits == "last":
+            if self.memory._logits:
+                raise ValueError("logits='last' with a memory that changes the logits (it reads every position)")
+            sel = h[:, -1:]
+        else:
+            sel = h
+        out = self.lm_head(sel).float()                               # (B, T | 1, V)
         if len(self.memory):
             out = self.memory.logits(out, h, states, ctx)
         return ModelOutput(out, h, ctx.losses), ModelState(state.pos + T, tuple(states))

@@ -31,6 +31,9 @@ from memstack.memory.kv.store import PagedKVCache
 from memstack.memory.state import ModelState
 
 
+PAD_WASTE = 0.25      # most of a padded prompt call's tokens that may be padding (stateless models)
+
+
 @dataclass(eq=False)
 class Batch:
     """The memory state of the rows of one forward call, kept as one batch after the call: as long
@@ -86,15 +89,32 @@ class ModelRunner:
         return p + q
 
     def groups(self, work: list[Work]) -> list[list[int]]:
-        """Indices of the work items that go into one forward call each."""
+        """Indices of the work items that go into one forward call each: rows with the same chunk
+        length and memory-token layout; for a stateless model, decode rows together and prompt
+        chunks in length buckets (padding at most PAD_WASTE of a call's tokens)."""
         key: dict[Any, list[int]] = {}
+        prefill = []
         for i, w in enumerate(work):
             if self.stateless:
-                k = ("decode",) if w.n == 1 else ("prefill",)
+                if w.n == 1:
+                    key.setdefault(("decode",), []).append(i)
+                else:
+                    prefill.append(i)
             else:
                 k = (w.n, self.stack.embed_tokens(*self.phases(w)) if self.stack._embed else None)
-            key.setdefault(k, []).append(i)
-        return list(key.values())
+                key.setdefault(k, []).append(i)
+        out = list(key.values())
+        bucket: list[int] = []
+        for i in sorted(prefill, key=lambda i: work[i].n):                   # short to long
+            rows = bucket + [i]
+            real = sum(work[j].n for j in rows)
+            if bucket and len(rows) * work[i].n - real > PAD_WASTE * len(rows) * work[i].n:
+                out.append(bucket)
+                rows = [i]
+            bucket = rows
+        if bucket:
+            out.append(bucket)
+        return out
 
     @torch.no_grad()
     def run(self, work: list[Work], all_logits: bool = False) -> Tensor | list[Tensor]:
@@ -156,8 +176,11 @@ class ModelRunner:
             if not torch.equal(state.pos, pos):
                 raise RuntimeError("a request's memory state is not at its document position (engine bug)")
         names = tuple(w.namespace for w in work)
+        which: str | Tensor = "all"
+        if self.last_only and not all_logits:
+            which = torch.tensor([w.n - 1 for w in work], device=dev) if ragged else "last"
         res, new = self.model(toks, state, step, attn=attn, namespaces=None if all(n is None for n in names) else names,
-                              logits="last" if self.last_only and not all_logits and not ragged else "all")
+                              logits=which)
         written = attn.n_written.tolist() if ragged or attn.rows is not None else [attn.q_slot.shape[1]] * B
         batch = None if self.stateless else Batch(new, B)
         for r, w in enumerate(work):
