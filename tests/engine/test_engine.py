@@ -212,20 +212,25 @@ def test_engine_refuses_what_it_cannot_run_with_reasons():
         Engine(tiny([PagedKVConfig(compression=CompressionConfig(policy="h2o", keep_ratio=0.5))]))
 
 
-def test_cli_generate_runs_on_the_engine(tmp_path, capsys):
+@pytest.mark.parametrize("memory", ["kv_dense", "rmt"])
+def test_cli_generate_runs_on_the_engine(memory, tmp_path, capsys):
     from memstack.cli import main
     from memstack.data.tokenizers import get_tokenizer
+    from memstack.memory.learned.config import RMTConfig
 
     tok = get_tokenizer("byte")
     torch.manual_seed(0)
     b = BackboneConfig(vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=2, seg_len=16, init_std=0.3)
-    model = build_model(b, [DenseKVConfig(scope="document")]).eval()
+    mem = DenseKVConfig(scope="document") if memory == "kv_dense" else RMTConfig(n_tokens=3)
+    model = build_model(b, [mem]).eval()
     save_checkpoint(model, tmp_path / "ck", {"tokenizer": "byte", "tokenizer_fingerprint": tok.fingerprint()})
     outs = []
     for extra in ([], ["--no-engine"]):                                           # engine vs the plain decoder
         assert main(["generate", "--checkpoint", str(tmp_path / "ck"), "--prompt", "Hello", "--max-new-tokens", "12",
                      "--block-size", "4", "--no-stop"] + extra) == 0
-        outs.append(capsys.readouterr().out)
+        cap = capsys.readouterr()
+        outs.append(cap.out)
+        assert "cannot serve" not in cap.err                                       # the engine ran it
     assert outs[0] == outs[1] and outs[0].startswith("Hello") and len(outs[0]) > len("Hello\n")
 
 
