@@ -57,6 +57,10 @@ class Sessions:
     def pin(self, tokens: list[int], ttl: float | None = None, salt: str | None = None) -> PrefixHandle:
         """Compute (or find) the KV of `tokens` and keep its full blocks resident."""
         eng = self.engine
+        if not eng.prefix_caching:
+            raise ValueError("prefix pins need prefix reuse, which is off for this engine "
+                             + ("(the model carries memory state: use engine.memory_sessions)" if eng.stateful
+                                else "(enable_prefix_caching=False)"))
         tokens = [int(t) for t in tokens]
         bs = eng.cfg.block_size
         if len(tokens) < bs:

@@ -169,3 +169,24 @@ def test_every_memory_session_survives_a_restart(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got == want
+
+
+def test_session_requests_survive_preemption_and_prefix_pins_are_refused():
+    model = make("lm2")
+    p1, p2, *others = prompts(10, 6, 14, 9, 12, seed=3)
+    ref = Engine(model, EngineConfig(block_size=4, num_blocks=64))
+    ref.memory_sessions.create("t", "s")
+    out1 = turn(ref, ("t", "s"), p1, 6)
+    eng = Engine(model, EngineConfig(block_size=4, num_blocks=14, max_num_batched_tokens=8))
+    eng.memory_sessions.create("t", "s")
+    assert turn(eng, ("t", "s"), p1, 6) == out1
+    rid = eng.add_request(p2, SamplingConfig(max_new_tokens=12), session=("t", "s"))
+    ids = [eng.add_request(p, SamplingConfig(max_new_tokens=12)) for p in others]
+    while eng.has_unfinished():
+        for o in eng.step():
+            assert o.error is None, o.error
+    assert sum(eng.requests[i].preemptions for i in ids + [rid]) >= 1
+    assert eng.requests[rid].output == lib(model, p1 + out1 + p2, 12)
+    assert [eng.requests[i].output for i in ids] == [lib(model, p, 12) for p in others]
+    with pytest.raises(ValueError, match="memory state: use engine.memory_sessions"):
+        eng.sessions.pin(list(range(8)))
