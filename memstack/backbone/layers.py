@@ -48,6 +48,22 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
+def fused_weight(holder: nn.Module, *linears: nn.Linear) -> Tensor | None:
+    """The weights of `linears` concatenated (one GEMM instead of several), for inference only:
+    None when gradients are needed. Cached on `holder` and rebuilt when any weight changes (an
+    optimizer step or a load bumps the version counter; a move changes the storage)."""
+    ws = [lin.weight for lin in linears]
+    if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
+        return None
+    key = tuple((w.data_ptr(), w._version, w.dtype) for w in ws)
+    cached = holder.__dict__.get("_fused")
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, torch.cat([w.detach() for w in ws]))
+        holder.__dict__["_fused"] = cached                    # not a buffer: never saved, never moved
+    return cached[1]
+
+
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
@@ -56,4 +72,8 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        w = fused_weight(self, self.w_gate, self.w_up)
+        if w is None:
+            return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        gate, up = F.linear(x, w).chunk(2, dim=-1)                  # inference: one GEMM for both
+        return self.w_down(F.silu(gate) * up)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memstack.backbone.layers import RMSNorm, SwiGLU, apply_rope, rope_tables
+from memstack.backbone.layers import RMSNorm, SwiGLU, apply_rope, fused_weight, rope_tables
 from memstack.config import BackboneConfig, MemoryConfig, ModelConfig
 from memstack.memory.base import AttnIO, KVBlock, Step, StepContext
 from memstack.memory.stack import MemoryStack
@@ -67,6 +67,18 @@ class Attention(nn.Module):
     def kv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         k = apply_rope(self._heads(self.wk(x), self.kv_heads), cos, sin)
         return k, self._heads(self.wv(x), self.kv_heads)
+
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of x; at inference one GEMM for the three projections and one rotation for q
+        and k (a decode step of a small model is dominated by the number of ops, not their size)."""
+        w = fused_weight(self, self.wq, self.wk, self.wv)
+        if w is None:
+            return (self.q(x, cos, sin), *self.kv(x, cos, sin))
+        B, T, _ = x.shape
+        H, Hk, hd = self.n_heads, self.kv_heads, self.head_dim
+        y = F.linear(x, w).view(B, T, H + 2 * Hk, hd).transpose(1, 2)  # (B, H + 2Hkv, T, hd)
+        qk = apply_rope(y[:, :H + Hk], cos, sin)                       # (B, H + Hkv, T, hd)
+        return qk[:, :H], qk[:, H:], y[:, H + Hk:]
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, extras: list[KVBlock], valid: Tensor | None = None) -> Tensor:
@@ -135,8 +147,7 @@ class Block(nn.Module):
         if len(stack):
             h = stack.block_in(self.layer, h, states, ctx)
         x = self.attn_norm(h)
-        q = self.attn.q(x, cos, sin)                                  # (B, H, T, hd)
-        k, v = self.attn.kv(x, cos, sin)                              # (B, Hkv, T, hd)
+        q, k, v = self.attn.qkv(x, cos, sin)                          # (B, H, T, hd), (B, Hkv, T, hd) x 2
         extras = stack.attn(AttnIO(self.layer, h, q, k, v, self.project_kv), states, ctx) if len(stack) else []
         if attn is None:
             o = _attend(q, k, v, extras, ctx.valid)                   # (B, H, T, hd)

@@ -39,10 +39,26 @@ class PagedAttention:
         self.end: Tensor | None = None                              # (B,) slots written + held, after begin
         self.n_written: Tensor | None = None                        # (B,) slots this call writes per row
         self.pad_lengths: Tensor | None = None                      # (B,) real tokens per row when rows are padded
+        # set by a caller that knows the chunk has no memory tokens (its slots follow from Python
+        # lists): the physical slot of every token in row order, the row lengths and the largest end
+        self.known: tuple[Tensor, list[int], int] | None = None
 
     def begin(self, ctx: StepContext) -> None:
         B, Tx = ctx.positions.shape
         dev = self.tables.device
+        if self.known is not None and ctx.valid is None:
+            if self.pad_lengths is not None or any(n != Tx for n in self.known[1]):
+                raise RuntimeError("known slots are for rows of equal length")
+            self.write_slots, n, need = self.known
+            self.n_written = None
+            self.written_list = n
+            self.rows = self.toks = None
+            self.end = self.slot0 + Tx
+            self.q_slot = self.slot0[:, None] + torch.arange(Tx, device=dev) if Tx > 1 or B == 1 else None
+            self.simple = True
+            if need > self.tables.shape[1] * self.bs:
+                raise RuntimeError(f"the chunk needs {need} slots but only {self.tables.shape[1] * self.bs} are allocated")
+            return
         valid = ctx.valid
         if self.pad_lengths is not None:                             # rows of a padded call: the padding is not there
             pad = torch.arange(Tx, device=dev)[None] < self.pad_lengths[:, None]
@@ -58,6 +74,7 @@ class PagedAttention:
             self.rows, self.toks = valid.nonzero(as_tuple=True)     # (N,) the valid tokens
         self.q_slot = self.slot0[:, None] + offs                      # (B, T') the slot of each token
         self.end = self.slot0 + self.n_written
+        self.written_list = None
         need = int(self.end.max())
         if need > self.tables.shape[1] * self.bs:
             raise RuntimeError(f"the chunk needs {need} slots but only {self.tables.shape[1] * self.bs} are allocated "
@@ -100,13 +117,14 @@ class PagedAttention:
         """Every row's slots [0, max end) gathered through its table, with the mask of what each
         query sees: its row's visible slots up to its own (an invalid query sees all of them)."""
         B = self.tables.shape[0]
-        nb = -(-int(self.end.max()) // self.bs)
+        nb = -(-(int(self.end.max()) if self.known is None else self.known[2]) // self.bs)
         ids = self.tables[:, :nb]                                     # (B, nb)
         Hkv, hd = kc.shape[1], kc.shape[3]
         K = kc[ids].permute(0, 2, 1, 3, 4).reshape(B, Hkv, nb * self.bs, hd)
         V = vc[ids].permute(0, 2, 1, 3, 4).reshape(B, Hkv, nb * self.bs, hd)
         s = torch.arange(nb * self.bs, device=ids.device)
-        upto = self.q_slot if self.simple else torch.where(self.valid_q, self.q_slot, self.end[:, None] - 1)
+        q_slot = self.q_slot if self.q_slot is not None else self.slot0[:, None]
+        upto = q_slot if self.simple else torch.where(self.valid_q, q_slot, self.end[:, None] - 1)
         mask = (s[None, None, :] >= self.start[:, None, None]) & (s[None, None, :] <= upto[:, :, None])
         return K, V, mask
 
@@ -115,3 +133,7 @@ class PagedAttention:
         v = torch.zeros_like(self.q_slot, dtype=torch.bool)
         v[self.rows, self.toks] = True
         return v
+
+    def written(self) -> list[int]:
+        """Slots this call wrote per row (real and memory tokens)."""
+        return self.written_list if self.written_list is not None else self.n_written.tolist()

@@ -263,10 +263,11 @@ class Engine:
         greedy = {}
         if ok_rows:
             stacked = torch.stack([logits[r] for r in ok_rows])                  # (n, V)
-            finite = torch.isfinite(stacked).all(-1).tolist()                    # NaN / inf: that request fails
-            greedy = dict(zip(ok_rows, stacked.argmax(-1).tolist()))
+            top, arg = stacked.max(-1)                                           # NaN / +inf propagate into `top`
+            finite = torch.isfinite(top).tolist()
+            greedy = dict(zip(ok_rows, arg.tolist()))
             for r, fin in zip(ok_rows, finite):
-                if not fin and not work[r][0].remaining - work[r][1] > 0:
+                if not fin and not work[r][0].remaining - work[r][1] > 0:       # only rows that sample now
                     errors[r] = "the model produced non-finite logits for this request"
         for row, (req, n) in enumerate(work):
             item = items[row]

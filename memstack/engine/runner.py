@@ -163,6 +163,13 @@ class ModelRunner:
                             dtype=torch.long, device=dev)                          # one host -> device transfer
         pos, slot0, start, tables = meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3:]
         attn = PagedAttention(self.cache, tables, slot0, start)
+        if not self.stack._embed and not ragged:      # no memory tokens: every slot is known here
+            bs, phys, need = self.bs, [], 0
+            for w in work:
+                ids = w.block_ids
+                phys += [ids[(w.slot0 + t) // bs] * bs + (w.slot0 + t) % bs for t in range(w.n)]
+                need = max(need, w.slot0 + w.n)
+            attn.known = (torch.tensor(phys, device=dev), [w.n for w in work], need)
         if ragged:
             if not self.stateless:
                 raise RuntimeError("rows of different lengths in one call need a stateless model")
@@ -181,7 +188,7 @@ class ModelRunner:
             which = torch.tensor([w.n - 1 for w in work], device=dev) if ragged else "last"
         res, new = self.model(toks, state, step, attn=attn, namespaces=None if all(n is None for n in names) else names,
                               logits=which)
-        written = attn.n_written.tolist() if ragged or attn.rows is not None else [attn.q_slot.shape[1]] * B
+        written = attn.written()
         batch = None if self.stateless else Batch(new, B)
         for r, w in enumerate(work):
             w.written = written[r]
