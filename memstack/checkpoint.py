@@ -25,21 +25,10 @@ from memstack.atomic import (clean_temporaries, read_sealed, remove_unreferenced
                              versioned_name_re, write_sealed)
 from memstack.config import ModelConfig, from_dict, to_dict
 from memstack.errors import CheckpointError, ConfigError
+from memstack.memory.state import unique_state_dict
 
 FORMAT = 2
 KIND = "memstack-checkpoint"
-
-
-def unique_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
-    """state_dict without aliases (tied embeddings are stored once, under their first name)."""
-    out, seen = {}, set()
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
-        if key is not None and key in seen:
-            continue
-        seen.add(key)
-        out[name] = t.detach().contiguous().cpu()
-    return out
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | Path, meta: dict | None = None) -> Path:

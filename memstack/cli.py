@@ -317,10 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--disk-cache-dir", default=None, help="persistent prefix cache directory (reused across restarts)")
     s.add_argument("--device")
     s.set_defaults(fn=cmd_serve)
-    from memstack.memory.sparse.cli import add_parser as add_memory_parser   # argparse only; no torch import
+    from memstack.commands.memory import add_parser as add_memory_parser   # argparse only; no torch import
 
     add_memory_parser(sub)
-    from memstack.memory.retrieval.build import add_parser as add_datastore  # light: no faiss / embedder import
+    from memstack.commands.datastore import add_parser as add_datastore   # light: no faiss / embedder import
 
     add_datastore(sub)
     return p

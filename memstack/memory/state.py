@@ -76,6 +76,18 @@ def allocated_nbytes(obj: Any) -> int:
     return sum(seen.values())
 
 
+def unique_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
+    """state_dict without aliases (tied embeddings are stored once, under their first name)."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
 # ----------------------------------------------------------------------------- save / load
 
 def _flatten(obj: Any, prefix: str, out: dict[str, Tensor]) -> Any:

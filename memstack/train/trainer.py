@@ -35,7 +35,7 @@ from memstack.memory.state import ModelState, detach, load_state, save_state, tr
 from memstack.train.config import TrainConfig
 from memstack.train.distributed import DistInfo, all_reduce_sum
 from memstack.train.optim import apply_trainable, build_optimizer, lr_at, set_lr
-from memstack.train.sparse_optim import grad_norm_and_clip
+from memstack.memory.sparse.row_optim import grad_norm_and_clip
 from memstack.train.segments import SegmentLoop
 
 TRAINER_FORMAT = 2

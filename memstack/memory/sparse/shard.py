@@ -209,7 +209,7 @@ def load_shards_into(model: nn.Module, directory: Path, names: list[str]) -> Non
 # ----------------------------------------------------------------------------- optimizer state
 
 def _row_optimizer_of(opt, p: Tensor):
-    from memstack.train.sparse_optim import RowSparseOptimizer
+    from memstack.memory.sparse.row_optim import RowSparseOptimizer
 
     for o in getattr(opt, "optimizers", [opt]):
         if isinstance(o, RowSparseOptimizer) and any(q is p for g in o.param_groups for q in g["params"]):
