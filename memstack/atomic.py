@@ -33,7 +33,7 @@ import re
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from torch import Tensor
 
@@ -170,14 +170,15 @@ def read_sealed(path: Path, kind: str, format: int, fields: dict[str, type | tup
         raise IntegrityError(f"{path} is {what}: {e}") from None
     if not isinstance(doc, dict):
         raise IntegrityError(f"{path} must hold a JSON object ({kind}), found {type(doc).__name__}: corrupted")
+    fmt = doc.get("format")
+    early = fmt is None or (isinstance(fmt, int) and not isinstance(fmt, bool) and fmt < format)
+    if early and "checksum" not in doc:           # the unsealed layout of an earlier memstack
+        hint = older or "re-create it with this version of memstack"
+        raise IntegrityError(f"{path} has format {fmt or 1}, written by an older memstack without checksums (this one "
+                             f"reads format {format}): {hint}")
     if doc.get("kind") != kind:
         raise IntegrityError(f"{path} is not a {kind} document (its kind is {doc.get('kind')!r})")
-    fmt = doc.get("format")
     if fmt != format:
-        if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt < format:
-            hint = older or "re-create it with this version of memstack"
-            raise IntegrityError(f"{path} has format {fmt}, written by an older memstack (this one reads format "
-                                 f"{format}, whose metadata is checksummed): {hint}")
         raise IntegrityError(f"{path} has format {fmt!r}; this memstack reads format {format} (a newer memstack "
                              "wrote it, or it was edited)")
     want = "sha256:" + hashlib.sha256(_canonical(doc)).hexdigest() if "checksum" in doc else None
@@ -278,6 +279,32 @@ class StoreLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def tidy(directory: Path, named: Callable[[], dict[str, str]]) -> list[Path]:
+    """What opening a single-manifest artefact (saved state, checkpoint, KV export) cleans, when no
+    writer holds the directory's lock: temporaries of dead writers and, for each stem -> the file
+    its manifest names (`named()`, which reads and verifies the manifests), that stem's other
+    content-named files (a crash between the tensor file and the manifest). A manifest that fails
+    its checks leaves every data file in place. Returns what was removed; never raises for a
+    read-only directory."""
+    lock = StoreLock(directory)
+    try:
+        if not lock.acquire(blocking=False):
+            return []
+    except OSError:
+        return []
+    try:
+        removed = clean_temporaries(directory)
+        try:
+            keep = named()
+        except (IntegrityError, OSError):
+            return removed
+        for stem, name in keep.items():
+            removed += remove_unreferenced(directory, stem, {name})
+        return removed
+    finally:
+        lock.release()
 
 
 def iter_files(directory: Path) -> Iterator[Path]:

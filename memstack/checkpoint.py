@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from memstack.atomic import (clean_temporaries, read_sealed, remove_unreferenced, save_tensors_versioned, sha256_file,
-                             versioned_name_re, write_sealed)
+from memstack.atomic import (StoreLock, clean_temporaries, read_sealed, remove_unreferenced, save_tensors_versioned,
+                             sha256_file, tidy, versioned_name_re, write_sealed)
 from memstack.config import ModelConfig, from_dict, to_dict
 from memstack.errors import CheckpointError, ConfigError
 from memstack.memory.state import unique_state_dict
@@ -38,15 +38,16 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, meta: dict | None 
     doc = {"model": to_dict(model.cfg), "meta": meta or {}}
     json.dumps(doc, allow_nan=False)  # an unserialisable meta fails here, before anything is written
     path.mkdir(parents=True, exist_ok=True)
-    clean_temporaries(path)
-    shards = None
-    if (path / "shards").is_dir():
-        from memstack.memory.sparse.shard import INDEX_FORMAT, INDEX_KIND
+    with StoreLock(path):
+        clean_temporaries(path)
+        shards = None
+        if (path / "shards").is_dir():
+            from memstack.memory.sparse.shard import INDEX_FORMAT, INDEX_KIND
 
-        shards = read_sealed(path / "shards" / "index.json", INDEX_KIND, INDEX_FORMAT)["checksum"]
-    name, sha = save_tensors_versioned(unique_state_dict(model), path, "model")
-    write_sealed(path / "config.json", KIND, FORMAT, {**doc, "weights": name, "sha256": sha, "shards": shards})
-    remove_unreferenced(path, "model", {name})
+            shards = read_sealed(path / "shards" / "index.json", INDEX_KIND, INDEX_FORMAT)["checksum"]
+        name, sha = save_tensors_versioned(unique_state_dict(model), path, "model")
+        write_sealed(path / "config.json", KIND, FORMAT, {**doc, "weights": name, "sha256": sha, "shards": shards})
+        remove_unreferenced(path, "model", {name})
     return path
 
 
@@ -54,9 +55,14 @@ def _read_config(path: Path) -> dict:
     f = path / "config.json"
     if not f.is_file():
         raise CheckpointError(f"{path} is not a memstack checkpoint (no config.json)")
-    return read_sealed(f, KIND, FORMAT, {"model": dict, "meta": dict, "weights": str, "sha256": str,
-                                         "shards": (str, type(None))},
-                       older=f"run `memstack migrate {path}` to verify its weights and add the checksums")
+
+    def read() -> dict:
+        return read_sealed(f, KIND, FORMAT, {"model": dict, "meta": dict, "weights": str, "sha256": str,
+                                             "shards": (str, type(None))},
+                           older=f"run `memstack migrate {path}` to verify its weights and add the checksums")
+
+    tidy(path, lambda: {"model": read()["weights"]})              # what a crashed save left
+    return read()
 
 
 def read_checkpoint_config(path: str | Path) -> tuple[ModelConfig, dict]:

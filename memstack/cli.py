@@ -323,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     from memstack.commands.datastore import add_parser as add_datastore   # light: no faiss / embedder import
 
     add_datastore(sub)
+    from memstack.commands.migrate import add_parser as add_migrate
+
+    add_migrate(sub)
     return p
 
 

@@ -98,35 +98,41 @@ class Sessions:
     # -- export / import -----------------------------------------------------------------------
     def export(self, handle: PrefixHandle, path: str | Path) -> Path:
         """Write a pinned prefix: `<path>.json` (namespace, tokens, keys, checksum) + tensors."""
-        from memstack.atomic import clean_temporaries, remove_unreferenced, save_tensors_versioned, write_sealed
+        from memstack.atomic import StoreLock, clean_temporaries, remove_unreferenced, save_tensors_versioned, write_sealed
 
         if handle.id not in self.pins:
             raise ValueError("export needs a pinned prefix (pin it first; an unpinned one may be evicted)")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        clean_temporaries(path.parent)                                           # of exports that crashed
         data = self.engine.cache.read_blocks([b.id for b in handle.blocks]).cpu()
-        name, sha = save_tensors_versioned({"kv": data}, path.parent, path.name)
-        write_sealed(path.with_name(path.name + ".json"), EXPORT_KIND, EXPORT_FORMAT, {
-            "namespace": self.engine.namespace.to_dict(), "root": self.engine.namespace.root(handle.salt).hex(),
-            "tokens": handle.tokens, "keys": [b.key.hex() for b in handle.blocks], "tensors": name, "sha256": sha,
-            "shape": list(data.shape)})
-        remove_unreferenced(path.parent, path.name, {name})
+        with StoreLock(path.parent):
+            clean_temporaries(path.parent)                                       # of exports that crashed
+            name, sha = save_tensors_versioned({"kv": data}, path.parent, path.name)
+            write_sealed(path.with_name(path.name + ".json"), EXPORT_KIND, EXPORT_FORMAT, {
+                "namespace": self.engine.namespace.to_dict(), "root": self.engine.namespace.root(handle.salt).hex(),
+                "tokens": handle.tokens, "keys": [b.key.hex() for b in handle.blocks], "tensors": name, "sha256": sha,
+                "shape": list(data.shape)})
+            remove_unreferenced(path.parent, path.name, {name})
         return path
 
     def import_(self, path: str | Path, salt: str | None = None, ttl: float | None = None) -> PrefixHandle:
         """Load an exported prefix into the pool and pin it (under this engine's namespace + salt)."""
         from safetensors.torch import load_file
 
-        from memstack.atomic import read_sealed, sha256_file, versioned_name_re
+        from memstack.atomic import read_sealed, sha256_file, tidy, versioned_name_re
         from memstack.errors import IntegrityError
 
         eng, path = self.engine, Path(path)
         manifest = path.with_name(path.name + ".json")
-        try:
-            meta = read_sealed(manifest, EXPORT_KIND, EXPORT_FORMAT,
+
+        def read() -> dict:
+            return read_sealed(manifest, EXPORT_KIND, EXPORT_FORMAT,
                                {"namespace": dict, "root": str, "tokens": list, "keys": list, "tensors": str,
                                 "sha256": str, "shape": list}, older="export the prefix again with this memstack")
+
+        try:
+            tidy(path.parent, lambda: {path.name: read()["tensors"]})            # what a crashed export left
+            meta = read()
             ns = CacheNamespace(**meta["namespace"])
         except IntegrityError as e:
             raise CheckpointError(f"{path}: KV prefix refused: {e}") from None

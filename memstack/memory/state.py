@@ -15,8 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from memstack.atomic import (clean_temporaries, read_sealed, remove_unreferenced, save_tensors_versioned, sha256_file,
-                             versioned_name_re, write_sealed)
+from memstack.atomic import (StoreLock, clean_temporaries, read_sealed, remove_unreferenced, save_tensors_versioned,
+                             sha256_file, tidy, versioned_name_re, write_sealed)
 from memstack.errors import CheckpointError, IntegrityError
 
 STATE_FORMAT = 2
@@ -149,12 +149,13 @@ def save_state(state: ModelState, path: str | Path, kinds: list[str]) -> str:
     skel = _flatten(state, "state", flat)   # fails on an unsaveable state before anything is written
     json.dumps(skel, allow_nan=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean_temporaries(path.parent)
     manifest = path.with_name(path.name + ".json")
-    name, sha = save_tensors_versioned(flat, path.parent, path.name)
-    checksum = write_sealed(manifest, STATE_KIND, STATE_FORMAT, {"kinds": list(kinds), "skeleton": skel, "tensors": name,
-                                                                   "sha256": sha})
-    remove_unreferenced(path.parent, path.name, {name})
+    with StoreLock(path.parent):
+        clean_temporaries(path.parent)
+        name, sha = save_tensors_versioned(flat, path.parent, path.name)
+        checksum = write_sealed(manifest, STATE_KIND, STATE_FORMAT, {"kinds": list(kinds), "skeleton": skel,
+                                                                       "tensors": name, "sha256": sha})
+        remove_unreferenced(path.parent, path.name, {name})
     return checksum
 
 
@@ -175,6 +176,7 @@ def load_state(path: str | Path, kinds: list[str], device: torch.device | str = 
     manifest = path.with_name(path.name + ".json")
     if not manifest.is_file():
         raise CheckpointError(f"no saved state at {path} (expected {manifest.name})")
+    tidy(path.parent, lambda: {path.name: state_manifest(path)["tensors"]})    # what a crashed save left
     meta = state_manifest(path)
     if expect is not None and meta["checksum"] != expect:
         raise IntegrityError(f"{manifest} is not the state its checkpoint recorded (its checksum differs)")

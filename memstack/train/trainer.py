@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -291,8 +292,9 @@ class Trainer:
         meta = trainer_manifest(path)
         if read_sealed(path / "config.json", "memstack-checkpoint", 2)["checksum"] != meta["config"]:
             raise CheckpointError(f"{path / 'config.json'} is not the model config its trainer.json recorded")
-        if sha256_file(path / "optim.safetensors") != meta["optim_sha256"]:
-            raise CheckpointError(f"{path / 'optim.safetensors'}: checksum mismatch -- the optimizer state is corrupted")
+        if not (path / "optim.safetensors").is_file() or sha256_file(path / "optim.safetensors") != meta["optim_sha256"]:
+            raise CheckpointError(f"{path / 'optim.safetensors'}: missing or checksum mismatch -- the optimizer state is "
+                                  "corrupted")
         load_weights(self.model, path)
         flat = load_file(str(path / "optim.safetensors"))
         torch.set_rng_state(flat.pop("rng.torch"))
@@ -336,6 +338,9 @@ def resolve_step_dir(path: Path) -> Path:
     if (path / "trainer.json").is_file():
         return path
     if (path / "latest").is_file():
+        if re.fullmatch(r"step-\d+\s*", (path / "latest").read_text(errors="replace")):
+            raise CheckpointError(f"{path / 'latest'} was written by an older memstack without checksums: run "
+                                  f"`memstack migrate {path}` to verify the checkpoint and add them")
         doc = read_sealed(path / "latest", LATEST_KIND, TRAINER_FORMAT, {"step": str, "trainer": str},
                           older=f"run `memstack migrate {path}` to verify it and add the checksums")
         named = path / doc["step"]

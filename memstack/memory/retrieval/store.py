@@ -456,7 +456,9 @@ class Datastore:
         t = {k: v.contiguous() for k, v in t.items()}
         with StoreLock(path):
             clean_temporaries(path, legacy=True)
-            name, sha = save_tensors_versioned(t, path, "store")
+            # the namespace names and the id counter also go into the tensor file's header, which its
+            # SHA-256 covers: a manifest re-sealed with other names or counter no longer matches it
+            name, sha = save_tensors_versioned(t, path, "store", metadata=_bound(self.namespaces, self.next_id, n))
             write_sealed(path / "manifest.json", KIND, STORE_FORMAT, {
                 "config": to_dict(self.cfg), "fingerprint": self.fingerprint, "namespaces": self.namespaces,
                 "next_id": self.next_id, "rows": n, "tombstones": self._dead,
@@ -500,6 +502,13 @@ class Datastore:
         if r:
             raise DatastoreError(r, f"cannot open datastore {path}")
         try:
+            from safetensors import safe_open
+
+            with safe_open(str(tf), "pt") as fh:
+                bound = fh.metadata() or {}
+            if bound != _bound(names, meta["next_id"], meta["rows"]):
+                raise DatastoreError(f"{mf} does not match the namespaces / next id / rows recorded in {tf.name} "
+                                     "(the manifest was replaced)", f"cannot open datastore {path}")
             cfg = from_dict(StoreConfig, meta["config"], what="stored datastore config")
             t = load_file(str(tf))
             schema = {k: (d, tuple(s)) for k, (d, s) in meta["schema"].items()}
@@ -540,6 +549,10 @@ class Datastore:
                                          "cannot open datastore") from None
         store.cleaned = cleaned
         return store.to(device)
+
+
+def _bound(namespaces: list[str], next_id: int, rows: int) -> dict[str, str]:
+    return {"namespaces": json.dumps(list(namespaces)), "next_id": str(next_id), "rows": str(rows)}
 
 
 def _clean_on_open(path: Path) -> list[Path]:
