@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -39,7 +40,7 @@ from torch import Tensor
 
 from memstack.errors import IntegrityError
 
-_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<rand>[0-9a-f]{8})\.tmp$")
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<rand>[0-9a-f]{8})\.tmp(?P<dir>dir)?$")
 _LEGACY_TMP_RE = re.compile(r"^(?!\.).+\.[A-Za-z0-9_]{8}\.tmp$")      # tempfile.mkstemp names of older versions
 LOCK_NAME = ".lock"
 
@@ -84,7 +85,10 @@ def clean_temporaries(directory: Path, *, legacy: bool = False) -> list[Path]:
     for p in entries:
         m = _TMP_RE.match(p.name)
         stale = (m is not None and not _alive(int(m["pid"]))) or (legacy and m is None and _LEGACY_TMP_RE.match(p.name))
-        if stale and p.is_file():
+        if stale and p.is_dir() and m is not None and m["dir"]:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        elif stale and p.is_file():
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
@@ -195,20 +199,43 @@ def read_sealed(path: Path, kind: str, format: int, fields: dict[str, type | tup
 
 # ----------------------------------------------------------------------------- tensor files
 
+class _Scratch:
+    """A private temporary directory beside `path`, named for this process (`.<name>.<pid>.<rand>
+    .tmpdir`): safetensors writes its own `.tmpXXXXXX` file before renaming, which carries no
+    owner; inside this directory a crash's leftovers are still recognisably ours."""
+
+    def __init__(self, path: Path):
+        self.dir = Path(str(temp_path(path)) + "dir")
+
+    def __enter__(self) -> Path:
+        self.dir.mkdir()
+        return self.dir
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def save_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, atomic and tidy (through a `_Scratch` directory)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with _Scratch(path) as d:
+        save_file(tensors, str(d / path.name), metadata=metadata)
+        os.replace(d / path.name, path)
+
+
 def save_tensors_versioned(tensors: dict[str, Tensor], directory: Path, stem: str,
                            metadata: dict[str, str] | None = None) -> tuple[str, str]:
     """Write tensors as `<stem>-<sha[:12]>.safetensors`; returns (file name, sha256)."""
     from safetensors.torch import save_file
 
-    tmp = temp_path(Path(directory) / f"{stem}.safetensors")
-    try:
+    with _Scratch(Path(directory) / f"{stem}.safetensors") as d:
+        tmp = d / "t.safetensors"
         save_file(tensors, str(tmp), metadata=metadata)
         sha = sha256_file(tmp)
         name = f"{stem}-{sha[:12]}.safetensors"
         os.replace(tmp, Path(directory) / name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return name, sha
 
 

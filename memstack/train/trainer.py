@@ -214,8 +214,8 @@ class Trainer:
             return None
         if not self.sharded:
             root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob(".tmp-step-*"):  # left by a crash during an earlier save
-                shutil.rmtree(stale, ignore_errors=True)
+            clean_step_leftovers(root)             # left by a crash during an earlier save
+            shutil.rmtree(tmp, ignore_errors=True)  # ... or by a save of this process that raised
             tmp.mkdir()
         save_checkpoint(self.model, tmp, meta=self.meta)
         from safetensors.torch import save_file
@@ -238,7 +238,9 @@ class Trainer:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         for stale in sorted(root.glob("step-*"))[:-2]:  # keep the last two
-            shutil.rmtree(stale, ignore_errors=True)
+            gone = root / f".old-{stale.name}-{os.getpid()}"
+            os.replace(stale, gone)                     # renamed first: a crash mid-delete leaves no half step
+            shutil.rmtree(gone, ignore_errors=True)
         return final
 
     def _shard_pids(self) -> set[int]:
@@ -257,8 +259,8 @@ class Trainer:
 
         if self.dist.is_main:
             root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob(".tmp-step-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            clean_step_leftovers(root)
+            shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         box = [str(tmp)]
         tdist.broadcast_object_list(box, src=0)
@@ -288,7 +290,10 @@ class Trainer:
         """Restore model, optimizer, carried memory state, data position and counters."""
         from safetensors.torch import load_file
 
-        path = resolve_step_dir(Path(path))
+        path = Path(path)
+        if (path / "latest").is_file():
+            clean_step_leftovers(path)             # a crashed save's directories, on the next open
+        path = resolve_step_dir(path)
         meta = trainer_manifest(path)
         if read_sealed(path / "config.json", "memstack-checkpoint", 2)["checksum"] != meta["config"]:
             raise CheckpointError(f"{path / 'config.json'} is not the model config its trainer.json recorded")
@@ -320,6 +325,30 @@ class Trainer:
             self.state = tree_map(lambda t: t[self.dist.rank * B:(self.dist.rank + 1) * B], state)
         self.source.load_state_dict(meta["source"])
         self.step, self.tokens, self.target_tokens = meta["step"], meta["tokens"], meta["target_tokens"]
+
+
+def clean_step_leftovers(root: Path) -> list[Path]:
+    """Remove what a save left when its process died: `.tmp-step-*-<pid>` / `.old-step-*-<pid>`
+    directories and temporary files of dead writers (a live writer's are kept), and step
+    directories newer than the one `latest` names -- a step exists once `latest` says so (a save
+    killed between publishing the directory and moving `latest`). Returns what was removed."""
+    from memstack.atomic import _alive, clean_temporaries
+
+    removed = clean_temporaries(root) if root.is_dir() else []
+    for d in list(root.glob(".tmp-step-*-*")) + list(root.glob(".old-step-*-*")):
+        pid = d.name.rsplit("-", 1)[-1]
+        if d.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    try:
+        named = read_sealed(root / "latest", LATEST_KIND, TRAINER_FORMAT, {"step": str})["step"]
+    except CheckpointError:
+        return removed                              # no readable pointer: leave every step alone
+    for d in root.glob("step-*"):
+        if d.is_dir() and d.name > named:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 def trainer_manifest(path: Path) -> dict:

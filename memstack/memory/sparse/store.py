@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from memstack.atomic import (StoreLock, clean_temporaries, read_sealed, save_tensors_versioned, sha256_file,
-                             temp_path, versioned_name_re, write_sealed)
+from memstack.atomic import (StoreLock, clean_temporaries, read_sealed, save_safetensors, save_tensors_versioned,
+                             sha256_file, versioned_name_re, write_sealed)
 from memstack.errors import CheckpointError, IntegrityError
 
 STORE_FORMAT = 2
@@ -352,8 +352,6 @@ class TableStore:
         """Write the rows that differ between versions a and b (values at b) to a safetensors file
         carrying both versions' table checksums, its tensors' checksums and a checksum over all of
         its metadata. Returns its header."""
-        from safetensors.torch import save_file
-
         wa, wb = self.load(a), self.load(b)
         rows = self.touched_between(a, b)
         rows = rows[(wa[rows] != wb[rows]).flatten(1).any(1)] if rows.numel() else rows
@@ -364,14 +362,7 @@ class TableStore:
                 "table": json.dumps({"rows": wa.shape[0], "dim": wa.shape[1], "namespaces": self.info["namespaces"]},
                                     sort_keys=True)}
         head["checksum"] = _delta_checksum(head)
-        path = Path(path)
-        tmp = temp_path(path)
-        try:
-            save_file(tensors, str(tmp), metadata=head)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        save_safetensors(tensors, Path(path), metadata=head)
         return {**head, "n_rows": int(rows.numel())}
 
     def import_delta(self, path: str | Path, meta: dict | None = None) -> int:
