@@ -50,11 +50,13 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def fused_weight(holder: nn.Module, *linears: nn.Linear) -> Tensor | None:
     """The weights of `linears` concatenated (one GEMM instead of several), for inference only:
-    None when gradients are needed. Cached on `holder` and rebuilt when any weight changes (an
+    None when gradients are needed or a hook watches one of them. Cached on `holder` and rebuilt when any weight changes (an
     optimizer step or a load bumps the version counter; a move changes the storage)."""
     ws = [lin.weight for lin in linears]
     if torch.is_grad_enabled() and any(w.requires_grad for w in ws):
         return None
+    if any(lin._forward_hooks or lin._forward_pre_hooks for lin in linears):
+        return None                                           # someone observes the projections: call them
     key = tuple((w.data_ptr(), w._version, w.dtype) for w in ws)
     cached = holder.__dict__.get("_fused")
     if cached is None or cached[0] != key:

@@ -29,8 +29,6 @@ the state classes of this model's memories.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +42,7 @@ from memstack.memory.kv.hashing import CacheNamespace
 from memstack.memory.kv.manager import SeqKV
 from memstack.memory.state import ModelState
 
+KIND = "memstack-memory-session"
 FORMAT = 1
 
 
@@ -216,9 +215,11 @@ class MemorySessions:
 
     # -- export / import -----------------------------------------------------------------------
     def export(self, tenant: str, sid: str, path: str | Path) -> Path:
-        """Write a session: `<path>.json` (tenant, id, namespace, tokens, K/V bookkeeping, state
-        structure, the tensors' and the manifest's SHA-256) + one tensor file. Atomic."""
-        from memstack.atomic import remove_unreferenced, save_tensors_versioned, write_json_atomic
+        """Write a session: `<path>.json`, a sealed document (memstack/atomic.py: kind, format and
+        every field under one SHA-256) holding the tenant, id, namespace, tokens, K/V bookkeeping
+        and state structure, and naming one content-addressed tensor file by its SHA-256. Atomic;
+        the directory is locked while it is written."""
+        from memstack.atomic import StoreLock, clean_temporaries, remove_unreferenced, save_tensors_versioned, write_sealed
         from memstack.memory.state import _flatten
 
         s = self.get(tenant, sid)
@@ -236,13 +237,14 @@ class MemorySessions:
         skel = _flatten(s.state, "state", flat) if s.state is not None else None
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        name, sha = save_tensors_versioned(flat, path.parent, path.name)
-        meta = {"format": FORMAT, "tenant": s.tenant, "id": s.id, "namespace": eng.namespace.to_dict(),
-                "kinds": eng.serving.memory.kinds, "tokens": s.tokens, "seq": seqf, "seg_slot0": s.seg_slot0,
-                "state": skel, "tensors": name, "sha256": sha}
-        meta["manifest_sha256"] = _digest(meta)
-        write_json_atomic(path.with_name(path.name + ".json"), meta)
-        remove_unreferenced(path.parent, path.name, {name})
+        with StoreLock(path.parent):
+            clean_temporaries(path.parent)                                       # of exports that crashed
+            name, sha = save_tensors_versioned(flat, path.parent, path.name)
+            write_sealed(path.with_name(path.name + ".json"), KIND, FORMAT, {
+                "tenant": s.tenant, "id": s.id, "namespace": eng.namespace.to_dict(), "kinds": eng.serving.memory.kinds,
+                "tokens": s.tokens, "seq": seqf, "seg_slot0": s.seg_slot0, "state": skel, "tensors": name,
+                "sha256": sha, "shape": list(kv.shape)})
+            remove_unreferenced(path.parent, path.name, {name})
         return path
 
     def import_(self, path: str | Path, tenant: str, sid: str | None = None) -> MemorySession:
@@ -250,38 +252,56 @@ class MemorySessions:
         `sid` (default: its own id). Its K/V stays in host memory until a request uses it."""
         from safetensors.torch import load_file
 
-        from memstack.atomic import sha256_file
+        from memstack.atomic import read_sealed, sha256_file, tidy, versioned_name_re
+        from memstack.errors import IntegrityError
         from memstack.memory.state import _unflatten
 
         eng, path = self.engine, Path(path)
         manifest = path.with_name(path.name + ".json")
+
+        def read() -> dict:
+            return read_sealed(manifest, KIND, FORMAT,
+                               {"tenant": str, "id": str, "namespace": dict, "kinds": list, "tokens": list,
+                                "seq": (dict, type(None)), "seg_slot0": int, "state": (dict, type(None)),
+                                "tensors": str, "sha256": str, "shape": list},
+                               older="export the session again with this memstack")
+
         try:
-            meta = json.loads(manifest.read_text())
+            tidy(path.parent, lambda: {path.name: read()["tensors"]})           # what a crashed export left
+            meta = read()
             ns = CacheNamespace(**meta["namespace"])
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            raise CheckpointError(f"{manifest}: not a readable memory session export ({e})") from None
+        except IntegrityError as e:
+            raise SessionError(f"{path}: {e}") from None
+        except TypeError as e:
+            raise CheckpointError(f"{manifest}: not a memory session export ({e})") from None
         r = _check_name("tenant", tenant)
-        if meta.get("manifest_sha256") != _digest({k: v for k, v in meta.items() if k != "manifest_sha256"}):
-            r.append(f"{manifest.name}: manifest checksum mismatch (corrupted or edited)")
-        if meta.get("format") != FORMAT:
-            r.append(f"format {meta.get('format')!r} (expected {FORMAT})")
-        if not r and meta.get("tenant") != tenant:
+        if not r and meta["tenant"] != tenant:
             r.append(f"the session belongs to another namespace than {tenant!r}")
         r += [f"the session's state came from another model or engine: {m}" for m in eng.namespace.mismatches(ns)]
-        if not r and meta.get("kinds") != eng.serving.memory.kinds:
-            r.append(f"the session holds state of memories {meta.get('kinds')}, this model runs {eng.serving.memory.kinds}")
-        tfile = path.parent / str(meta.get("tensors"))
-        if not r and (not tfile.is_file() or sha256_file(tfile) != meta.get("sha256")):
+        if not r and meta["kinds"] != eng.serving.memory.kinds:
+            r.append(f"the session holds state of memories {meta['kinds']}, this model runs {eng.serving.memory.kinds}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < eng.vocab for t in meta["tokens"]):
+            r.append("its tokens are not token ids of this model")
+        tfile = path.parent / meta["tensors"]
+        if not r and (not versioned_name_re(path.name).fullmatch(meta["tensors"]) or not tfile.is_file()
+                      or sha256_file(tfile) != meta["sha256"]):
             r.append(f"{tfile.name}: missing or checksum mismatch (corrupted)")
-        sid = meta.get("id") if sid is None else sid
+        if not r and tuple(meta["shape"][1:]) != tuple(eng.spec.block_shape):
+            r.append(f"its K/V blocks have shape {meta['shape'][1:]}, the engine's are {list(eng.spec.block_shape)}")
+        sid = meta["id"] if sid is None else sid
         r += _check_name("session id", sid)
         if not r and (tenant, sid) in self.sessions:
             r.append(f"session {sid!r} already exists in namespace {tenant!r} (close it or import under another id)")
         if r:
             raise SessionError([f"{path}: {x}" for x in r])
         tensors = load_file(str(tfile))
+        if "kv" not in tensors or list(tensors["kv"].shape) != meta["shape"]:
+            raise SessionError(f"{tfile}: its K/V does not have the shape its manifest records; refusing it")
         s = MemorySession(tenant, sid, [int(t) for t in meta["tokens"]], seg_slot0=int(meta["seg_slot0"]))
-        s.state = _unflatten(meta["state"], tensors, eng.device) if meta["state"] is not None else None
+        try:
+            s.state = _unflatten(meta["state"], tensors, eng.device) if meta["state"] is not None else None
+        except (KeyError, TypeError, ValueError, CheckpointError) as e:
+            raise SessionError(f"{path}: its state does not fit this model's memories ({e})") from None
         if meta["seq"] is not None:
             s.host_kv, s.host_seq = tensors["kv"], dict(meta["seq"])
         self.sessions[(tenant, sid)] = s
@@ -290,10 +310,6 @@ class MemorySessions:
 
 def _seq_fields(seq: SeqKV) -> dict:
     return {"n_slots": seq.n_slots, "start": seq.start, "n_tokens": seq.n_tokens, "n_dropped": seq.n_dropped}
-
-
-def _digest(meta: dict) -> str:
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
 __all__ = ["MemorySessions", "MemorySession", "SessionError"]

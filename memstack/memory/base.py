@@ -208,6 +208,8 @@ class StepContext:
         return [default if n is None else n for n in self.namespaces]
 
     def with_(self, **kw: Any) -> "StepContext":
+        if "seg_start" in kw or "seg_end" in kw:
+            kw.setdefault("phase", None)                 # the summaries follow the new phases
         return replace(self, **kw)
 
     def add_loss(self, name: str, value: Tensor) -> None:
