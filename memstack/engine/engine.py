@@ -118,6 +118,9 @@ class Engine:
                      "through the kv_paged memory (memory interface)")
         if compression is not None and compression.policy == "streaming" and not self.policy.unbounded:
             r.append("streaming compression needs a document-scope model without a window")
+        if compression is not None and compression.policy == "streaming" and self.stateful:
+            r.append("streaming compression drops K/V blocks counted in tokens; this model's memories carry state or "
+                     "add tokens, so it is offered for stateless models only")
         if not prompt:
             r.append("the prompt is empty (give at least one token)")
         bad = [t for t in prompt if not 0 <= t < self.vocab]
