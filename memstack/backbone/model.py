@@ -295,11 +295,11 @@ class MemoryModel(nn.Module):
             self.memory.embed_out(h, spans, states, ctx)
         h = self.norm(h[:, P:P + T])                                  # (B, T, D) real tokens only
         if isinstance(logits, Tensor):
-            if self.memory._logits:
+            if self.memory.changes_logits:
                 raise ValueError("logits at chosen positions with a memory that changes the logits (it reads every position)")
             sel = h.gather(1, logits.to(h.device)[:, None, None].expand(B, 1, h.shape[2]))   # (B, 1, D)
         elif logits == "last":
-            if self.memory._logits:
+            if self.memory.changes_logits:
                 raise ValueError("logits='last' with a memory that changes the logits (it reads every position)")
             sel = h[:, -1:]
         else:

@@ -76,14 +76,14 @@ class ModelRunner:
         self.seg_len = model.cfg.backbone.seg_len
         self.stack = model.memory
         self.stateless = self.stack.stateless
-        self.last_only = not self.stack._logits           # only the last position needs the head
+        self.last_only = not self.stack.changes_logits           # only the last position needs the head
 
     def phases(self, w: Work) -> tuple[bool, bool]:
         return w.pos0 % self.seg_len == 0, (w.pos0 + w.n) % self.seg_len == 0
 
     def extra_slots(self, pos0: int, n: int) -> int:
         """Memory tokens a chunk of n tokens at document position pos0 adds (its K/V slots)."""
-        if not self.stack._embed:
+        if not self.stack.adds_tokens:
             return 0
         p, q = self.stack.embed_tokens(pos0 % self.seg_len == 0, (pos0 + n) % self.seg_len == 0)
         return p + q
@@ -101,7 +101,7 @@ class ModelRunner:
                 else:
                     prefill.append(i)
             else:
-                k = (w.n, self.stack.embed_tokens(*self.phases(w)) if self.stack._embed else None)
+                k = (w.n, self.stack.embed_tokens(*self.phases(w)) if self.stack.adds_tokens else None)
                 key.setdefault(k, []).append(i)
         out = list(key.values())
         bucket: list[int] = []
@@ -163,7 +163,7 @@ class ModelRunner:
                             dtype=torch.long, device=dev)                          # one host -> device transfer
         pos, slot0, start, tables = meta[:, 0], meta[:, 1], meta[:, 2], meta[:, 3:]
         attn = PagedAttention(self.cache, tables, slot0, start)
-        if not self.stack._embed and not ragged:      # no memory tokens: every slot is known here
+        if not self.stack.adds_tokens and not ragged:      # no memory tokens: every slot is known here
             bs, phys, need = self.bs, [], 0
             for w in work:
                 ids = w.block_ids

@@ -50,6 +50,16 @@ class MemoryStack(nn.Module):
                      for i, m in enumerate(self.memories))
 
     @property
+    def adds_tokens(self) -> bool:
+        """Some memory puts tokens around the chunk (EMBED)."""
+        return bool(self._embed)
+
+    @property
+    def changes_logits(self) -> bool:
+        """Some memory changes the logits (LOGITS): it reads every position's hidden state."""
+        return bool(self._logits)
+
+    @property
     def stateless(self) -> bool:
         """No memory carries state between calls and none adds tokens: a row's output depends on
         its tokens (and the KV cache) only."""
