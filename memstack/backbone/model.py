@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from memstack.backbone.layers import RMSNorm, SwiGLU, apply_rope, fused_weight, rope_tables
 from memstack.config import BackboneConfig, MemoryConfig, ModelConfig
-from memstack.memory.base import AttnIO, KVBlock, Step, StepContext
+from memstack.memory.base import AttnIO, KVBlock, Step, StepContext, row_flags
 from memstack.memory.stack import MemoryStack
 from memstack.memory.state import ModelState
 from memstack.ops.attention import attention
@@ -265,6 +265,8 @@ class MemoryModel(nn.Module):
         elif state.batch_size != B:
             raise ValueError(f"state is for batch {state.batch_size}, tokens have batch {B}")
         reset = step.reset if step.reset is not None else torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        if not isinstance(reset, Tensor):                                 # a bool (or per-row bools): broadcast
+            reset = row_flags(reset, B, tokens.device)
         ctx = StepContext(tokens, state.pos, reset.bool(), step.seg_start, step.seg_end, self.training,
                           encode=self.encode, embed=self.tok_emb, namespaces=namespaces)
         if step.reset is not None:

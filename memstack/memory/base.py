@@ -98,7 +98,8 @@ class Step:
     each open or close their own segment. A memory that writes at a segment end does so for
     exactly the rows that reach one (the contract suite holds every memory to that)."""
 
-    reset: Tensor | None = None                    # (B,) bool: these rows start a new document; their state is wiped first
+    reset: Tensor | bool | None = None             # (B,) bool (or one bool for all rows): these rows start a new
+                                                   # document; their state is wiped first
     seg_start: bool | Tensor | list[bool] = True   # this chunk opens a segment (all rows, or (B,) per row)
     seg_end: bool | Tensor | list[bool] = True     # this chunk closes a segment (all rows, or (B,) per row)
 
