@@ -77,22 +77,34 @@ class Generation:
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
         st, req = self.state, self.req
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        params = [sampling(req, self.max_tokens[c.prompt_index], self.stop_ids, c.index, seed) for c in self.choices]
+        reasons: list[str] = []
+        for p, ids in enumerate(self.prompts):              # every reason at once, before any reservation
+            first = next(i for i, c in enumerate(self.choices) if c.prompt_index == p)
+            more = st.loop.engine.check_request(ids, params[first])
+            reasons += [f"prompt {p}: {r}" if len(self.prompts) > 1 else r for r in more]
+        if reasons:
+            raise APIError(400, "; ".join(reasons), "prompt" if any("prompt" in r or "token" in r for r in reasons)
+                           else "max_tokens")
         needs = [st.quotas.need(len(self.prompts[c.prompt_index]), self.max_tokens[c.prompt_index]) for c in self.choices]
         self.reserved = st.quotas.acquire(self.tenant, needs)
-        seed = req.seed if req.seed is not None else secrets.randbits(63)
         aloop = asyncio.get_running_loop()
         items = []
-        for c in self.choices:
+        for c, sp in zip(self.choices, params):
             stream = Stream(aloop, self.top_logprobs, queue=self.queue, tag=c.index)
-            params = sampling(req, self.max_tokens[c.prompt_index], self.stop_ids, c.index, seed)
-            items.append((c.rid, self.prompts[c.prompt_index], params, self.tenant.salt, stream))
+            items.append((c.rid, self.prompts[c.prompt_index], sp, self.tenant.salt, stream))
         try:
             await st.loop.call(st.loop.submit_all, items)
         except EngineError as e:
-            raise APIError(400, "; ".join(e.reasons), "prompt" if any("prompt" in r or "token" in r for r in e.reasons)
-                           else "max_tokens") from None
+            self.close()
+            raise APIError(400, "; ".join(e.reasons), "prompt") from None
         except EngineDead as e:
+            self.close()
             raise APIError(503, f"the engine is not running: {e}", code="engine_dead") from None
+        except BaseException:                              # cancelled (client gone): abort whatever was queued
+            self.close()
+            raise
 
     def close(self) -> None:
         """Abort what still runs; give back the reservation. Idempotent."""

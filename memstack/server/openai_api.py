@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from memstack.server.errors import APIError, error_body
 from memstack.server.generation import Choice, Delta, Generation
@@ -176,8 +177,8 @@ def _ids(body, c: Choice) -> dict:
 
 async def _collect(request: Request, gen: Generation) -> list[Choice] | None:
     """Run to the end, or cancel everything if the client disconnects first."""
-    await gen.start()
     try:
+        await gen.start()
         work = asyncio.ensure_future(gen.run())
         gone = asyncio.ensure_future(_disconnected(request))
         done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -219,7 +220,7 @@ async def _stream(request: Request, gen: Generation, chunk, head: dict, body) ->
         finally:
             gen.close()                             # client gone (cancelled) or done: abort the rest
 
-    return StreamingResponse(events(), media_type="text/event-stream",
+    return StreamingResponse(events(), media_type="text/event-stream", background=BackgroundTask(gen.close),
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
