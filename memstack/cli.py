@@ -202,7 +202,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from memstack.engine import Engine, EngineConfig
     from memstack.errors import ConfigError
-    from memstack.server import Server, ServerConfig, Tenants
+
+    try:
+        from memstack.server import Server, ServerConfig, Tenants
+    except ImportError as e:
+        raise MemstackError(f"memstack serve needs the server extra ({e}): pip install 'memstack[server]'") from None
 
     if bool(args.checkpoint) == bool(args.pretrained):
         raise MemstackError("give exactly one of --checkpoint and --pretrained")

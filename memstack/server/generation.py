@@ -36,6 +36,7 @@ class Choice:
     finish_reason: str | None = None
     error: str | None = None
     cached_tokens: int = 0
+    started: bool = False                    # a first delta went out (sent even if its text is held back)
 
     @property
     def done(self) -> bool:
@@ -164,7 +165,8 @@ class Generation:
                                                  "abort" if ev.finish_reason == "aborted" else "stop")
         c.text.append(d.text)
         c.logprobs.extend(d.logprobs)
-        return d if (d.text or d.logprobs or d.finish_reason) else None
+        first, c.started = not c.started, True                 # the first token is announced at once (TTFT)
+        return d if (first or d.text or d.logprobs or d.finish_reason) else None
 
     def _entry(self, token: int, lp: TokenLogprob) -> LogprobEntry:
         tok = self.state.tokenizer

@@ -63,8 +63,8 @@ async def completions(body: CompletionRequest, request: Request, tenant: Tenant 
     _check_common(st, body)
     prompts, texts = await _completion_prompts(st, body.prompt)
     max_tokens = [body.max_tokens or 16] * len(prompts)            # OpenAI's default for completions
-    gen = Generation(st, tenant, prompts, body, max_tokens, (st.tokenizer.eot_id,) if st.tokenizer else (),
-                     body.logprobs)
+    stops = (st.tokenizer.eot_id,) if st.tokenizer is not None and not body.ignore_eos else ()
+    gen = Generation(st, tenant, prompts, body, max_tokens, stops, body.logprobs)
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": st.config.model_name}
     echo = [texts[c.prompt_index] if body.echo else "" for c in gen.choices]
@@ -136,7 +136,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tenant
         if limit < 1:
             raise APIError(400, f"the prompt ({len(ids)} tokens) leaves no room in max_model_len {room}", "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    gen = Generation(st, tenant, [ids], body, [limit], st.chat_stop_ids, top)
+    gen = Generation(st, tenant, [ids], body, [limit], () if body.ignore_eos else st.chat_stop_ids, top)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": st.config.model_name}
     if body.stream:

@@ -56,6 +56,7 @@ class SamplingFields(Model):
     logit_bias: dict[str, Float(ge=-100, le=100)] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
     return_token_ids: Bool = Field(False, description="extension: add each choice's generated ids (token_ids)")
+    ignore_eos: Bool = Field(False, description="extension: do not stop at end-of-text (benchmarks)")
 
     @model_validator(mode="after")
     def _unsupported(self):
