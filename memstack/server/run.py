@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 
 import uvicorn
 
@@ -68,13 +69,13 @@ class Server:
         self._thread = threading.Thread(target=lambda: asyncio.run(self.uvicorn.serve(sockets=[self.sock])),
                                         name="memstack-http", daemon=True)
         self._thread.start()
-        deadline = threading.Event()
         for _ in range(int(timeout / 0.02)):
             if self.uvicorn.started:
                 return self
             if not self._thread.is_alive():
                 break
-            deadline.wait(0.02)
+            time.sleep(0.02)
+        self.stop()
         raise RuntimeError("the HTTP server did not start")
 
     def stop(self) -> None:
