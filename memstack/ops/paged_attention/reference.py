@@ -63,3 +63,18 @@ def paged_prefill_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: 
     k, v = gather_kv(k_cache, v_cache, block_table, start, end)
     mask = prefill_mask(q.shape[0], start, end, q.device)
     return _attend_ref(q.transpose(0, 1), k, v, mask, scale).transpose(0, 1).to(q.dtype)
+
+
+def paged_attention_varlen_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, cu_seqlens: Tensor,
+                               starts: Tensor, ends: Tensor, scale: float | None = None) -> Tensor:
+    """Many sequences' queries packed: q (N, H, D); sequence s owns rows cu_seqlens[s]:cu_seqlens[s+1]
+    (n_s of them, its last n_s slots, already written) and sees slots [starts[s], ends[s]) of
+    block_tables[s], causally (its query j sees up to slot ends[s] - n_s + j). A decode row is a
+    sequence of one query; a prefill chunk is one sequence. Returns (N, H, D) in q's dtype."""
+    out = q.new_zeros(q.shape)
+    cu = cu_seqlens.tolist()
+    for s in range(len(cu) - 1):
+        if cu[s + 1] > cu[s]:
+            out[cu[s]:cu[s + 1]] = paged_prefill_ref(q[cu[s]:cu[s + 1]], k_cache, v_cache, block_tables[s],
+                                                     int(starts[s]), int(ends[s]), scale)
+    return out
