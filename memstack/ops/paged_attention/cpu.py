@@ -118,6 +118,14 @@ def unavailable() -> str | None:
     return _why_not
 
 
+def takes(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    """`not supports(...)`, fast (the dispatcher asks on every call)."""
+    dt = q.dtype
+    return (q.is_cpu and k_cache.is_cpu and (dt is torch.float32 or dt is torch.bfloat16) and k_cache.dtype is dt
+            and v_cache.dtype is dt and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+            and not (torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)))
+
+
 def supports(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> list[str]:
     """Reasons the kernel cannot take these inputs (empty: it can). Does not build the kernel."""
     r = []
