@@ -226,11 +226,13 @@ static void query_block(const float *q, const void *K, const void *V, int64_t ta
         for (int64_t g = 0; g < G; g++)
             row_block(q + g * D, (const float *)K, (const float *)V, ta, te, sr + g * bs, m + g, l + g, acc + g * D, D);
     } else if (bf) {
-        if (D == 64) heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, 64, G, 1);
+        if (D == 32) heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, 32, G, 1);
+        else if (D == 64) heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, 64, G, 1);
         else if (D == 128) heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, 128, G, 1);
         else heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, D, G, 1);
     } else {
-        if (D == 64) heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, 64, G, 0);
+        if (D == 32) heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, 32, G, 0);
+        else if (D == 64) heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, 64, G, 0);
         else if (D == 128) heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, 128, G, 0);
         else heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, D, G, 0);
     }
@@ -378,7 +380,18 @@ int memstack_paged_attention(const args_t *a) {
     int err = 0;
     int nt = a->n_threads > 1 && items > 1 ? a->n_threads : 1;
     if (nt > items) nt = (int)items;
-#pragma omp parallel num_threads(nt) if (nt > 1)
+    if (nt == 1) {  /* no parallel region at all: even an inactive one costs libgomp a futex wake */
+        float *buf = malloc(scratch);
+        if (!buf) err = -2;
+        for (int64_t it = 0; buf && it < items && !err; it++) {
+            const int64_t h0 = (it % groups) * per, h1 = h0 + per < a->Hkv ? h0 + per : a->Hkv;
+            err = h0 < h1 ? run_item(a, tiles[it / groups], h0, h1, buf) : 0;
+        }
+        free(buf);
+        if (tiles != one) free(tiles);
+        return err;
+    }
+#pragma omp parallel num_threads(nt)
     {
         float *buf = malloc(scratch);
         if (!buf) {
