@@ -5,6 +5,8 @@ vector path and off it), fp32 and bf16, strided caches, one and two threads, NaN
 allocations, fresh random inputs each run. Skipped where no C compiler can build the kernel."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -166,3 +168,24 @@ def test_torch_decode_reuses_its_gather_workspace(poison_empty):
     ptr = workspace("k", 1, torch.float32, torch.device("cpu")).data_ptr()
     pa.paged_decode_torch(*small)
     assert workspace("k", 1, torch.float32, torch.device("cpu")).data_ptr() == ptr
+
+
+@pytest.mark.slow
+@needs_kernel
+def test_a_compiler_refusing_native_flags_still_builds_the_kernel(tmp_path, monkeypatch):
+    """-march=native refused (as some clang targets do): the build retries without it (a baseline
+    x86-64 build: ~16 s of compiling, hence slow)."""
+    import shutil
+
+    real = shutil.which(os.environ.get("CC", "cc"))
+    wrapper = tmp_path / "picky-cc"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = "-march=native" ] && {{ echo "unknown flag $a" >&2; '
+                       f'exit 1; }}; done\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("MEMSTACK_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu, "_lib", None)
+    monkeypatch.setattr(cpu, "_why_not", None)
+    assert cpu.unavailable() is None and len(list((tmp_path / "cache").glob("paged_attention-*.so"))) == 1
+    q, kc, vc, tables, st, ln = _inputs(3, 9, 3, 64, 16, [40, 7, 33], [0, 2, 17], torch.float32)
+    assert_close(cpu.paged_attention_cpu(q, kc, vc, tables, st, ln), pa.paged_decode_ref(q, kc, vc, tables, st, ln))
