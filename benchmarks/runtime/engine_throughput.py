@@ -87,9 +87,12 @@ def workload(case: str, B: int, P: int, N: int, vocab: int) -> tuple[list[list[i
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in plens], news
 
 
-def engine_runner(model, prompts, news, dev):
+def engine_runner(model, prompts, news, dev, paged: str | None = None):
+    """The engine's generate on these prompts; `paged` forces its paged attention implementation
+    ("fresh": the torch path with a fresh gather buffer per call, i.e. the engine before issue 10)."""
     from memstack.engine import Engine, EngineConfig
     from memstack.generate import SamplingConfig
+    from memstack.ops.paged_attention import set_impl, torch_impl
 
     bs = 16
     blocks = sum(-(-(len(p) + n) // bs) for p, n in zip(prompts, news)) + 8
@@ -97,7 +100,18 @@ def engine_runner(model, prompts, news, dev):
                                      max_num_batched_tokens=max(2048, sum(map(len, prompts))),
                                      enable_prefix_caching=False, device=str(dev)))
     params = [SamplingConfig(max_new_tokens=n) for n in news]
-    return lambda: eng.generate(prompts, params)
+    if paged is None:
+        return lambda: eng.generate(prompts, params)
+
+    def run():
+        set_impl("torch" if paged == "fresh" else paged)
+        torch_impl.REUSE_WORKSPACE = paged != "fresh"
+        try:
+            return eng.generate(prompts, params)
+        finally:
+            set_impl(None)
+            torch_impl.REUSE_WORKSPACE = True
+    return run
 
 
 def hf_runner(hf, prompts, news, dev):
@@ -153,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--engine-impls", default="", help="also time the engine with these paged attention impls "
+                    "forced (comma list of cpu, torch, fresh, reference; 'fresh' is the path before issue 10)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared 2-core dev machine; "
                     "0: leave torch's default)")
@@ -174,8 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
     for case in args.cases.split(","):
         for B in args.batches:
             prompts, news = workload(case, B, args.prompt_len, args.new_tokens, args.vocab)
-            t, outs = measure({"engine": engine_runner(model, prompts, news, dev),
-                               "hf": hf_runner(hf, prompts, news, dev)}, dev, args.reps)
+            runs = {"engine": engine_runner(model, prompts, news, dev), "hf": hf_runner(hf, prompts, news, dev)}
+            for impl in filter(None, args.engine_impls.split(",")):
+                runs[f"engine[{impl}]"] = engine_runner(model, prompts, news, dev, impl)
+            t, outs = measure(runs, dev, args.reps)
             ours, theirs = outs["engine"], outs["hf"]
             n = sum(news)
             agree = sum(a == b for x, y in zip(ours, theirs) for a, b in zip(x, y)) / n
@@ -183,6 +201,11 @@ def main(argv: list[str] | None = None) -> dict:
                          "hf_static_tok_s": n / t["hf"][key], "engine/hf": t["hf"][key] / t["engine"][key],
                          "engine/hf_wall": t["hf"]["wall"] / t["engine"]["wall"], "token_agree": agree,
                          "engine_s": t["engine"], "hf_s": t["hf"]})
+            for name in runs:
+                if name.startswith("engine["):
+                    rows[-1][f"{name}/hf"] = t["hf"][key] / t[name][key]
+                    rows[-1][f"{name}_s"] = t[name]
+                    rows[-1][f"{name}_agree"] = outs[name] == ours
             print(f"{case} B={B}: engine/hf {rows[-1]['engine/hf']:.3f} (wall {rows[-1]['engine/hf_wall']:.3f}), "
                   f"agree {agree:.3f}", flush=True)
     timer = "process CPU time" if cpu_time else "wall time"
@@ -200,8 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.layers} layers, {args.heads} heads / {args.kv_heads} KV heads, vocab {args.vocab}); prompt "
           f"{args.prompt_len}, {args.new_tokens} new tokens (means if mixed), greedy; timer: {timer}, medians of "
           f"{args.reps} interleaved repeats")
+    extra = [f"engine[{i}]/hf" for i in filter(None, args.engine_impls.split(","))]
     print(table(rows, ["case", "batch", "tokens", "engine_tok_s", "hf_static_tok_s", "engine/hf", "engine/hf_wall",
-                       "token_agree"]))
+                       "token_agree"] + extra))
     print(f"record: {path}")
     return {"config": cfg, "results": rows}
 
