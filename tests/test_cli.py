@@ -276,8 +276,9 @@ def trained(tmp_path_factory):
 
 
 def latest(out_dir: Path) -> Path:
-    ckpt = out_dir / "ckpt"
-    return ckpt / (ckpt / "latest").read_text().strip()
+    from memstack.train.trainer import resolve_step_dir
+
+    return resolve_step_dir(out_dir / "ckpt")
 
 
 def test_train_prints_the_final_record(trained):

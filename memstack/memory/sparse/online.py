@@ -8,7 +8,7 @@ every other parameter stay frozen -- and only the rows the text touches:
    TF-IDF -- TF = lookups of the row in this batch, IDF = log((N + 1) / (df + 1)) with df the
    number of the N background documents (e.g. pretraining text) that touch the row -- and only
    the top `top_t` rows are updated (top_t = None: every touched row);
-3. the row optimizer (train/sparse_optim.py's pure functions: lazy Adam, row-wise Adagrad, or
+3. the row optimizer (memory/sparse/row_optim.py's pure functions: lazy Adam, row-wise Adagrad, or
    SGD) proposes new values for those rows;
 4. the safety `UpdatePolicy` checks the proposal -- finite values, per-row update norm at most
    `max_row_update_norm`, rows written per namespace since the last commit within the quota
@@ -34,16 +34,16 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memstack.backbone.model import cross_entropy
 from memstack.config import Checked
 from memstack.errors import ConfigError
 from memstack.memory.base import Step
 from memstack.memory.sparse.grants import SHARED, NamespaceAccessError, NamespaceAuthority, WriteGrant
 from memstack.memory.sparse.store import TableStore
 from memstack.memory.sparse.table import SparseTable, namespace_reasons, quota_reasons, record_accesses
-from memstack.train.sparse_optim import adagrad_rows, adam_rows
+from memstack.memory.sparse.row_optim import adagrad_rows, adam_rows
 
 OPTIMIZERS = ("adam", "rowwise_adagrad", "sgd")
 
@@ -172,7 +172,8 @@ class OnlineUpdater:
 
     def _loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
         out, _ = self.model(tokens, None, Step())
-        return cross_entropy(out.logits, targets)
+        logits = out.logits
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
     def _writable(self, into: Sequence[str | WriteGrant]) -> set[str]:
         """The namespaces `into` opens: "knowledge" by name, others through a valid grant."""

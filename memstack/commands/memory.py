@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from memstack.errors import MemstackError
@@ -117,12 +118,23 @@ def cmd_snapshot(args) -> int:
     return 0
 
 
+def _report_cleaned(store) -> None:
+    """Say what opening the store removed (left by an interrupted write)."""
+    if store.cleaned:
+        names = ", ".join(str(p.relative_to(store.root)) for p in store.cleaned[:5])
+        more = f" and {len(store.cleaned) - 5} more" if len(store.cleaned) > 5 else ""
+        print(f"{store.root}: removed {len(store.cleaned)} file(s) left by an interrupted write: {names}{more}",
+              file=sys.stderr)
+
+
 def cmd_log(args) -> int:
     from memstack.memory.sparse.store import TableStore
 
     st = TableStore(args.store)
     head = st.head
-    for v in st.versions():
+    versions = st.versions()                      # every committed version, verified: an error, never a gap
+    _report_cleaned(st)
+    for v in versions:
         mark = "*" if v.version == head else " "
         print(f"{mark} v{v.version:<5} parent {v.parent:<5} {v.kind:<5} {v.touched:>8} rows  {json.dumps(v.meta)}")
     return 0
