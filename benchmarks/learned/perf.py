@@ -16,7 +16,8 @@ infer: one document fed segment by segment (seg_len 128, batch 1, no gradient); 
        process RSS. The plain backbone keeps a growing document-scope KV cache (`kv_dense`,
        scope=document) -- measured up to 32k tokens, its exact MemorySpec prediction beyond
        (marked "spec"; the contract suite checks the spec against the allocation).
-op:    ops/linear_memory: the torch chunkwise path vs the per-token reference loop, fp32, CPU.
+op:    ops/linear_memory: the torch chunkwise path vs the per-token reference loop, fp32, CPU; with
+       --device cuda also the Triton kernel (benchmarks/gpu/run_all.sh).
 Results go to docs/benchmarks/learned-a-data/perf-*.json.
 """
 from __future__ import annotations
@@ -188,31 +189,48 @@ def bench_infer(args) -> dict:
 # ------------------------------------------------------------------------------------ op
 
 def bench_op(args) -> dict:
+    """linear_memory forward: the per-token reference loop, the torch chunkwise path and (on CUDA) the
+    Triton kernel on the same inputs; CUDA timings synchronise around each call."""
     from memstack.ops.linear_memory import linear_memory_chunked, linear_memory_ref
 
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    impls = [("reference", linear_memory_ref), ("chunked", linear_memory_chunked)]
+    if dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter: smoke runs on CPU
+        from memstack.ops.linear_memory.triton import linear_memory_triton
+
+        impls.append(("triton", linear_memory_triton))
     torch.set_num_threads(1)
+    shapes = [(256, None, "delta"), (1024, None, "delta"), (1024, 128, "delta"), (1024, 128, "linear"),
+              (4096, 128, "linear"), (1024, 1, "linear")]
+    if args.smoke:
+        shapes = [(64, 16, "delta"), (64, 16, "linear")]
+    B, H, d = (8, 16, 64) if dev.type == "cuda" and not args.smoke else (1, 4, 64)
     rows = []
-    for T, block, rule in [(256, None, "delta"), (1024, None, "delta"), (1024, 128, "delta"), (1024, 128, "linear"),
-                           (4096, 128, "linear"), (1024, 1, "linear")]:
-        B, H, d = 1, 4, 64
-        q, k = torch.rand(B, H, T, d), torch.rand(B, H, T, d)
-        v = torch.randn(B, H, T, d)
-        M, z = torch.zeros(B, H, d, d), torch.zeros(B, H, d)
+    for T, block, rule in shapes:
+        q, k = torch.rand(B, H, T, d, device=dev), torch.rand(B, H, T, d, device=dev)
+        v = torch.randn(B, H, T, d, device=dev)
+        M, z = torch.zeros(B, H, d, d, device=dev), torch.zeros(B, H, d, device=dev)
         times = {}
-        for impl, fn in [("reference", linear_memory_ref), ("chunked", linear_memory_chunked)]:
+        for impl, fn in impls:
             fn(q, k, v, M, z, rule=rule, block=block)
             reps = 1 if impl == "reference" else 5
+            sync()
             t0 = time.perf_counter()
             for _ in range(reps):
                 fn(q, k, v, M, z, rule=rule, block=block)
+            sync()
             times[impl] = (time.perf_counter() - t0) / reps
-        row = {"T": T, "block": block or T, "rule": rule, "heads": H, "dk": d, "dv": d, "reference_s": times["reference"],
-               "chunked_s": times["chunked"], "speedup": times["reference"] / times["chunked"]}
+        row = {"T": T, "block": block or T, "rule": rule, "batch": B, "heads": H, "dk": d, "dv": d,
+               **{f"{i}_s": t for i, t in times.items()}, "speedup": times["reference"] / times["chunked"]}
+        if "triton" in times:
+            row["triton_vs_chunked"] = times["chunked"] / times["triton"]
         rows.append(row)
-        print(f"  T={T:5d} block={row['block']:5d} {rule:6s}: reference {times['reference'] * 1e3:8.1f} ms, "
-              f"chunked {times['chunked'] * 1e3:7.2f} ms, x{row['speedup']:.0f}", flush=True)
-    return {"what": "linear_memory forward: chunkwise torch path vs per-token reference loop (fp32, CPU)",
-            "rows": rows, **machine(), "command": " ".join(["python"] + sys.argv)}
+        print(f"  T={T:5d} block={row['block']:5d} {rule:6s}: " + ", ".join(f"{i} {t * 1e3:8.2f} ms" for i, t in
+                                                                          times.items()), flush=True)
+    return {"what": f"linear_memory forward: per-token reference loop vs chunkwise torch path"
+                    f"{' vs Triton kernel' if dev.type == 'cuda' else ''} (fp32, {dev.type})",
+            "rows": rows, **machine(), "device": str(dev), "command": " ".join(["python"] + sys.argv)}
 
 
 # ------------------------------------------------------------------------------------ plots
@@ -272,6 +290,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--kv-max", type=int, default=32768, help="tokens the growing KV cache is actually run to")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--device", default="cpu", help="op only: cpu or cuda (cuda adds the Triton kernel)")
+    ap.add_argument("--smoke", action="store_true", help="op only: tiny shapes, proves the script runs")
+    ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -280,7 +301,8 @@ def main() -> None:
         return
     rec = {"train": bench_train, "infer": bench_infer, "op": bench_op}[args.what](args)
     (out / f"perf-{args.what}.json").write_text(json.dumps(rec, indent=1))
-    plot(out)
+    if not args.no_plot:
+        plot(out)
 
 
 if __name__ == "__main__":

@@ -4,18 +4,21 @@
 
 1. train_step: Engram vs the plain backbone widened to equal activated parameters (target:
    <= 5% slower), on two backbone sizes;
-2. gather: gather_rows (torch path; the Triton kernel needs a GPU) vs index_select vs
-   nn.Embedding, and vs a same-size contiguous copy (the memory-bandwidth ceiling on this CPU);
+2. gather: gather_rows (torch path on CPU; on CUDA the Triton kernel, by dispatch and by name) vs
+   index_select vs nn.Embedding, and vs a same-size contiguous copy (the bandwidth ceiling);
 3. generation: greedy decoding with the table resident vs memory-mapped from a file with
    prefetch (and without), tokens/s (target: <= 3% slower);
 4. online updates: rows written per second by OnlineUpdater with a snapshot (store commit)
    every 10 updates.
 
-Writes docs/benchmarks/sparse/perf.json. Measures; asserts nothing.
+Writes docs/benchmarks/sparse/perf.json (sections not re-run keep their figures), or with --out
+only this run's sections to that file. `--only gather --device cuda --out F` is the GPU run
+(benchmarks/gpu/run_all.sh). Measures; asserts nothing.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -76,21 +79,41 @@ def train_step(quick: bool) -> list[dict]:
     return out
 
 
-def gather(quick: bool) -> list[dict]:
+def gather(quick: bool, device: str = "cpu", smoke: bool = False) -> list[dict]:
+    """Row gather bandwidth: the dispatched gather_rows (Triton on CUDA, index_select on CPU), and on
+    CUDA the Triton kernel and the torch path by name, vs index_select, nn.Embedding and a contiguous
+    copy of the same bytes (the bandwidth ceiling, measured in the same run). CPU timings are one
+    thread's; CUDA timings synchronise around each call."""
+    from memstack.ops.gather import gather_rows
+
+    dev = torch.device(device)
     out = []
-    R, D = (262_144, 64) if quick else (1_048_576, 64)
-    table = torch.randn(R, D)
+    R, D = (4096, 64) if smoke else (262_144, 64) if quick else (1_048_576, 64)
+    lookups = (256,) if smoke else (4096, 65536, 1_048_576) if dev.type == "cuda" else (4096, 65536)
+    table = torch.randn(R, D, device=dev)
     emb = torch.nn.Embedding(R, D, _weight=table)
-    for n in (4096, 65536):
-        idx = torch.randint(0, R, (n,))
-        big = torch.randn(n, D)
-        t = {"gather_rows": _median_time(lambda: gather_torch(table, idx), 9),
-             "index_select": _median_time(lambda: table.index_select(0, idx), 9),
-             "nn.Embedding": _median_time(lambda: emb(idx), 9),
-             "contiguous_copy": _median_time(lambda: big.clone(), 9)}
+
+    def timed(fn):
+        def run():
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        return _median_time(run, 3 if smoke else 9)
+
+    for n in lookups:
+        idx = torch.randint(0, R, (n,), device=dev)
+        big = torch.randn(n, D, device=dev)
+        with torch.no_grad():
+            fns = {"gather_rows": lambda: gather_rows(table, idx), "index_select": lambda: table.index_select(0, idx),
+                   "nn.Embedding": lambda: emb(idx), "contiguous_copy": lambda: big.clone()}
+            if dev.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":  # interpreter: CPU smoke runs
+                from memstack.ops.gather.triton import gather_rows_triton
+
+                fns.update({"triton": lambda: gather_rows_triton(table, idx), "torch": lambda: gather_torch(table, idx)})
+            t = {k: timed(f) for k, f in fns.items()}
         moved = 2 * n * D * 4                                 # read + write of the rows
-        rec = {"rows": R, "dim": D, "row_bytes": D * 4, "lookups": n, **{f"{k}_s": v for k, v in t.items()},
-               **{f"{k}_GBps": moved / v / 1e9 for k, v in t.items()},
+        rec = {"device": dev.type, "rows": R, "dim": D, "row_bytes": D * 4, "lookups": n,
+               **{f"{k}_s": v for k, v in t.items()}, **{f"{k}_GBps": moved / v / 1e9 for k, v in t.items()},
                "gather_vs_index_select": t["index_select"] / t["gather_rows"],
                "gather_vs_copy_bandwidth": t["contiguous_copy"] / t["gather_rows"]}
         out.append(rec)
@@ -171,12 +194,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="train_step,gather,generation,online")
+    ap.add_argument("--device", default="cpu", help="gather only: cpu or cuda (the other sections run on the CPU)")
+    ap.add_argument("--smoke", action="store_true", help="gather only: tiny sizes, proves the script runs")
+    ap.add_argument("--out", default=None, help="write this run's sections here, leaving docs/ alone")
     args = ap.parse_args()
     torch.set_num_threads(1)
     import json
 
     from common import OUT
+    from memstack.evals.bench import environment
 
+    if args.out:
+        res = {"benchmark": "sparse_perf", "device": args.device, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+               "env": environment(torch.device("cpu"))}
+        for name in args.only.split(","):
+            res[name] = gather(args.quick, args.device, args.smoke) if name == "gather" else globals()[name](args.quick)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        return
     # sections not re-run keep their earlier figures (with the date and git SHA they were taken at)
     old = json.loads((OUT / "perf.json").read_text()) if (OUT / "perf.json").exists() else {}
     res = {k: v for k, v in old.items() if k not in ("env", "date")}
@@ -184,11 +219,9 @@ def main() -> None:
         if k in res and f"{k}_taken" not in res:
             res[f"{k}_taken"] = {"date": old.get("date"), "git_sha": old.get("env", {}).get("git_sha"), "quick": None}
     res.update({"threads": 1, "gpu": "not measured yet (no GPU in this task): Triton gather kernel vs index_select and vs "
-                "the HBM bandwidth limit; host-offloaded generation over PCIe"})
-    from memstack.evals.bench import environment
-
+                "the HBM bandwidth limit (benchmarks/gpu/run_all.sh); host-offloaded generation over PCIe"})
     for name in args.only.split(","):
-        res[name] = globals()[name](args.quick)
+        res[name] = gather(args.quick, args.device, args.smoke) if name == "gather" else globals()[name](args.quick)
         res[f"{name}_taken"] = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "quick": args.quick,
                                 "git_sha": environment(torch.device("cpu"))["git_sha"]}
         write_json("perf", res)

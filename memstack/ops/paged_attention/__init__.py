@@ -45,7 +45,7 @@ def set_impl(name: str | None) -> None:
 
 
 def _cpu_ok(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
-    return not cpu.supports(q, k_cache, v_cache) and cpu.load() is not None
+    return cpu.takes(q, k_cache, v_cache) and (cpu._lib is not None or cpu.load() is not None)
 
 
 def decode_impl(q: Tensor, k_cache: Tensor, v_cache: Tensor | None = None) -> str:

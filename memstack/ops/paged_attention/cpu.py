@@ -6,7 +6,8 @@ attention (reading every byte twice and writing it once) and pays ~5 us of dispa
 small sizes it loses to contiguous SDPA on dispatch alone and at large sizes on memory traffic
 (issue 10 measured 0.12-0.14x). The kernel reads each K/V byte once, in one call.
 
-Build: `$CC` (default `cc`) with -O3 -march=native -fopenmp, cached as
+Build: `$CC` (default `cc`) with -O3 -march=native -fopenmp (then without -march=native, then
+without OpenMP, if the compiler refuses them), cached as
 `$MEMSTACK_KERNEL_CACHE` (default `~/.cache/memstack-kernels`)/paged_attention-<hash>.so, the hash
 covering the source, the compiler's version, the flags and the CPU's feature flags, written to a
 temporary file and renamed (two processes building at once both succeed). No compiler, a failed
@@ -32,7 +33,10 @@ import torch
 from torch import Tensor
 
 _SRC = Path(__file__).with_name("cpu_kernel.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=fast"]
+_BASE = ["-O3", "-fPIC", "-shared", "-std=gnu11", "-ffp-contract=fast"]
+# tried in order: a compiler without -march=native (some clang targets) or OpenMP (Apple clang)
+# still builds the kernel, vectorized for the baseline ISA and/or single-threaded
+_FLAG_SETS = [["-march=native", "-fopenmp"], ["-fopenmp"], []]
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _why_not: str | None = None
@@ -73,7 +77,7 @@ def _build() -> ctypes.CDLL:
     if cc is None:
         raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')!r} not on PATH)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([_SRC.read_text(), cc, version, " ".join(_FLAGS), _cpu_flags(),
+    key = hashlib.sha256("\0".join([_SRC.read_text(), cc, version, repr([_BASE, _FLAG_SETS]), _cpu_flags(),
                                     platform.machine()]).encode()).hexdigest()[:16]
     d = cache_dir()
     so = d / f"paged_attention-{key}.so"
@@ -81,11 +85,17 @@ def _build() -> ctypes.CDLL:
         d.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=d)
         os.close(fd)
+        errors = []
         try:
-            r = subprocess.run([cc, *_FLAGS, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
-            if r.returncode:
-                raise RuntimeError(f"{cc} failed on {_SRC.name}:\n{r.stderr.strip()[-2000:]}")
-            os.replace(tmp, so)
+            for extra in _FLAG_SETS:
+                r = subprocess.run([cc, *_BASE, *extra, str(_SRC), "-o", tmp, "-lm"], capture_output=True, text=True,
+                                   timeout=300)
+                if r.returncode == 0:
+                    os.replace(tmp, so)
+                    break
+                errors.append(f"{cc} {' '.join(extra) or '(no extra flags)'}: {r.stderr.strip()[-1000:]}")
+            else:
+                raise RuntimeError(f"could not compile {_SRC.name}:\n" + "\n".join(errors))
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -116,6 +126,14 @@ def unavailable() -> str | None:
     """Why the compiled kernel cannot be used (None: it can). Builds it if not yet tried."""
     load()
     return _why_not
+
+
+def takes(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    """`not supports(...)`, fast (the dispatcher asks on every call)."""
+    dt = q.dtype
+    return (q.is_cpu and k_cache.is_cpu and (dt is torch.float32 or dt is torch.bfloat16) and k_cache.dtype is dt
+            and v_cache.dtype is dt and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+            and not (torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad)))
 
 
 def supports(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> list[str]:

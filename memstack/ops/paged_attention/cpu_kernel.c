@@ -141,7 +141,13 @@ static inline __attribute__((always_inline)) void row_block(const float *restric
 /* The same with GCC/Clang vector types, D a multiple of VL floats (<= 256): queries and
  * accumulators live in vector registers across the block, and K/V rows are read straight from
  * the pool (bf16 widened in registers: zero-extend to 32 bits, shift into the high half). */
-#define VL 16
+#if defined(__AVX512F__)
+#define VL 16                                 /* floats per vector: one zmm register */
+#define NREG 32
+#else
+#define VL 8                                  /* AVX2's ymm; two xmm on SSE or NEON */
+#define NREG 16
+#endif
 typedef float vf __attribute__((vector_size(VL * 4)));
 typedef float vfu __attribute__((vector_size(VL * 4), aligned(4), may_alias));   /* unaligned access */
 typedef uint32_t vu32 __attribute__((vector_size(VL * 4)));
@@ -155,7 +161,11 @@ static inline __attribute__((always_inline)) vf ldv(const void *p, int64_t i, in
 }
 
 static inline float hsum(vf v) {
+#if VL == 16
     vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    vf8 a = v;
+#endif
     vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
     return (b[0] + b[2]) + (b[1] + b[3]);
 }
@@ -206,7 +216,9 @@ static inline __attribute__((always_inline)) void heads_block_v(const float *q, 
                                                                 int64_t ta, int64_t te, float *sr, int64_t bs,
                                                                 float *m, float *l, float *acc, int64_t D, int64_t G,
                                                                 int bf) {
-    const int RB = D <= 64 ? 4 : D <= 128 ? 2 : 1;
+    /* rows per pass: RB queries + one K row of D / VL vectors each must fit the registers */
+    const int64_t fit = (NREG - D / VL) / (D / VL);
+    const int RB = fit >= 4 ? 4 : fit >= 3 ? 3 : fit >= 2 ? 2 : 1;
     int64_t g = 0;
 #define ROWS(n) rows_block_v(q + g * D, K, V, ta, te, sr + g * bs, bs, m + g, l + g, acc + g * D, D, n, bf)
     for (; g + RB <= G; g += RB) ROWS(RB);
@@ -226,11 +238,13 @@ static void query_block(const float *q, const void *K, const void *V, int64_t ta
         for (int64_t g = 0; g < G; g++)
             row_block(q + g * D, (const float *)K, (const float *)V, ta, te, sr + g * bs, m + g, l + g, acc + g * D, D);
     } else if (bf) {
-        if (D == 64) heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, 64, G, 1);
+        if (D == 32) heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, 32, G, 1);
+        else if (D == 64) heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, 64, G, 1);
         else if (D == 128) heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, 128, G, 1);
         else heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, D, G, 1);
     } else {
-        if (D == 64) heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, 64, G, 0);
+        if (D == 32) heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, 32, G, 0);
+        else if (D == 64) heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, 64, G, 0);
         else if (D == 128) heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, 128, G, 0);
         else heads_block_v(q, K, V, ta, te, sr, bs, m, l, acc, D, G, 0);
     }
@@ -378,7 +392,18 @@ int memstack_paged_attention(const args_t *a) {
     int err = 0;
     int nt = a->n_threads > 1 && items > 1 ? a->n_threads : 1;
     if (nt > items) nt = (int)items;
-#pragma omp parallel num_threads(nt) if (nt > 1)
+    if (nt == 1) {  /* no parallel region at all: even an inactive one costs libgomp a futex wake */
+        float *buf = malloc(scratch);
+        if (!buf) err = -2;
+        for (int64_t it = 0; buf && it < items && !err; it++) {
+            const int64_t h0 = (it % groups) * per, h1 = h0 + per < a->Hkv ? h0 + per : a->Hkv;
+            err = h0 < h1 ? run_item(a, tiles[it / groups], h0, h1, buf) : 0;
+        }
+        free(buf);
+        if (tiles != one) free(tiles);
+        return err;
+    }
+#pragma omp parallel num_threads(nt)
     {
         float *buf = malloc(scratch);
         if (!buf) {

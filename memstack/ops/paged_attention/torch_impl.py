@@ -22,6 +22,7 @@ from torch import Tensor
 from memstack.ops.paged_attention.reference import prefill_mask
 
 _ws = threading.local()
+REUSE_WORKSPACE = True  # False: a fresh gather buffer per call, as before (benchmarks compare the two)
 
 
 def workspace(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -68,7 +69,7 @@ def gather_heads(cache: Tensor, ids: Tensor, name: str | None = None) -> Tensor:
 
 
 def _reuse(*ts: Tensor) -> bool:
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
+    return REUSE_WORKSPACE and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
 
 
 def gather_kv(k_cache: Tensor, v_cache: Tensor, block_table: Tensor, start: int, end: int,
