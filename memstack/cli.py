@@ -317,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--disk-cache-dir", default=None, help="persistent prefix cache directory (reused across restarts)")
     s.add_argument("--device")
     s.set_defaults(fn=cmd_serve)
+    from memstack.cli_convert import add_parser as add_convert                 # gqa, adapter
+    add_convert(sub)
     from memstack.memory.sparse.cli import add_parser as add_memory_parser   # argparse only; no torch import
 
     add_memory_parser(sub)
