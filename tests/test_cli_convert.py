@@ -76,3 +76,60 @@ def test_gqa_command_refuses_bad_head_counts(mha_run, tmp_path):
     rc, _, err = quiet(["gqa", "--checkpoint", str(root / "mha"), "--kv-heads", "3", "--out", str(tmp_path / "x")])
     assert rc == 2 and "must divide the model's KV head count (4" in err
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------ adapter
+
+@pytest.fixture(scope="module")
+def prefix_run(mha_run):
+    """A prefix tuned on the frozen MHA backbone (trainable: memory) -- the run writes an adapter."""
+    root, cfg = mha_run
+    rc, out, err = quiet(["train", "--config", str(cfg), "--out", str(root / "prefix"), "--no-progress",
+                          f"init_from={root / 'mha'}", "memories=[{kind: prefix, n_prefix: 3, reparam_hidden: 16}]",
+                          "train.trainable=memory", "train.max_steps=2"])
+    assert rc == 0, err
+    return root
+
+
+def test_memory_only_training_writes_an_adapter_that_evaluates_like_the_checkpoint(prefix_run):
+    root = prefix_run
+    adapter = root / "prefix" / "adapter"
+    files = {p.name.split("-")[0] for p in adapter.iterdir()}
+    assert files == {"adapter.json", "adapter"}
+    size = sum(p.stat().st_size for p in adapter.iterdir())
+    full = sum(p.stat().st_size for p in latest_checkpoint(root / "prefix").glob("model-*.safetensors"))
+    assert size < full / 4
+    rc1, out1, err1 = quiet(["eval", "--checkpoint", str(adapter)])
+    rc2, out2, err2 = quiet(["eval", "--checkpoint", str(root / "prefix")])
+    assert rc1 == 0 and rc2 == 0, err1 + err2
+    assert json.loads(out1)["bpb"] == json.loads(out2)["bpb"]
+
+
+def test_adapter_extract_info_and_peft_round_trip(prefix_run):
+    root = prefix_run
+    rc, out, err = quiet(["adapter", "extract", "--checkpoint", str(root / "prefix"), "--out", str(root / "ex")])
+    assert rc == 0, err
+    rc, out, err = quiet(["adapter", "info", "--adapter", str(root / "ex")])
+    info = json.loads(out)
+    assert rc == 0 and [m["kind"] for m in info["memories"]] == ["prefix"]
+    assert info["parameters"] == 3 * 32 + 32 * 16 + 16 + 16 * (2 * 2 * 4 * 8) + 2 * 2 * 4 * 8
+    rc, out, err = quiet(["adapter", "export-peft", "--adapter", str(root / "ex"), "--out", str(root / "peft")])
+    assert rc == 0, err
+    assert json.loads((root / "peft" / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+    rc, out, err = quiet(["adapter", "import-peft", "--peft", str(root / "peft"), "--backbone", str(root / "mha"),
+                          "--out", str(root / "back")])
+    assert rc == 0, err
+    model, _ = load_checkpoint(latest_checkpoint(root / "prefix"))
+    from memstack.train.run import load_for_inference
+
+    back, _, _ = load_for_inference(root / "back", "cpu")
+    x = torch.randint(0, 257, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(back.eval()(x)[0].logits, model.eval()(x)[0].logits, atol=1e-5)
+
+
+def test_adapter_commands_say_what_they_need(prefix_run, tmp_path):
+    rc, _, err = quiet(["adapter", "export-peft", "--adapter", str(prefix_run / "ex")])
+    assert rc == 2 and "needs --out" in err
+    rc, _, err = quiet(["adapter", "import-peft", "--peft", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "exactly one of --pretrained" in err

@@ -122,6 +122,12 @@ def run_training(cfg: RunConfig, resume: str | Path | None = None, progress: boo
             trainer.resume(resume)
         rec = trainer.fit(progress=progress)
         rec["params"] = model.num_params()
+        if cfg.train.trainable == "memory" and cfg.out_dir and dist.is_main and any(
+                n.startswith("memory.") for n, _ in model.named_parameters()):
+            # the frozen backbone is the pinned one: the memories alone are the result (adapters.py)
+            from memstack.adapters import save_adapter
+
+            rec["adapter"] = str(save_adapter(model, Path(cfg.out_dir) / "adapter", pretrained=cfg.pretrained, meta=meta))
         return rec
     finally:
         shutdown(dist)
@@ -144,11 +150,19 @@ def latest_checkpoint(path: str | Path) -> Path:
 
 def load_for_inference(path: str | Path, device: str = "auto"):
     """(model, meta, tokenizer or None) from a checkpoint; refuses a tokenizer that changed."""
+    from memstack.adapters import is_adapter, model_from_adapter, read_adapter
     from memstack.checkpoint import load_checkpoint
     from memstack.train.distributed import resolve_device
 
-    ckpt = latest_checkpoint(path)
-    model, meta = load_checkpoint(ckpt, device=resolve_device(device))
+    if is_adapter(path):  # an adapter-only checkpoint: its memories on the backbone it was trained on
+        ckpt = Path(path)
+        doc = read_adapter(path)
+        init = doc["meta"].get("init_from") if not doc.get("pretrained") else None
+        model, meta = model_from_adapter(path, backbone=latest_checkpoint(init) if init else None,
+                                         device=resolve_device(device))
+    else:
+        ckpt = latest_checkpoint(path)
+        model, meta = load_checkpoint(ckpt, device=resolve_device(device))
     tokenizer = None
     if meta.get("tokenizer"):
         from memstack.data.tokenizers import get_tokenizer
