@@ -37,6 +37,9 @@ class RunConfig(Checked):
     out_dir: str | None = None
     init_from: str | None = None
     pretrained: str | None = None      # registered pretrained backbone (memstack.hf.pretrained) or hf:<dir>
+    # start the memories from this text, tokenized by the task's tokenizer (adapter_init.py): a
+    # direct prefix gets the backbone's keys/values of it, memory tokens its embeddings
+    memory_init_text: str | None = None
 
     def check(self) -> list[str]:
         r = [] if self.task is not None else ["task is required, e.g. task: {kind: lm}"]
@@ -106,6 +109,8 @@ def run_training(cfg: RunConfig, resume: str | Path | None = None, progress: boo
             from memstack.checkpoint import load_backbone_weights
 
             load_backbone_weights(model, latest_checkpoint(cfg.init_from))
+        if cfg.memory_init_text:
+            _init_memories_from_text(model, task, cfg.memory_init_text)
         if cfg.train.batch_size % dist.world:
             raise ValueError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the {dist.world} processes")
         source = task.train_source(cfg.train.batch_size, cfg.train.seed, dist.rank, dist.world)
@@ -131,6 +136,21 @@ def run_training(cfg: RunConfig, resume: str | Path | None = None, progress: boo
         return rec
     finally:
         shutdown(dist)
+
+
+def _init_memories_from_text(model, task, text: str) -> None:
+    from memstack.adapter_init import init_memory_tokens_from_text, init_prefix_from_text
+
+    tok = getattr(task, "tokenizer", None)
+    if tok is None:
+        raise ValueError(f"memory_init_text needs a task with a tokenizer; {task.cfg.kind!r} has none")
+    ids = tok.encode(text)
+    inits = {"prefix": init_prefix_from_text, "memory_tokens": init_memory_tokens_from_text}
+    used = [i for i, k in enumerate(model.memory.kinds) if k in inits]
+    if not used:
+        raise ValueError(f"memory_init_text applies to prefix and memory_tokens memories; the model has {model.memory.kinds}")
+    for i in used:
+        inits[model.memory.kinds[i]](model, ids, memory_index=i)
 
 
 def latest_checkpoint(path: str | Path) -> Path:
