@@ -1,6 +1,6 @@
 """Perceiver IO output queries on a task that needs a structured output: record extraction.
 
-A 40-token segment lists 8 "field value" pairs in random order among 8 noise tokens
+A 24-token segment lists 8 "field value" pairs in random order among 8 noise tokens
 (memstack/data/synthetic/records.py); the `latents` memory (16 latents) reads the segment; then a
 decoder outputs the value of all 8 fields at once from the latents alone. Decoders compared, each
 trained end to end with the backbone and the latents (cross-entropy on the 8 values, chance 1/16):
