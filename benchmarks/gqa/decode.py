@@ -6,8 +6,9 @@ quality after uptraining (from benchmarks/gqa/uptrain.py's records).
 
 Every variant is the same backbone but for its KV head count (the uptrained checkpoints, or with
 --random fresh weights of the same shapes: speed does not depend on the weights). Each round
-prefills B rows of `--context` tokens through the segment-scoped dense KV cache (preallocated, so
-no buffer grows while timing), then times `--new` greedy decode steps; the variants run
+fills B rows of `--context` tokens into the segment-scoped dense KV cache (preallocated, so no
+buffer grows while timing) -- random K/V by default, or a real prefill with --prefill -- then
+times `--new` greedy decode steps; the variants run
 round-robin for `--rounds` rounds and the median is reported, so a change in machine load hits
 them alike. Reported: KV bytes per token (formula 2 x layers x KV heads x head_dim x 4, and the
 cache's own count after prefill), decode tok/s (wall clock and process CPU time), the ratio to MHA
@@ -32,6 +33,7 @@ from memstack.config import ModelConfig
 from memstack.evals.bench import environment
 from memstack.generate import Decoder
 from memstack.memory.kv.config import DenseKVConfig
+from memstack.memory.state import ModelState
 
 
 def load_variants(records: Path | None, alpha: float, random_heads: str, base_cfg) -> list[tuple[str, object, dict]]:
@@ -68,11 +70,21 @@ def with_context(model, seg_len: int):
     return m.with_memories([DenseKVConfig(scope="segment", initial_capacity=seg_len)]).eval()
 
 
-def time_decode(model, batch: int, context: int, new: int, seed: int) -> dict:
+def time_decode(model, batch: int, context: int, new: int, seed: int, prefill: bool = False) -> dict:
     g = torch.Generator().manual_seed(seed)
     V = model.cfg.backbone.vocab_size
     dec = Decoder(model, batch)
-    logits = dec.feed(torch.randint(0, V, (batch, context), generator=g))
+    if prefill:
+        logits = dec.feed(torch.randint(0, V, (batch, context), generator=g))
+    else:  # the cache filled with random K/V of `context` tokens: decode speed does not depend on them
+        kv = dec.state.memories[-1]
+        for buf in (*kv.k, *kv.v):
+            buf[:, :, :context].normal_(generator=g)
+        kv.valid[:, :context] = True
+        kv.length = context
+        dec.state = ModelState(torch.full((batch,), context, dtype=torch.long), dec.state.memories)
+        dec.in_seg = context
+        logits = torch.randn(batch, V, generator=g)
     kv = dec.state.memories[-1]
     cache = dec.model.memory.memories[-1]
     held = cache.held_bytes(kv) / (batch * kv.length)                 # bytes per token, incl. the valid flag
@@ -92,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prefill", action="store_true", help="prefill the context through the model (default: fill "
+                    "the cache with random K/V, which costs nothing and decodes at the same speed)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -105,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     time_decode(models[0][1], args.batch, 64, 4, 0)                        # warm-up (allocator, kernels)
     for r in range(args.rounds):
         for n, m, _ in (models if r % 2 == 0 else models[::-1]):          # alternate the order too
-            times[n].append(time_decode(m, args.batch, args.context, args.new, seed=r))
+            times[n].append(time_decode(m, args.batch, args.context, args.new, seed=r, prefill=args.prefill))
     rows = []
     for n, m, q in models:
         b = m.cfg.backbone
