@@ -13,9 +13,16 @@ cross-attend to each segment and are carried onward); `OutputQueries` decodes fr
 own (it touches no site of the backbone, holds no state, and therefore is not in the registry or
 the contract suite). What it computes, for latents Z (B, N, D) and queries Q (B, O, D):
 
-    U = Q + XAttn(norm_q(Q), norm_z(Z))        (multi-head, no mask: every query sees every latent)
+    U = XAttn(norm_q(Q), norm_z(Z))            (multi-head, no mask: every query sees every latent;
+                                                 + Q only with query_residual=True)
     U = U + MLP(norm_u(U))                      (SwiGLU)
     out = norm_out(U)                           (B, O, D) -> any head (the backbone's LM head here)
+
+No query residual by default, as the official implementation's decoder (deepmind-research
+perceiver.py: `BasicDecoder(use_query_residual=False)`; the encoder keeps it). Measured why
+(docs/benchmarks/perceiver-io.md): with the residual, the decoder's output starts as the query
+itself (the field's embedding) and training on record extraction collapsed to one prediction
+per field -- the output can ignore the latents.
 
 `output_queries_reference` is the same computation written with explicit per-head loops (tests
 compare them). The queries are either the decoder's own learned array (`n_queries` > 0) or given
@@ -41,8 +48,9 @@ class OutputQueries(nn.Module):
     """Perceiver IO's decoder: output queries cross-attend to a latent array (see the module docstring)."""
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, *, n_queries: int = 0, eps: float = 1e-5,
-                 init_std: float = 0.02):
+                 init_std: float = 0.02, query_residual: bool = False):
         super().__init__()
+        self.query_residual = query_residual
         if d_model % n_heads:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
         self.n_heads = n_heads
@@ -66,7 +74,9 @@ class OutputQueries(nn.Module):
         zn = self.norm_z(z)
         k, v = heads(self.wk(zn), N), heads(self.wv(zn), N)
         a = F.scaled_dot_product_attention(q, k, v)                           # (B, H, O, D/H)
-        u = queries + self.wo(a.transpose(1, 2).reshape(B, O, D))
+        u = self.wo(a.transpose(1, 2).reshape(B, O, D))
+        if self.query_residual:
+            u = queries + u
         u = u + self.mlp(self.norm_u(u))
         return self.norm_out(u)                                                # (B, O, D)
 
@@ -91,7 +101,7 @@ def output_queries_reference(dec: OutputQueries, z: Tensor, queries: Tensor) -> 
                 scores = torch.stack([qv @ (W["wk"][sl] @ zn[n]) for n in range(N)]) / math.sqrt(d)
                 p = torch.softmax(scores, 0)
                 heads.append(sum(p[n] * (W["wv"][sl] @ zn[n]) for n in range(N)))
-            u = qd[b, o] + W["wo"] @ torch.cat(heads)
+            u = W["wo"] @ torch.cat(heads) + (qd[b, o] if dec.query_residual else 0.0)
             m = dec.mlp
             un = rms(u, dec.norm_u)
             g = F.silu(m.w_gate.weight.double() @ un) * (m.w_up.weight.double() @ un)

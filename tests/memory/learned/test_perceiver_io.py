@@ -17,8 +17,9 @@ def decoder(**kw) -> OutputQueries:
     return OutputQueries(32, 4, 48, init_std=0.3, **kw).double()
 
 
-def test_decoder_matches_the_per_head_reference():
-    dec = decoder().float()                                     # RMSNorm computes in fp32: compare at fp32
+@pytest.mark.parametrize("residual", [False, True])
+def test_decoder_matches_the_per_head_reference(residual):
+    dec = decoder(query_residual=residual).float()             # RMSNorm computes in fp32: compare at fp32
     z, q = torch.randn(2, 5, 32), torch.randn(2, 3, 32)
     assert_close(dec(z, q), output_queries_reference(dec, z, q).float())
 
