@@ -55,7 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", help="comma-separated variant names (default: all)")
     ap.add_argument("--eval-tokens", type=int, default=50_000)
     ap.add_argument("--seed", type=int, default=1, help="data order of the uptraining (the base run used 0)")
+    ap.add_argument("--summarize", nargs="+", metavar="RECORDS", help="only write OUT/summary.md from these "
+                    "records files (runs of several invocations, e.g. one per learning rate), choosing on validation")
     args = ap.parse_args(argv)
+    if args.summarize:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_summary([Path(p) for p in args.summarize], Path(args.out) / "summary.md")
+        return 0
     torch.set_num_threads(1)
 
     out, work = Path(args.out), Path(args.work)
@@ -109,11 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_summary(records: Path, path: Path) -> None:
-    rows = [json.loads(x) for x in records.read_text().splitlines()]
+def write_summary(records: Path | list[Path], path: Path) -> None:
+    """summary.md over one or more records files (e.g. one per learning rate): for each (variant,
+    alpha) the run with the lowest validation bits per byte is reported (its test figure)."""
+    files = records if isinstance(records, list) else [records]
+    rows = [json.loads(x) for f in files for x in Path(f).read_text().splitlines()]
     latest = {}
-    for r in rows:                           # the last record of each (variant, alpha) wins
-        latest[(r["variant"], r["alpha"])] = r
+    for r in rows:                           # per (variant, alpha): the lowest validation bpb wins
+        key = (r["variant"], r["alpha"])
+        if key not in latest or r["val_bpb"] < latest[key]["val_bpb"]:
+            latest[key] = r
     alphas = sorted({a for _, a in latest})
     names = [v for v, _, _ in VARIANTS if any(k[0] == v for k in latest)]
     mha = {a: latest[("mha", a)]["test_bpb"] for a in alphas if ("mha", a) in latest}
@@ -127,7 +138,7 @@ def write_summary(records: Path, path: Path) -> None:
                 cells.append("-")
                 continue
             gap = f", {r['test_bpb'] - mha[a]:+.3f} vs MHA" if a in mha and n != "mha" else ""
-            cells.append(f"{r['test_bpb']:.4f} ({r['chosen_lr'] if r['chosen_lr'] is not None else '-'}{gap})")
+            cells.append(f"{r['test_bpb']:.4f} (val {r['val_bpb']:.4f}; lr {r['chosen_lr'] if r['chosen_lr'] is not None else '-'}{gap})")
         r0 = next(latest[(n, a)] for a in alphas if (n, a) in latest)
         lines.append(f"| {n} | {r0['kv_heads']} | {r0['kv_bytes_per_token']:,} | " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n")
