@@ -19,10 +19,10 @@ the contract suite). What it computes, for latents Z (B, N, D) and queries Q (B,
     out = norm_out(U)                           (B, O, D) -> any head (the backbone's LM head here)
 
 No query residual by default, as the official implementation's decoder (deepmind-research
-perceiver.py: `BasicDecoder(use_query_residual=False)`; the encoder keeps it). Measured why
-(docs/benchmarks/perceiver-io.md): with the residual, the decoder's output starts as the query
-itself (the field's embedding) and training on record extraction collapsed to one prediction
-per field -- the output can ignore the latents.
+perceiver.py: `BasicDecoder(use_query_residual=False)`; the encoder keeps it). Measured
+(docs/benchmarks/perceiver-io.md): with the residual the decoder's output starts as the query
+itself (the field's embedding), and on record extraction it never left chance in 600 steps
+(loss flat at ln 16); without it, the same run learned (0.255 field accuracy, chance 0.0625).
 
 `output_queries_reference` is the same computation written with explicit per-head loops (tests
 compare them). The queries are either the decoder's own learned array (`n_queries` > 0) or given
