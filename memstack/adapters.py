@@ -4,18 +4,19 @@ A memory trained with `train.trainable: memory` (prefix-tuning, memory tokens, t
 ...) is a small set of tensors next to a large frozen backbone; saving the whole model repeats
 the backbone (540 MB for SmolLM2-135M in fp32) for every task. An adapter stores only
 
-    adapter.json                {"format", "kind": "memstack-adapter", "backbone": <BackboneConfig>,
-                                 "backbone_sha256": <fingerprint>, "pretrained": <name> | null,
-                                 "memories": [<MemoryConfig>...], "weights", "sha256", "meta",
-                                 "doc_sha256": SHA-256 of the document without this field}
+    adapter.json                sealed (memstack/atomic.py: kind "memstack-adapter", format, checksum):
+                                {"backbone": <BackboneConfig>, "backbone_sha256": <fingerprint>,
+                                 "pretrained": <name> | null, "memories": [<MemoryConfig>...],
+                                 "weights": file, "sha256": its SHA-256, "meta"}
     adapter-<sha256[:12]>.safetensors   the memories' tensors ("memory.memories.<i>.<name>")
 
 and is loaded onto *the* backbone it was trained on: the backbone's fingerprint (SHA-256 over the
 names, dtypes, shapes and bytes of every backbone tensor, `backbone_fingerprint`) must match, and
 a different backbone is refused with both fingerprints and what to load instead. With the
 backbone's registered name (`pretrained: smollm2`) an adapter rebuilds its whole model by itself
-(`model_from_adapter`). Writes are atomic as for checkpoints (memstack/atomic.py); the weights
-file and the JSON document are both checksummed.
+(`model_from_adapter`). Written like a checkpoint (memstack/atomic.py): tensors first, then the
+sealed document naming them by SHA-256, under the directory's writer lock; any edit of either
+is refused, naming the file.
 
 Hugging Face PEFT prefix-tuning adapters (`adapter_config.json` + `adapter_model.safetensors`)
 convert to and from the `prefix` memory in memstack/hf/peft.py.
@@ -30,13 +31,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from memstack.atomic import remove_unreferenced, save_tensors_versioned, write_json_atomic
-from memstack.checkpoint import _config_diff, _tensor_problems, _verified_tensors, unique_state_dict
+from memstack.atomic import (StoreLock, clean_temporaries, read_sealed, remove_unreferenced, save_tensors_versioned,
+                             sha256_file, versioned_name_re, write_sealed)
+from memstack.checkpoint import _config_diff, _tensor_problems
 from memstack.config import BackboneConfig, MemoryConfig, ModelConfig, from_dict, to_dict
 from memstack.errors import CheckpointError, ConfigError
+from memstack.memory.state import unique_state_dict
 
 FORMAT = 1
 KIND = "memstack-adapter"
+FIELDS = {"backbone": dict, "backbone_sha256": str, "pretrained": (str, type(None)), "memories": list,
+          "weights": str, "sha256": str, "meta": dict}
 MEMORY_PREFIX = "memory."
 # fields a backbone may differ in and still be the same backbone (a run's context window, the
 # initialiser of weights that are loaded anyway)
@@ -67,11 +72,6 @@ def _arch(b: BackboneConfig) -> dict:
     return {k: v for k, v in to_dict(b).items() if k not in FREE_FIELDS}
 
 
-def _doc_sha(doc: dict) -> str:
-    body = {k: v for k, v in doc.items() if k != "doc_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
 def save_adapter(model: torch.nn.Module, path: str | Path, *, pretrained: str | None = None,
                  meta: dict | None = None, fingerprint: str | None = None) -> Path:
     """Write the memories of `model` (a MemoryModel) as an adapter in directory `path`.
@@ -82,16 +82,16 @@ def save_adapter(model: torch.nn.Module, path: str | Path, *, pretrained: str | 
     if not tensors:
         raise CheckpointError(f"the model has no memory parameters to save as an adapter (memories: "
                               f"{list(model.memory.kinds) or 'none'})")
-    doc: dict[str, Any] = {"format": FORMAT, "kind": KIND, "backbone": to_dict(model.cfg.backbone),
+    doc: dict[str, Any] = {"backbone": to_dict(model.cfg.backbone),
                            "backbone_sha256": fingerprint or backbone_fingerprint(model), "pretrained": pretrained,
                            "memories": [to_dict(m) for m in model.cfg.memories], "meta": meta or {}}
-    json.dumps(doc)  # an unserialisable meta fails here, before anything is written
+    json.dumps(doc, allow_nan=False)  # an unserialisable meta fails here, before anything is written
     path.mkdir(parents=True, exist_ok=True)
-    name, sha = save_tensors_versioned(tensors, path, "adapter")
-    doc.update(weights=name, sha256=sha)
-    doc["doc_sha256"] = _doc_sha(doc)
-    write_json_atomic(path / "adapter.json", doc)
-    remove_unreferenced(path, "adapter", {name})
+    with StoreLock(path):
+        clean_temporaries(path)
+        name, sha = save_tensors_versioned(tensors, path, "adapter")
+        write_sealed(path / "adapter.json", KIND, FORMAT, {**doc, "weights": name, "sha256": sha})
+        remove_unreferenced(path, "adapter", {name})
     return path
 
 
@@ -100,21 +100,22 @@ def is_adapter(path: str | Path) -> bool:
 
 
 def read_adapter(path: str | Path) -> dict:
-    """The adapter's JSON document, verified (format, kind, its own checksum)."""
+    """The adapter's sealed document, verified (kind, format, checksum, field types)."""
     f = Path(path) / "adapter.json"
     if not f.is_file():
         raise CheckpointError(f"{path} is not a memstack adapter (no adapter.json)")
-    try:
-        doc = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f} is corrupted: {e}") from None
-    if not isinstance(doc, dict) or doc.get("kind") != KIND:
-        raise CheckpointError(f"{f} is not a memstack adapter document")
-    if doc.get("format") != FORMAT:
-        raise CheckpointError(f"{f}: adapter format {doc.get('format')!r} is not supported (expected {FORMAT})")
-    if doc.get("doc_sha256") != _doc_sha(doc):
-        raise CheckpointError(f"{f}: checksum mismatch -- the adapter's metadata is corrupted or was modified")
-    return doc
+    return read_sealed(f, KIND, FORMAT, FIELDS)
+
+
+def _verified_tensors(path: Path, doc: dict) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    wfile = path / doc["weights"]
+    if not versioned_name_re("adapter").fullmatch(doc["weights"]) or not wfile.is_file():
+        raise CheckpointError(f"{path}: weights file {doc['weights']} is missing")
+    if sha256_file(wfile) != doc["sha256"]:
+        raise CheckpointError(f"{wfile}: checksum mismatch -- the file is corrupted or was modified")
+    return load_file(str(wfile))
 
 
 def adapter_config(path: str | Path) -> tuple[BackboneConfig, tuple[MemoryConfig, ...], dict]:

@@ -97,11 +97,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         data["device"] = args.device
     cfg = run_config_from_dict(data)
     rec = run_training(cfg, resume=args.resume, progress=not args.no_progress)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, the main process reports
-        return 0
-    print(json.dumps({k: v for k, v in rec.items() if k in ("step", "loss", "tokens", "eval", "params")}, indent=1))
-    if cfg.out_dir:
-        print(f"checkpoint: {cfg.out_dir}/ckpt (log: {cfg.out_dir}/log.jsonl)")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, the main process reports
+        print(json.dumps({k: v for k, v in rec.items() if k in ("step", "loss", "tokens", "eval", "params")}, indent=1))
+        if cfg.out_dir:
+            print(f"checkpoint: {cfg.out_dir}/ckpt (log: {cfg.out_dir}/log.jsonl)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun worker whose run succeeded (every rank passed the final barrier, the process
+        # group is destroyed, the checkpoint and log are on disk) ends here without interpreter
+        # teardown: destroying the C++ communication objects during teardown aborted a worker now
+        # and then ("terminate called without an active exception", SIGABRT, exit 1 after a
+        # successful run -- seen once in five 2-process runs under load).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
@@ -317,14 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--disk-cache-dir", default=None, help="persistent prefix cache directory (reused across restarts)")
     s.add_argument("--device")
     s.set_defaults(fn=cmd_serve)
-    from memstack.cli_convert import add_parser as add_convert                 # gqa, adapter
+    from memstack.commands.convert import add_parser as add_convert          # gqa, adapter
     add_convert(sub)
-    from memstack.memory.sparse.cli import add_parser as add_memory_parser   # argparse only; no torch import
+    from memstack.commands.memory import add_parser as add_memory_parser   # argparse only; no torch import
 
     add_memory_parser(sub)
-    from memstack.memory.retrieval.build import add_parser as add_datastore  # light: no faiss / embedder import
+    from memstack.commands.datastore import add_parser as add_datastore   # light: no faiss / embedder import
 
     add_datastore(sub)
+    from memstack.commands.migrate import add_parser as add_migrate
+
+    add_migrate(sub)
     return p
 
 

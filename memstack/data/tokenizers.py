@@ -370,3 +370,27 @@ def encode_many(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     """Encode many texts, in a batch when the tokenizer supports it."""
     batch = getattr(tokenizer, "encode_many", None)
     return batch(texts) if batch else [tokenizer.encode(t) for t in texts]
+
+
+def tokenizer_vocab(name: str) -> int:
+    """Vocabulary size of a tokenizer by name, without loading it."""
+    if name == "byte":
+        return 257
+    if name == "gpt2":
+        return 50257
+    if name in PRETRAINED_TOKENIZERS:
+        return PRETRAINED_TOKENIZERS[name]
+    if name.startswith("bpe") and name[3:].isdigit() and 258 <= int(name[3:]) <= 65536:
+        return int(name[3:])
+    from memstack.errors import UnknownNameError
+
+    raise UnknownNameError("tokenizer", name, ["byte", "gpt2", "bpe<N> (258 <= N <= 65536)", *PRETRAINED_TOKENIZERS])
+
+
+def tokenizer_reasons(name: str) -> list[str]:
+    """[] if `name` is a tokenizer memstack knows, else the reason (with the valid names)."""
+    try:
+        tokenizer_vocab(name)
+        return []
+    except KeyError as e:
+        return [str(e)]
