@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -33,8 +34,23 @@ class Checked:
 
     def __post_init__(self) -> None:
         reasons = self.check()
+        named = {r.split()[0] for r in reasons if r.split()}
+        reasons = [r for r in _non_finite(self) if r.split()[0] not in named] + reasons  # said once per field
         if reasons:
             raise ConfigError(reasons, what=type(self).__name__)
+
+
+def _non_finite(cfg: Any) -> list[str]:
+    """Every float field (or float inside a tuple/list field) that is NaN or infinite: a range
+    check written as `x <= 0` lets NaN through, so finiteness is checked once, for every config."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        items = enumerate(value) if isinstance(value, (tuple, list)) else [(None, value)]
+        for i, v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                out.append(f"{f.name}{'' if i is None else f'.{i}'} must be a finite number, got {v}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -254,6 +270,8 @@ def _convert(tp: Any, value: Any, path: str, reasons: _Reasons) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             reasons.add(path, f"expected a number, got {value!r}")
             return value
+        if not math.isfinite(value):
+            reasons.add(path, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

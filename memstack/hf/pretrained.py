@@ -10,6 +10,7 @@ Memories given to `load_pretrained` are built fresh on top of the pretrained bac
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -104,15 +105,20 @@ def load_pretrained(name: str, memories: tuple[MemoryConfig, ...] | list[MemoryC
     """A MemoryModel with the pretrained backbone `name` and fresh `memories`."""
     from memstack.backbone.model import build_model
     from memstack.checkpoint import load_checkpoint, save_checkpoint
+    from memstack.errors import CheckpointError
     from memstack.hf.convert import from_hf
 
     if name.startswith("hf:"):
         return from_hf(name[3:], memories=memories, seg_len=seg_len, dtype=dtype)
     spec = _spec(name)
     cached = _cache_dir(name)
+    base = None
     if (cached / "config.json").is_file():
-        base, _ = load_checkpoint(cached)                                 # checksum-verified
-    else:
+        try:
+            base, _ = load_checkpoint(cached)                             # checksum-verified
+        except CheckpointError as e:  # a derived cache: rebuilt from the verified asset, never trusted
+            print(f"memstack: rebuilding the converted {name} cache ({str(e).splitlines()[0]})", file=sys.stderr)
+    if base is None:
         base = from_hf(hf_model(name), seg_len=spec.backbone.seg_len)
         if reasons := mismatch_reasons(name, base.cfg.backbone):
             raise ValueError(f"the weights of {name!r} do not have the registered architecture: {reasons}")

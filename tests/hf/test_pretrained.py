@@ -140,3 +140,28 @@ def test_load_pretrained_equals_from_hf(real, tmp_path, monkeypatch):
         assert (tmp_path / "smollm2" / "config.json").is_file()
         second = pre.load_pretrained("smollm2", seg_len=256).eval()
         assert torch.equal(first(ids)[0].logits, want) and torch.equal(second(ids)[0].logits, want)
+
+
+@pytest.mark.slow
+def test_a_damaged_or_outdated_converted_cache_is_rebuilt_from_the_verified_asset(tmp_path, monkeypatch, capsys):
+    """The converted checkpoint is derived data: a cache that fails its checks (an edited manifest
+    here; an older format after an upgrade) is rebuilt from the SHA-256-verified GGUF, not refused."""
+    pytest.importorskip("transformers")
+    _asset_or_skip()
+    import json
+
+    from memstack.hf import pretrained
+
+    monkeypatch.setattr(pretrained, "_cache_dir", lambda name: tmp_path / "conv")
+    first = pretrained.load_pretrained("smollm2")
+    cfg = tmp_path / "conv" / "config.json"
+    doc = json.loads(cfg.read_text())
+    doc["meta" if "meta" in doc else next(iter(doc))] = {"edited": True}
+    cfg.write_text(json.dumps(doc))
+    capsys.readouterr()
+    again = pretrained.load_pretrained("smollm2")
+    assert "rebuilding the converted smollm2 cache" in capsys.readouterr().err
+    third = pretrained.load_pretrained("smollm2")
+    assert capsys.readouterr().err == ""                                   # the rebuilt cache verifies
+    for m in (again, third):
+        assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), m.state_dict().values()))
