@@ -153,3 +153,32 @@ def test_sparse_table_adapter(tmp_path):
     load_adapter(other, tmp_path / "a")
     x = torch.randint(0, 67, (2, 16))
     assert torch.equal(other(x)[0].logits, m(x)[0].logits)
+
+
+@pytest.mark.slow
+def test_adapter_on_the_real_smollm2(tmp_path):
+    """The pinned SmolLM2-135M (optional asset; skipped without it): an adapter names the backbone,
+    rebuilds the model alone with equal logits, and refuses a backbone one weight away."""
+    pytest.importorskip("transformers")
+    from memstack.data import smollm2
+    from memstack.errors import AssetError
+    from memstack.hf.pretrained import load_pretrained
+
+    try:
+        smollm2.gguf_path()
+    except AssetError as e:
+        pytest.skip(f"the optional smollm2 asset is not fetched (`memstack data fetch smollm2`): {e}")
+    torch.manual_seed(0)
+    model = load_pretrained("smollm2", (MemoryTokensConfig(n_tokens=2),), seg_len=32).eval()
+    with torch.no_grad():
+        model.memory.memories[0].tokens.normal_(0, 0.1)
+    save_adapter(model, tmp_path / "a", pretrained="smollm2")
+    size = sum(p.stat().st_size for p in (tmp_path / "a").iterdir())
+    assert size < 64_000                                              # 2 x 576 fp32 values and a header
+    rebuilt, meta = model_from_adapter(tmp_path / "a")
+    x = torch.randint(0, 49152, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x)[0].logits, model(x)[0].logits)
+        rebuilt.blocks[7].attn.wv.weight[0, 0] += 1e-3
+    with pytest.raises(CheckpointError, match="different backbone"):
+        load_adapter(rebuilt, tmp_path / "a")
