@@ -373,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-access-log", action="store_true")
     s.add_argument("--device")
     s.set_defaults(fn=cmd_serve)
+    from memstack.commands.convert import add_parser as add_convert          # gqa, adapter
+    add_convert(sub)
     from memstack.commands.memory import add_parser as add_memory_parser   # argparse only; no torch import
 
     add_memory_parser(sub)

@@ -87,6 +87,12 @@ RUNS = {
     # past segment HMT computes what a one-token RMT computes
     "ablate_hmt_k0": dict(memory=("hmt", {"n_sensory": 0}), task=lambda: segar(False, eval_pairs=(1,), num_pairs=2),
                           seg_len=16, batch=32, steps=1500, curriculum=((0, 1), (750, 2)), min_segments=1),
+    # HMT with its sensory memory at the paper's ratio of sensory tokens to segment (32 of 256 = 1/8:
+    # k = 2 of 16), and with the default k = 8 trained twice as long (issue 15, part 8)
+    "hmt_k2": dict(memory=("hmt", {"n_sensory": 2}), task=lambda: segar(False, eval_pairs=(1,), num_pairs=2),
+                   seg_len=16, batch=32, steps=1500, curriculum=((0, 1), (750, 2)), min_segments=1),
+    "hmt_k8_3k": dict(memory=("hmt", {}), task=lambda: segar(False, eval_pairs=(1,), num_pairs=2), seg_len=16,
+                      batch=32, steps=3000, curriculum=((0, 1), (1500, 2)), min_segments=1),
     # diagnostic for HMT (one memory token): RMT with a single memory token on the same schedule
     "diag_rmt1": dict(memory=("rmt", {"n_tokens": 1}), task=lambda: segar(False, eval_pairs=(1,), num_pairs=2),
                       seg_len=16, batch=32, steps=1500, curriculum=((0, 1), (750, 2)), min_segments=1),

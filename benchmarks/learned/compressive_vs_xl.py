@@ -41,7 +41,9 @@ def variants(m: int, c: int, r: int) -> list[tuple[str, str, dict]]:
             (f"compressive mean m={m} c={c} r={r}", "compressive", {"mem_len": m, "cmem_len": c, "rate": r, "compression": "mean"}),
             (f"compressive max m={m} c={c} r={r}", "compressive", {"mem_len": m, "cmem_len": c, "rate": r, "compression": "max"}),
             (f"compressive most_used m={m} c={c} r={r}", "compressive",
-             {"mem_len": m, "cmem_len": c, "rate": r, "compression": "most_used"})]
+             {"mem_len": m, "cmem_len": c, "rate": r, "compression": "most_used"}),
+            (f"compressive dilated_conv m={m} c={c} r={r}", "compressive",
+             {"mem_len": m, "cmem_len": c, "rate": r, "compression": "dilated_conv"})]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,9 +43,12 @@ def probe(kind: str, kw: dict) -> list[float]:
 
 def main() -> None:
     torch.set_num_threads(1)
-    for name, kind, kw in (("hmt (k=8)", "hmt", {}), ("hmt (k=0)", "hmt", {"n_sensory": 0}),
+    for name, kind, kw in (("hmt (k=8)", "hmt", {}), ("hmt (k=4)", "hmt", {"n_sensory": 4}),
+                           ("hmt (k=2)", "hmt", {"n_sensory": 2}), ("hmt (k=0)", "hmt", {"n_sensory": 0}),
                            ("rmt (1 token)", "rmt", {"n_tokens": 1})):
-        print(f"{name:14s}", " ".join(f"{g:.3f}" for g in probe(kind, kw)))
+        g = probe(kind, kw)
+        kv = sum(g[:4]) / 4                                          # the pair's tokens (start of the segment)
+        print(f"{name:14s}", " ".join(f"{x:.3f}" for x in g), f"| pair tokens {kv:.4f}")
 
 
 if __name__ == "__main__":

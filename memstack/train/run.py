@@ -37,6 +37,9 @@ class RunConfig(Checked):
     out_dir: str | None = None
     init_from: str | None = None
     pretrained: str | None = None      # registered pretrained backbone (memstack.hf.pretrained) or hf:<dir>
+    # start the memories from this text, tokenized by the task's tokenizer (adapter_init.py): a
+    # direct prefix gets the backbone's keys/values of it, memory tokens its embeddings
+    memory_init_text: str | None = None
 
     def check(self) -> list[str]:
         r = [] if self.task is not None else ["task is required, e.g. task: {kind: lm}"]
@@ -107,6 +110,8 @@ def run_training(cfg: RunConfig, resume: str | Path | None = None, progress: boo
             from memstack.checkpoint import load_backbone_weights
 
             load_backbone_weights(model, latest_checkpoint(cfg.init_from))
+        if cfg.memory_init_text:
+            _init_memories_from_text(model, task, cfg.memory_init_text)
         if cfg.train.batch_size % dist.world:
             raise ValueError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the {dist.world} processes")
         source = task.train_source(cfg.train.batch_size, cfg.train.seed, dist.rank, dist.world)
@@ -123,12 +128,33 @@ def run_training(cfg: RunConfig, resume: str | Path | None = None, progress: boo
             trainer.resume(resume)
         rec = trainer.fit(progress=progress)
         rec["params"] = model.num_params()
+        if cfg.train.trainable == "memory" and cfg.out_dir and dist.is_main and any(
+                n.startswith("memory.") for n, _ in model.named_parameters()):
+            # the frozen backbone is the pinned one: the memories alone are the result (adapters.py)
+            from memstack.adapters import save_adapter
+
+            rec["adapter"] = str(save_adapter(model, Path(cfg.out_dir) / "adapter", pretrained=cfg.pretrained, meta=meta))
         barrier(dist)                 # every rank is done communicating (rank 0 saved last) before any tears down
         return rec
     finally:
         if trainer is not None:
             trainer.close()           # the process group is released here, not at interpreter exit
         shutdown(dist)
+
+
+def _init_memories_from_text(model, task, text: str) -> None:
+    from memstack.adapter_init import init_memory_tokens_from_text, init_prefix_from_text
+
+    tok = getattr(task, "tokenizer", None)
+    if tok is None:
+        raise ValueError(f"memory_init_text needs a task with a tokenizer; {task.cfg.kind!r} has none")
+    ids = tok.encode(text)
+    inits = {"prefix": init_prefix_from_text, "memory_tokens": init_memory_tokens_from_text}
+    used = [i for i, k in enumerate(model.memory.kinds) if k in inits]
+    if not used:
+        raise ValueError(f"memory_init_text applies to prefix and memory_tokens memories; the model has {model.memory.kinds}")
+    for i in used:
+        inits[model.memory.kinds[i]](model, ids, memory_index=i)
 
 
 def latest_checkpoint(path: str | Path) -> Path:
@@ -146,11 +172,19 @@ def latest_checkpoint(path: str | Path) -> Path:
 
 def load_for_inference(path: str | Path, device: str = "auto"):
     """(model, meta, tokenizer or None) from a checkpoint; refuses a tokenizer that changed."""
+    from memstack.adapters import is_adapter, model_from_adapter, read_adapter
     from memstack.checkpoint import load_checkpoint
     from memstack.train.distributed import resolve_device
 
-    ckpt = latest_checkpoint(path)
-    model, meta = load_checkpoint(ckpt, device=resolve_device(device))
+    if is_adapter(path):  # an adapter-only checkpoint: its memories on the backbone it was trained on
+        ckpt = Path(path)
+        doc = read_adapter(path)
+        init = doc["meta"].get("init_from") if not doc.get("pretrained") else None
+        model, meta = model_from_adapter(path, backbone=latest_checkpoint(init) if init else None,
+                                         device=resolve_device(device))
+    else:
+        ckpt = latest_checkpoint(path)
+        model, meta = load_checkpoint(ckpt, device=resolve_device(device))
     tokenizer = None
     if meta.get("tokenizer"):
         from memstack.data.tokenizers import get_tokenizer

@@ -13,6 +13,8 @@ Temporal range ~ mem_len + rate * cmem_len tokens for the attention cost of mem_
 Compression functions f_c (`compression`):
 - "mean" / "max": pooling with kernel = stride = rate;
 - "conv": a per-layer 1-D convolution over time, kernel = stride = rate (D -> D channels);
+- "dilated_conv": a per-layer stack of dilated kernel-2 convolutions reading exactly each group
+  (memory/learned/dilated.py; trained like "conv" by the reconstruction loss);
 - "most_used": keep the rate-th most attended evicted states (see deviations), in time order.
 
 Training (as the paper): the compressed memory is stored stop-gradient, so the language-model
@@ -37,7 +39,6 @@ Deviations from the paper:
   arrives whole or token by token, which the full softmax (its denominator includes the
   segment's keys, held by the decode cache) is not. Ties of usage between states evicted in the
   same segment are broken by time (the paper does not say).
-- "dilated conv" (also in the paper) is not implemented.
 - the conv starts as mean pooling (weight 1/rate on each channel's own input, bias 0); the paper
   does not give its initialisation.
 - the compressed memory is a fixed buffer of cmem_len slots (invalid until filled), so its state
@@ -59,6 +60,7 @@ from torch import Tensor, nn
 from memstack.config import BackboneConfig
 from memstack.memory.base import AttnIO, KVBlock, MemorySpec, Site, StepContext, dtype_bytes
 from memstack.memory.learned.config import CompressiveConfig
+from memstack.memory.learned.dilated import DilatedCompressor
 from memstack.memory.learned.xl import Evicted, TransformerXL, XLState
 from memstack.memory.state import compact_index, gather_entries
 from memstack.ops.attention import attention
@@ -87,6 +89,8 @@ class Compressive(TransformerXL):
                     c.weight.zero_()
                     c.weight[torch.arange(D), torch.arange(D)] = 1.0 / r      # (D_out, D_in, r)
                     c.bias.zero_()
+        elif cfg.compression == "dilated_conv":  # same (B, D, E) -> (B, D, E/rate) interface as the conv
+            self.conv = nn.ModuleList(DilatedCompressor(D, r) for _ in self.mem_layers)
 
     # -- state ---------------------------------------------------------------------------------
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> CompressiveState:
@@ -232,4 +236,5 @@ class Compressive(TransformerXL):
         return [{"mem_len": 16, "cmem_len": 8, "rate": 4, "compression": "conv"},
                 {"mem_len": 8, "cmem_len": 6, "rate": 2, "compression": "mean", "layers": [1]},
                 {"mem_len": 16, "cmem_len": 4, "rate": 4, "compression": "max"},
-                {"mem_len": 16, "cmem_len": 8, "rate": 4, "compression": "most_used"}]
+                {"mem_len": 16, "cmem_len": 8, "rate": 4, "compression": "most_used"},
+                {"mem_len": 16, "cmem_len": 4, "rate": 4, "compression": "dilated_conv"}]

@@ -142,7 +142,7 @@ class XLConfig(MemoryConfig):
 # ----------------------------------------------------------------------------- learned family, part B
 # (Compressive Transformer, LM2, Perceiver-style latents, prefix-tuning)
 
-COMPRESSIONS = ("mean", "max", "conv", "most_used")
+COMPRESSIONS = ("mean", "max", "conv", "dilated_conv", "most_used")
 
 
 @dataclass(frozen=True)
@@ -152,8 +152,8 @@ class CompressiveConfig(XLConfig):
     kind: ClassVar[str] = "compressive"
     cmem_len: int = 32                      # compressed slots kept per layer (FIFO)
     rate: int = 4                           # evicted states per compressed slot
-    compression: Literal["mean", "max", "conv", "most_used"] = "conv"
-    recon_weight: float = 1.0               # weight of the attention-reconstruction loss (conv only)
+    compression: Literal["mean", "max", "conv", "dilated_conv", "most_used"] = "conv"
+    recon_weight: float = 1.0               # weight of the attention-reconstruction loss (conv, dilated_conv)
 
     def check(self) -> list[str]:
         r = super().check()
@@ -168,6 +168,8 @@ class CompressiveConfig(XLConfig):
         if self.rate >= 1 and self.mem_len >= 1 and self.mem_len % self.rate:
             r.append(f"mem_len ({self.mem_len}) must be a multiple of rate ({self.rate}) so evicted states "
                      "fill whole compressed slots")
+        if self.compression == "dilated_conv" and self.rate >= 1 and self.rate & (self.rate - 1):
+            r.append(f"compression dilated_conv needs a power-of-two rate (dilations 1, 2, ..., rate/2), got {self.rate}")
         return r
 
     def check_with(self, backbone: BackboneConfig) -> list[str]:
