@@ -6,9 +6,10 @@ carried between them, so a task longer than one segment can only be solved throu
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -40,8 +41,16 @@ class TaskConfig(Checked):
         raise NotImplementedError
 
 
+SPLITS = ("val", "test")
+
+
 class Task:
-    """Subclasses set the metric names and implement `train_source` and `evaluate`."""
+    """Subclasses set the metric names and implement `train_source`, `evaluate` and `data_arrays`.
+
+    Every task has a validation and a test split, disjoint from its training data and from each
+    other: the harness chooses (learning rate, checkpoint) on `evaluate(model, "val")` and
+    reports `evaluate(model, "test")`. `split=None` is the task's default (test; the LM task's
+    `eval_split`)."""
 
     primary: ClassVar[str] = ""            # the metric the leaderboard ranks by
     higher_is_better: ClassVar[bool] = True
@@ -52,8 +61,38 @@ class Task:
     def train_source(self, rows: int, seed: int, rank: int = 0, world: int = 1) -> Any:
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, split: str | None = None) -> dict[str, float]:
         raise NotImplementedError
+
+    def context_tokens(self) -> int:
+        """Tokens of context an evaluation example spans at this task's segment length."""
+        return self.cfg.context_tokens()
+
+    def chance(self) -> float | None:
+        """The primary metric of a model that cannot see what the task asks about (None: not defined)."""
+        return None
+
+    def data_arrays(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, array) for every piece of data the task trains and evaluates on, in a fixed order
+        (what `data_sha256` hashes)."""
+        raise NotImplementedError
+
+    def data_sha256(self) -> str:
+        """SHA-256 over the task's training, validation and test data (names, dtypes, shapes and
+        bytes): two runs with the same digest saw the same data."""
+        h = hashlib.sha256(b"memstack-task-data-v1\n")
+        for name, a in self.data_arrays():
+            a = np.ascontiguousarray(a)
+            h.update(f"{name}:{a.dtype.str}:{a.shape}\n".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
+
+
+def check_split(split: str | None, default: str = "test") -> str:
+    split = default if split is None else split
+    if split not in SPLITS:
+        raise ValueError(f"unknown evaluation split {split!r}; valid: {', '.join(SPLITS)}")
+    return split
 
 
 class GeneratedSource:
@@ -118,15 +157,24 @@ def tokenizer_vocab(name: str) -> int:
         return PRETRAINED_TOKENIZERS[name]
     if name.startswith("bpe") and name[3:].isdigit() and 258 <= int(name[3:]) <= 65536:
         return int(name[3:])
+    from memstack.data.hf_tokenizer import hf_tokenizer_vocab, tokenizer_file
+
+    if tokenizer_file(name) is not None:
+        return hf_tokenizer_vocab(name)
     from memstack.errors import UnknownNameError
 
-    raise UnknownNameError("tokenizer", name, ["byte", "gpt2", "bpe<N> (258 <= N <= 65536)", *PRETRAINED_TOKENIZERS])
+    raise UnknownNameError("tokenizer", name, ["byte", "gpt2", "bpe<N> (258 <= N <= 65536)", *PRETRAINED_TOKENIZERS,
+                                               "a local Hugging Face tokenizer directory (a path)"])
 
 
 def tokenizer_reasons(name: str) -> list[str]:
+    from memstack.errors import ConfigError
+
     try:
         tokenizer_vocab(name)
         return []
+    except ConfigError as e:
+        return list(e.reasons)
     except KeyError as e:
         return [str(e)]
 
