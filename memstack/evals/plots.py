@@ -44,6 +44,10 @@ def plots(records: list[dict], out_dir: Path) -> list[Path]:
         ms = [m for m in memories if (m, t) in best]
         if ms:
             paths.append(_bars(plt, [best[(m, t)] for m in ms], records, t, out_dir))
+    for t in tasks:
+        ms = [m for m in memories if (m, t) in best and _lengths(best[(m, t)])]
+        if ms:
+            paths.append(_length_curve(plt, [best[(m, t)] for m in ms], records, t, out_dir))
     if any((m, "passkey") in best for m in memories):
         paths.append(_passkey_grid(plt, [best[(m, "passkey")] for m in memories if (m, "passkey") in best], out_dir))
     return paths
@@ -74,6 +78,51 @@ def _bars(plt, es: list[Entry], records: list[dict], task: str, out_dir: Path) -
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = out_dir / ("bpb.png" if task == "lm" else f"{task}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _lengths(e: Entry) -> list[int]:
+    """Evaluation lengths of a task that reports `<primary>@<tokens>` per length (longctx)."""
+    pre = f"{e.primary}@"
+    return sorted(int(k[len(pre):]) for k in e.record["metrics"] if k.startswith(pre) and k[len(pre):].isdigit())
+
+
+def _length_curve(plt, es: list[Entry], records: list[dict], task: str, out_dir: Path) -> Path:
+    """Accuracy against evaluation length, one line per memory (mean over seeds; bars: the
+    Wilson 95 % interval of the seeds' pooled examples), chance as a line, the trained length marked."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for i, e in enumerate(es):
+        Ls = _lengths(e)
+        ys, lo, hi = [], [], []
+        for L in Ls:
+            ks = [r["metrics"].get(f"{e.primary}@{L}", math.nan) * r["metrics"].get(f"n@{L}", 0) for r in e.records]
+            ns = [r["metrics"].get(f"n@{L}", 0) for r in e.records]
+            from memstack.evals.longctx import wilson
+
+            k, n = int(round(sum(ks))), int(sum(ns))
+            ys.append(k / n if n else math.nan)
+            a, b = wilson(k, n)
+            lo.append(ys[-1] - a)
+            hi.append(b - ys[-1])
+        st = _style(i)
+        ax.errorbar(Ls, ys, yerr=[lo, hi], color=st["color"], marker=st["marker"], capsize=2, label=e.memory)
+    r0 = next(r for r in records if r["task"] == task)
+    if r0.get("chance") is not None:
+        ax.axhline(r0["chance"], color="tab:red", linestyle="--", linewidth=1, label=f"chance {r0['chance']:.3g}")
+    train_len = r0["config"]["task"].get("train_len")
+    if train_len:
+        ax.axvline(train_len, color="gray", linestyle=":", linewidth=1, label=f"trained at {train_len}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel(f"{es[0].primary} (test)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{task}: accuracy against length (bars: Wilson 95 % interval)", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    path = out_dir / f"{task}_by_length.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

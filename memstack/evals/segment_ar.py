@@ -65,7 +65,7 @@ class SegmentARTask(Task):
 
     def _data(self, n: int, seed, pairs: int | None = None):
         c = self.cfg
-        return segment_ar(n, pairs or c.num_pairs, self.seg_len, c.vocab, seed, n_key_symbols=c.n_key_symbols,
+        return segment_ar(n, pairs or c.num_pairs, self.layout_seg_len, c.vocab, seed, n_key_symbols=c.n_key_symbols,
                           n_values=c.n_values, rewrite=c.rewrite)
 
     @cached_property
@@ -119,7 +119,7 @@ class SegmentARTask(Task):
         return 1.0 / self.cfg.n_values
 
     def context_tokens(self) -> int:
-        return (self.cfg.num_pairs + 1) * self.seg_len
+        return (self.cfg.num_pairs + 1) * self.layout_seg_len
 
     def data_arrays(self):
         parts = [] if self.cfg.follow_curriculum else [("train", self.train_data)]

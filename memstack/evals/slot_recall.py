@@ -52,7 +52,7 @@ class SlotRecallTask(Task):
 
     def _data(self, n: int, seed):
         c = self.cfg
-        return slot_recall(n, self.seg_len, seed, n_slots=c.n_slots, n_values=c.n_values, n_noise=c.n_noise,
+        return slot_recall(n, self.layout_seg_len, seed, n_slots=c.n_slots, n_values=c.n_values, n_noise=c.n_noise,
                            n_context=c.n_context, n_queries=c.n_queries)
 
     @cached_property
@@ -84,7 +84,7 @@ class SlotRecallTask(Task):
         return 1.0 / self.cfg.n_values
 
     def context_tokens(self) -> int:
-        return (self.cfg.n_context + 1) * self.seg_len
+        return (self.cfg.n_context + 1) * self.layout_seg_len
 
     def data_arrays(self):
         for name in ("train_data", "val", "test"):

@@ -55,8 +55,12 @@ class Task:
     primary: ClassVar[str] = ""            # the metric the leaderboard ranks by
     higher_is_better: ClassVar[bool] = True
 
-    def __init__(self, cfg: TaskConfig, seg_len: int):
+    def __init__(self, cfg: TaskConfig, seg_len: int, layout_seg_len: int | None = None):
+        # seg_len: the window the model processes at once; layout_seg_len: the segment length the
+        # task's examples are laid out for (tasks with one fact per segment), by default the same.
+        # A warm start trains the plain backbone on the suite's examples with a wider window.
         self.cfg, self.seg_len = cfg, seg_len
+        self.layout_seg_len = layout_seg_len or seg_len
 
     def train_source(self, rows: int, seed: int, rank: int = 0, world: int = 1) -> Any:
         raise NotImplementedError
@@ -139,10 +143,10 @@ class GeneratedSource:
         self.served = int(d["served"])
 
 
-def build_task(cfg: TaskConfig, seg_len: int) -> Task:
+def build_task(cfg: TaskConfig, seg_len: int, layout_seg_len: int | None = None) -> Task:
     from memstack.registry import TASKS
 
-    return TASKS.target_class(cfg.kind)(cfg, seg_len)
+    return TASKS.target_class(cfg.kind)(cfg, seg_len, layout_seg_len)
 
 
 def tokenizer_vocab(name: str) -> int:

@@ -113,7 +113,7 @@ def warm_start(backbone: BackboneConfig, task_cfg, task: Task, warm: WarmStartCo
         except (CheckpointError, OSError, ValueError, KeyError) as e:
             log(f"warm start {key}: cached copy unusable ({str(e).splitlines()[0]}); training it again")
     window = warm.seg_len or backbone.seg_len
-    wtask = task if window == task.seg_len else build_task(task_cfg, window)
+    wtask = task if window == task.seg_len else build_task(task_cfg, window, task.layout_seg_len)
     trainer = Trainer(model, tcfg, wtask.train_source(tcfg.batch_size, seed), dist=DistInfo(device=device))
     t0 = time.perf_counter()
     rec = trainer.fit(progress=False)

@@ -79,6 +79,17 @@ def test_window_longer_than_the_segment_trains_on_whole_examples(cache):
     assert set(w.meta["metrics"]) == set(w.meta["metrics_val"]) >= {"acc"}
 
 
+def test_a_wider_window_keeps_the_suite_layout_of_the_examples(cache):
+    """slot_recall lays its examples out in the suite's segments (context segment, query segment):
+    the warm start's wider window must see those same examples whole, not re-laid-out ones."""
+    tc = SlotRecallTaskConfig(n_slots=2, n_values=4, n_noise=4, n_train=8, n_test=4)
+    narrow, wide = build_task(tc, 16), build_task(tc, 32, 16)
+    assert (narrow.train_data.inputs == wide.train_data.inputs).all() and narrow.train_data.inputs.shape == (8, 32)
+    b = wide.train_source(4, 0).next(1)
+    assert tuple(b.tokens.shape) == (4, 1, 32)               # one window over the whole example
+    assert wide.context_tokens() == narrow.context_tokens() == 32
+
+
 def test_cells_start_from_the_warm_backbone_and_their_memory_stays_fresh(cache):
     w = run()
     suite = SuiteConfig(backbone=BACKBONE, memories=("xl", "rmt"), tasks=(TASK,), train=TRAIN, device="cpu",
