@@ -180,6 +180,8 @@ def write_report(records: list[dict], out_dir: str | Path, command: str = "") ->
           f"- learning rates swept: {sorted({r['lr'] for r in records})}; chosen per (memory, task) on the validation "
           "split, reported on the test split",
           "- state size: elements of memory state per example at the given context length (Zoology's axis)"]
+    if any("metrics_val" not in r for r in records):
+        md.append("- **some records predate validation splits: for them the learning rate was chosen on the test split**")
     if any("metrics_ablated" in r for r in records):
         md.append("- [memory off]: the same trained models evaluated with their memory switched off "
                   "(memstack/evals/ablation.py)")
