@@ -65,6 +65,9 @@ class SuiteConfig(Checked):
     # also evaluate each trained cell with its memory switched off (evals/ablation.py); the
     # ablated metrics go into `metrics_ablated` (this evaluation is not in the time budget)
     ablate: bool = False
+    # keep every trained cell as a checkpoint under <out>/models/<memory>-<task>-lr<lr>-seed<seed>
+    # (e.g. to evaluate it later at other lengths: `memstack eval --checkpoint ...`)
+    save_models: bool = False
 
     def check(self) -> list[str]:
         r = []
@@ -191,7 +194,7 @@ def cell_model(suite: SuiteConfig, task_cfg: TaskConfig, mem: MemoryConfig, devi
 
 def run_cell(suite: SuiteConfig, mem: MemoryConfig, task_cfg: TaskConfig, lr: float, tokens: int,
              device: torch.device, env: dict, task: Task | None = None, seed: int | None = None,
-             warm: WarmStart | None = None, data_sha256: str | None = None) -> dict:
+             warm: WarmStart | None = None, data_sha256: str | None = None, save_dir: Path | None = None) -> dict:
     """Train one memory on one task at one learning rate and seed for `tokens` input tokens;
     evaluate on the validation and the test split."""
     seed = suite.seeds[0] if seed is None else seed
@@ -209,6 +212,12 @@ def run_cell(suite: SuiteConfig, mem: MemoryConfig, task_cfg: TaskConfig, lr: fl
         rec = trainer.fit(progress=False)
     wall = time.perf_counter() - t0
     model.eval()
+    saved = None
+    if save_dir is not None:
+        from memstack.checkpoint import save_checkpoint
+
+        saved = save_dir / f"{mem.kind}-{task_cfg.label}-lr{lr:g}-seed{seed}"
+        save_checkpoint(model, saved, meta={"task": to_dict(task_cfg), "seed": seed, "lr": lr, "suite": suite.name})
     t1 = time.perf_counter()
     with torch.no_grad():
         metrics = {split: task.evaluate(model, split) for split in ("val", "test")}
@@ -232,7 +241,7 @@ def run_cell(suite: SuiteConfig, mem: MemoryConfig, task_cfg: TaskConfig, lr: fl
         "params": model.num_params(), "memory_params": sum(p.numel() for p in model.memory.parameters()),
         "state_size": model.memory.state_size(ctx_tokens), "state_size_at_tokens": ctx_tokens,
         "state_bytes": model.memory.state_bytes(ctx_tokens),
-        "data_sha256": data_sha256 or task.data_sha256(),
+        "data_sha256": data_sha256 or task.data_sha256(), "checkpoint": str(saved) if saved else None,
         "warm_start": ({k: warm.meta.get(k) for k in ("key", "steps", "seg_len", "lr", "train_tokens", "metrics",
                                                       "metrics_val", "cached")} if warm else None),
         "config": {"backbone": to_dict(backbone), "memory": to_dict(mem), "task": to_dict(task_cfg), "train": to_dict(tcfg),
@@ -349,7 +358,8 @@ def run_suite(suite: SuiteConfig, out_dir: str | Path, progress: bool = True, lo
                     for seed in suite.seeds:
                         if bar:
                             bar.set_postfix_str(f"{mem.kind} / {tc.label} / lr {lr:g} / seed {seed}")
-                        rec = run_cell(suite, mem, tc, lr, tokens, device, env, task, seed, warms[seed], data_sha)
+                        rec = run_cell(suite, mem, tc, lr, tokens, device, env, task, seed, warms[seed], data_sha,
+                                       out_dir / "models" if suite.save_models else None)
                         rec["budget_scale"], rec["tokens_per_cell"] = scale, tokens
                         records.append(rec)
                         f.write(json.dumps(rec) + "\n")
