@@ -14,7 +14,7 @@ from pathlib import Path
 
 from memstack.evals.report import write_report
 
-_FREE = ("memories", "tasks", "warm_start")
+_FREE = ("memories", "tasks", "warm_start", "seeds")   # a cell depends on its own seed only
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     same = lambda r: json.dumps({k: v for k, v in r["config"]["suite"].items() if k not in _FREE}, sort_keys=True)  # noqa: E731
     if len({same(r) for r in recs}) > 1:
         sys.exit("records come from suites with different settings; not merging")
+    uniq: dict = {}
+    for r in recs:            # a cell run by two invocations: deterministic, keep one (say if they differ)
+        key = (r["memory"], r["task"], r["lr"], r["seed"])
+        if key in uniq and uniq[key]["metrics"] != r["metrics"]:
+            print(f"warning: {key} differs between invocations: {uniq[key]['metrics']} vs {r['metrics']}", file=sys.stderr)
+        uniq.setdefault(key, r)
+    recs = list(uniq.values())
+    seeds = sorted({r["seed"] for r in recs})
+    for r in recs:            # invocations run with a subset of the seeds: the merged run has them all
+        r["seeds"] = seeds
     order = args.order.split(",") if args.order else None
     tasks = list(dict.fromkeys(r["task"] for r in recs))
     mems = order or list(dict.fromkeys(m for r in recs for m in [r["memory"]]))

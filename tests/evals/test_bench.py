@@ -147,6 +147,19 @@ def test_run_suite_record_fields(micro_run):
     assert records[1]["config"]["memory"]["kind"] == "xl" and records[1]["config"]["memory"]["mem_len"] == 16
 
 
+def test_save_models_keeps_every_cell_as_a_loadable_checkpoint(tmp_path):
+    from memstack.train.run import load_for_inference
+
+    rs = run_suite(micro_suite(memories=("xl",), tokens_per_cell=PER_STEP, save_models=True), tmp_path, progress=False,
+                   log=lambda s: None)
+    (r,) = rs
+    assert r["checkpoint"] == str(tmp_path / "models" / "xl-lm-lr0.003-seed0")
+    model, meta, _ = load_for_inference(r["checkpoint"], "cpu")
+    assert model.memory.kinds == ["xl"] and meta["task"]["kind"] == "lm" and meta["seed"] == 0
+    assert run_suite(micro_suite(memories=("none",), tokens_per_cell=PER_STEP), tmp_path / "b", progress=False,
+                     log=lambda s: None)[0]["checkpoint"] is None
+
+
 def test_run_suite_state_size(micro_run):
     _, records, _ = micro_run
     none, xl = records
