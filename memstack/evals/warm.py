@@ -10,7 +10,7 @@ attention over everything the example holds; a cell then runs it at the suite's 
 own metrics are recorded with the warm start, as the reference a memory can reach.
 
 Cache: `<cache_dir>/bench-warm/<key>/`, a memstack checkpoint (safetensors, SHA-256 verified on
-load) plus `warm.json`. The key hashes everything that determines the weights: the backbone,
+load) whose metadata holds the warm start's description. The key hashes everything that determines the weights: the backbone,
 the task config, the SHA-256 of the task's data, the warm-start and training settings, the seed,
 the memstack and torch versions and `WARM_FORMAT` (bumped when the training code changes what
 it produces). A cached entry that fails verification is trained again and replaced.
@@ -104,13 +104,12 @@ def warm_start(backbone: BackboneConfig, task_cfg, task: Task, warm: WarmStartCo
     root = warm_cache_dir() / key
     torch.manual_seed(seed)
     model = build_model(ModelConfig(backbone, (NoMemoryConfig(),))).to(device)
-    if cache and (root / "warm.json").is_file():
+    if cache and (root / "config.json").is_file():
         try:
-            load_backbone_weights(model, root)
-            meta = json.loads((root / "warm.json").read_text())
+            meta = dict(load_backbone_weights(model, root)["warm_start"])   # verified: weights and meta
             meta["cached"] = True
             return WarmStart(key, _backbone_tensors(model), meta)
-        except (CheckpointError, OSError, ValueError, KeyError) as e:
+        except (CheckpointError, OSError, ValueError, KeyError, TypeError) as e:
             log(f"warm start {key}: cached copy unusable ({str(e).splitlines()[0]}); training it again")
     window = warm.seg_len or backbone.seg_len
     wtask = task if window == task.seg_len else build_task(task_cfg, window, task.layout_seg_len)
@@ -138,14 +137,12 @@ def _backbone_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _store(model: torch.nn.Module, root: Path, meta: dict) -> None:
     """Write the checkpoint under a temporary name and rename it into place: a crash leaves no
     half-written entry, and of two processes training the same key the first rename wins."""
-    from memstack.atomic import write_json_atomic
     from memstack.checkpoint import save_checkpoint
 
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".tmp-{root.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(model, tmp, meta={"warm_start": meta})
-    write_json_atomic(tmp / "warm.json", meta)
+    save_checkpoint(model, tmp, meta={"warm_start": meta})     # the meta is checksummed with the weights
     if root.exists():   # an unusable entry (it failed to load): replace it
         shutil.rmtree(root, ignore_errors=True)
     try:

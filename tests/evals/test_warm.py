@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -36,7 +35,7 @@ def run(task_cfg=TASK, steps=3, seg_len=None, seed=0, **kw):
 
 def test_trained_once_then_loaded_identically_from_the_cache(cache):
     a = run()
-    assert not a.meta["cached"] and a.meta["steps"] == 3 and (warm_cache_dir() / a.key / "warm.json").is_file()
+    assert not a.meta["cached"] and a.meta["steps"] == 3 and (warm_cache_dir() / a.key / "config.json").is_file()
     b = run()
     assert b.meta["cached"] and b.key == a.key
     assert set(a.weights) == set(b.weights) and all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
