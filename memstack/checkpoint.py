@@ -1,14 +1,16 @@
 """Model checkpoints: safetensors weights + the config as JSON, checksummed, written atomically.
 
 Layout of a checkpoint directory:
-    config.json                  {"format", "model": <ModelConfig as data>, "weights": file, "sha256", "meta"}
+    config.json                  sealed (memstack/atomic.py): {"model": <ModelConfig as data>, "meta",
+                                 "weights": file, "sha256", "shards": checksum of shards/index.json | null}
     model-<sha256[:12]>.safetensors
+    shards/                      row-sharded tables (memory/sparse/shard.py), when trained so
 
 A save writes the new weights file first, then atomically replaces config.json (which names
-it), then removes weights no longer named (memstack/atomic.py): a crash at any point leaves a
-loadable checkpoint. Loading
-verifies the checksum and refuses weights or configs that do not match the model, listing every
-mismatch at once.
+it), then removes weights no longer named and temporaries of crashed writers: a crash at any
+point leaves a loadable checkpoint. Loading verifies config.json's seal (any edit, truncation or
+type change is refused, naming the file), the weights' SHA-256 and the shard index it records,
+and refuses weights or configs that do not match the model, listing every mismatch at once.
 """
 from __future__ import annotations
 
@@ -19,34 +21,33 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from memstack.atomic import (StoreLock, clean_temporaries, read_sealed, remove_unreferenced, save_tensors_versioned,
+                             sha256_file, tidy, versioned_name_re, write_sealed)
 from memstack.config import ModelConfig, from_dict, to_dict
 from memstack.errors import CheckpointError, ConfigError
-from memstack.atomic import remove_unreferenced, save_tensors_versioned, sha256_file, write_json_atomic
+from memstack.memory.state import unique_state_dict
 
-FORMAT = 1
-
-
-def unique_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
-    """state_dict without aliases (tied embeddings are stored once, under their first name)."""
-    out, seen = {}, set()
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
-        if key is not None and key in seen:
-            continue
-        seen.add(key)
-        out[name] = t.detach().contiguous().cpu()
-    return out
+FORMAT = 2
+KIND = "memstack-checkpoint"
 
 
 def save_checkpoint(model: torch.nn.Module, path: str | Path, meta: dict | None = None) -> Path:
-    """Save `model` (a MemoryModel) to directory `path`; returns the directory."""
+    """Save `model` (a MemoryModel) to directory `path`; returns the directory. Shards already
+    written into `path/shards` (a row-sharded run) are signed through their index."""
     path = Path(path)
-    doc = {"format": FORMAT, "model": to_dict(model.cfg), "meta": meta or {}}
-    json.dumps(doc)  # an unserialisable meta fails here, before anything is written
+    doc = {"model": to_dict(model.cfg), "meta": meta or {}}
+    json.dumps(doc, allow_nan=False)  # an unserialisable meta fails here, before anything is written
     path.mkdir(parents=True, exist_ok=True)
-    name, sha = save_tensors_versioned(unique_state_dict(model), path, "model")
-    write_json_atomic(path / "config.json", {**doc, "weights": name, "sha256": sha})
-    remove_unreferenced(path, "model", {name})
+    with StoreLock(path):
+        clean_temporaries(path)
+        shards = None
+        if (path / "shards").is_dir():
+            from memstack.memory.sparse.shard import INDEX_FORMAT, INDEX_KIND
+
+            shards = read_sealed(path / "shards" / "index.json", INDEX_KIND, INDEX_FORMAT)["checksum"]
+        name, sha = save_tensors_versioned(unique_state_dict(model), path, "model")
+        write_sealed(path / "config.json", KIND, FORMAT, {**doc, "weights": name, "sha256": sha, "shards": shards})
+        remove_unreferenced(path, "model", {name})
     return path
 
 
@@ -54,13 +55,14 @@ def _read_config(path: Path) -> dict:
     f = path / "config.json"
     if not f.is_file():
         raise CheckpointError(f"{path} is not a memstack checkpoint (no config.json)")
-    try:
-        data = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{f} is corrupted: {e}") from None
-    if data.get("format") != FORMAT:
-        raise CheckpointError(f"{f}: checkpoint format {data.get('format')!r} is not supported (expected {FORMAT})")
-    return data
+
+    def read() -> dict:
+        return read_sealed(f, KIND, FORMAT, {"model": dict, "meta": dict, "weights": str, "sha256": str,
+                                             "shards": (str, type(None))},
+                           older=f"run `memstack migrate {path}` to verify its weights and add the checksums")
+
+    tidy(path, lambda: {"model": read()["weights"]})              # what a crashed save left
+    return read()
 
 
 def read_checkpoint_config(path: str | Path) -> tuple[ModelConfig, dict]:
@@ -90,7 +92,7 @@ def _verified_tensors(path: Path, data: dict) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     wfile = path / data["weights"]
-    if not wfile.is_file():
+    if not versioned_name_re("model").fullmatch(data["weights"]) or not wfile.is_file():
         raise CheckpointError(f"{path}: weights file {data['weights']} is missing")
     if sha256_file(wfile) != data["sha256"]:
         raise CheckpointError(f"{wfile}: checksum mismatch -- the file is corrupted or was modified")
@@ -121,10 +123,12 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> dict:
     problems: list[str] = []
     sliced = _shard_slices(model, saved)   # full tables in the file, row-sharded in this process
     saved = {k: v for k, v in saved.items() if k not in sliced}
+    if data["shards"] is not None and not (path / "shards").is_dir():
+        raise CheckpointError(f"{path}: config.json records sharded tables, but {path / 'shards'} is missing")
     if (path / "shards").is_dir():  # row-sharded tables, saved by every rank (memory/sparse/shard.py)
         from memstack.memory.sparse.shard import shard_index, table_modules
 
-        index = shard_index(path)
+        index = shard_index(path, expect=data["shards"])
         tables = table_modules(model)
         in_shards = sorted(set(tables) & set(index))
         want = {k: v for k, v in want.items() if k not in index}

@@ -97,11 +97,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         data["device"] = args.device
     cfg = run_config_from_dict(data)
     rec = run_training(cfg, resume=args.resume, progress=not args.no_progress)
-    if os.environ.get("RANK", "0") != "0":  # under torchrun, the main process reports
-        return 0
-    print(json.dumps({k: v for k, v in rec.items() if k in ("step", "loss", "tokens", "eval", "params")}, indent=1))
-    if cfg.out_dir:
-        print(f"checkpoint: {cfg.out_dir}/ckpt (log: {cfg.out_dir}/log.jsonl)")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, the main process reports
+        print(json.dumps({k: v for k, v in rec.items() if k in ("step", "loss", "tokens", "eval", "params")}, indent=1))
+        if cfg.out_dir:
+            print(f"checkpoint: {cfg.out_dir}/ckpt (log: {cfg.out_dir}/log.jsonl)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun worker whose run succeeded (every rank passed the final barrier, the process
+        # group is destroyed, the checkpoint and log are on disk) ends here without interpreter
+        # teardown: destroying the C++ communication objects during teardown aborted a worker now
+        # and then ("terminate called without an active exception", SIGABRT, exit 1 after a
+        # successful run -- seen once in five 2-process runs under load).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
@@ -201,23 +209,49 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from memstack.engine import Engine, EngineConfig
-    from memstack.engine.server import serve
-    from memstack.train.run import load_for_inference
+    from memstack.errors import ConfigError
 
-    model, _, tok = load_for_inference(args.checkpoint, args.device or "auto")
+    try:
+        from memstack.server import Server, ServerConfig, Tenants
+    except ImportError as e:
+        raise MemstackError(f"memstack serve needs the server extra ({e}): pip install 'memstack[server]'") from None
+
+    if bool(args.checkpoint) == bool(args.pretrained):
+        raise MemstackError("give exactly one of --checkpoint and --pretrained")
+    scfg = ServerConfig(model_name=args.served_model_name or Path(args.checkpoint or args.pretrained).name,
+                        host=args.host, port=args.port, allow_unauthenticated=args.allow_unauthenticated,
+                        max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout,
+                        head_timeout_s=args.head_timeout, backlog=args.backlog, max_connections=args.max_connections,
+                        log_level=args.log_level, access_log=not args.no_access_log)
+    tenants = Tenants.load(args.api_keys)              # + MEMSTACK_API_KEYS; every bad entry at once
+    from memstack.server.run import check_exposure
+
+    if reasons := check_exposure(scfg, tenants):       # before minutes of model loading
+        raise ConfigError(reasons, what="server")
+    if args.pretrained:
+        from memstack.data.tokenizers import get_tokenizer
+        from memstack.hf.pretrained import PRETRAINED, load_pretrained
+        from memstack.memory.kv.config import DenseKVConfig
+
+        if args.pretrained not in PRETRAINED:
+            raise MemstackError(f"unknown pretrained backbone {args.pretrained!r}; valid: {', '.join(PRETRAINED)}")
+        model = load_pretrained(args.pretrained, [DenseKVConfig()])       # full attention over the document
+        tok = get_tokenizer(PRETRAINED[args.pretrained].tokenizer)
+    else:
+        from memstack.train.run import load_for_inference
+
+        model, _, tok = load_for_inference(args.checkpoint, args.device or "auto")
     cfg = EngineConfig(block_size=args.block_size, kv_memory_mb=args.kv_memory_mb, max_model_len=args.max_model_len,
                        max_num_seqs=args.max_num_seqs, host_cache_blocks=args.host_cache_blocks,
                        disk_cache_dir=args.disk_cache_dir, device=args.device or "auto")
     tok_id = f"{tok.name}:{tok.fingerprint()}" if tok is not None else ""
     engine = Engine(model, cfg, tokenizer=tok_id)
-    server, loop = serve(engine, tok, args.host, args.port)
-    print(f"memstack serve: {args.checkpoint} on http://{args.host}:{server.server_address[1]} "
-          f"({engine.num_blocks} KV blocks of {cfg.block_size} tokens)", flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-        loop.stop()
+    server = Server(engine, tok, scfg, tenants)
+    who = f"{len(tenants.names)} tenant(s)" if tenants.required else "no API keys (loopback only)" \
+        if not scfg.allow_unauthenticated else "NO AUTHENTICATION"
+    print(f"memstack serve: {scfg.model_name} on {server.url} ({engine.num_blocks} KV blocks of {cfg.block_size} "
+          f"tokens; {who}; OpenAI API at {server.url}/v1)", flush=True)
+    server.run()
     return 0
 
 
@@ -303,28 +337,50 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-memory-mb", type=float, default=64.0, help="engine KV pool size in MiB (default 64)")
     s.set_defaults(fn=cmd_generate)
 
-    s = sub.add_parser("serve", help="serve a checkpoint over HTTP (continuous batching, streaming)",
-                       description="Serve a checkpoint whose only memory is a KV cache on the paged-KV engine over "
-                       "HTTP: POST /v1/generate {prompt, max_new_tokens, temperature, top_p, top_k, seed, salt, "
-                       "stream}, POST /v1/prefix/pin {prompt, ttl, salt}, POST /v1/prefix/unpin {handle}, GET /health. "
-                       "Streaming responses are server-sent events, one per token.")
-    s.add_argument("--checkpoint", required=True)
+    s = sub.add_parser("serve", help="serve a model over HTTP: OpenAI-compatible, multi-tenant",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Serve a checkpoint (whose only memory is a KV cache) or a pretrained backbone on the "
+                       "paged-KV engine with an OpenAI-compatible API (FastAPI on uvicorn): GET /v1/models, POST "
+                       "/v1/completions, POST /v1/chat/completions (streaming as server-sent events), and memstack's "
+                       "pinned prefixes (POST/GET/DELETE /v1/prefixes). GET /health tells whether the engine runs.",
+                       epilog="API keys: a YAML file (--api-keys) and/or MEMSTACK_API_KEYS=tenant=key,... Each key names a "
+                       "tenant; the tenant decides the prefix-cache salt and namespaces, and has quotas.\n"
+                       "A non-loopback --host without keys is refused unless --allow-unauthenticated.\n\n"
+                       "examples:\n  memstack serve --checkpoint runs/kv --port 8000\n"
+                       "  memstack serve --pretrained smollm2 --host 0.0.0.0 --api-keys keys.yaml --max-model-len 2048")
+    s.add_argument("--checkpoint", help="a checkpoint dir (or a training out_dir)")
+    s.add_argument("--pretrained", help="a registered pretrained backbone instead, e.g. smollm2 (optional asset: "
+                   "`memstack data fetch smollm2`); served with full attention over the document")
+    s.add_argument("--served-model-name", help="the model id clients send (default: the checkpoint's dir name)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    s.add_argument("--api-keys", help="YAML/JSON file of tenants and their keys (see memstack/server/tenants.py)")
+    s.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve a non-loopback host without API keys (anyone who reaches the port may use it)")
     s.add_argument("--block-size", type=int, default=16)
     s.add_argument("--kv-memory-mb", type=float, default=64.0)
     s.add_argument("--max-model-len", type=int, default=None)
     s.add_argument("--max-num-seqs", type=int, default=64)
     s.add_argument("--host-cache-blocks", type=int, default=0, help="KV blocks kept in host memory (0: off)")
     s.add_argument("--disk-cache-dir", default=None, help="persistent prefix cache directory (reused across restarts)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    s.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive")
+    s.add_argument("--head-timeout", type=float, default=30.0, help="seconds a request's headers may take to arrive")
+    s.add_argument("--backlog", type=int, default=2048, help="listen backlog")
+    s.add_argument("--max-connections", type=int, default=1024, help="connections + requests beyond this get 503")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--no-access-log", action="store_true")
     s.add_argument("--device")
     s.set_defaults(fn=cmd_serve)
-    from memstack.memory.sparse.cli import add_parser as add_memory_parser   # argparse only; no torch import
+    from memstack.commands.memory import add_parser as add_memory_parser   # argparse only; no torch import
 
     add_memory_parser(sub)
-    from memstack.memory.retrieval.build import add_parser as add_datastore  # light: no faiss / embedder import
+    from memstack.commands.datastore import add_parser as add_datastore   # light: no faiss / embedder import
 
     add_datastore(sub)
+    from memstack.commands.migrate import add_parser as add_migrate
+
+    add_migrate(sub)
     return p
 
 

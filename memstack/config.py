@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -33,8 +34,23 @@ class Checked:
 
     def __post_init__(self) -> None:
         reasons = self.check()
+        named = {r.split()[0] for r in reasons if r.split()}
+        reasons = [r for r in _non_finite(self) if r.split()[0] not in named] + reasons  # said once per field
         if reasons:
             raise ConfigError(reasons, what=type(self).__name__)
+
+
+def _non_finite(cfg: Any) -> list[str]:
+    """Every float field (or float inside a tuple/list field) that is NaN or infinite: a range
+    check written as `x <= 0` lets NaN through, so finiteness is checked once, for every config."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        items = enumerate(value) if isinstance(value, (tuple, list)) else [(None, value)]
+        for i, v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                out.append(f"{f.name}{'' if i is None else f'.{i}'} must be a finite number, got {v}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -134,6 +150,34 @@ class ModelConfig(Checked):
         return validate_memories(self.backbone, self.memories)
 
 
+@dataclass(frozen=True)
+class GroupConfig(Checked):
+    """Optimizer settings for a named parameter group (memories assign parameters to groups).
+
+    optimizer: "adamw" (dense, torch.optim.AdamW), or one of the row-sparse optimizers of
+    memory/sparse/row_optim.py that accept sparse gradients and touch only the rows a step touched:
+    "adam" (lazy Adam, per-row step counts) and "rowwise_adagrad" (one state scalar per row).
+    Parameters with sparse gradients (table rows) must be in a row-sparse group. Defined here,
+    below the memories, because a memory names its groups' defaults (`Memory.optim_defaults`).
+    """
+
+    lr_scale: float = 1.0
+    weight_decay: float | None = None     # None: the run's weight_decay (a memory's own group: 0)
+    optimizer: Literal["adamw", "adam", "rowwise_adagrad"] = "adamw"
+    eps: float = 1e-8
+
+    def check(self) -> list[str]:
+        r = [] if self.lr_scale > 0 else [f"lr_scale must be > 0, got {self.lr_scale}"]
+        if self.weight_decay is not None and self.weight_decay < 0:
+            r.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.optimizer not in ("adamw", "adam", "rowwise_adagrad"):
+            r.append(f"optimizer must be adamw, adam or rowwise_adagrad, got {self.optimizer!r}")
+        if not self.eps > 0:
+            r.append(f"eps must be > 0, got {self.eps}")
+        return r
+
+
+
 # ----------------------------------------------------------------------------- dict round trip
 
 def to_dict(cfg: Any) -> Any:
@@ -226,6 +270,8 @@ def _convert(tp: Any, value: Any, path: str, reasons: _Reasons) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             reasons.add(path, f"expected a number, got {value!r}")
             return value
+        if not math.isfinite(value):
+            reasons.add(path, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -366,6 +412,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 __all__ = [
-    "BackboneConfig", "MemoryConfig", "ModelConfig", "Checked", "to_dict", "from_dict", "load_yaml",
+    "BackboneConfig", "MemoryConfig", "ModelConfig", "Checked", "GroupConfig", "to_dict", "from_dict", "load_yaml",
     "apply_overrides", "parse_override",
 ]

@@ -32,3 +32,8 @@ class AssetError(MemstackError):
 
 class CheckpointError(MemstackError):
     """A checkpoint or saved memory state is corrupted or does not match the model."""
+
+
+class IntegrityError(CheckpointError):
+    """A stored file failed its integrity check: missing, truncated, edited, of another kind or
+    format, or not matching the checksum its parent document records. The message names the file."""

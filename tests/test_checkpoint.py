@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from memstack import checkpoint as ckpt
+from memstack.atomic import write_sealed
 from memstack.backbone import build_model
 from memstack.checkpoint import (load_checkpoint, load_weights, read_checkpoint_config, save_checkpoint,
                                  unique_state_dict)
@@ -85,7 +86,7 @@ def test_weights_file_is_named_by_its_checksum(tmp_path):
     model = build_model(tiny())
     save_checkpoint(model, tmp_path)
     data = json.loads((tmp_path / "config.json").read_text())
-    assert data["format"] == 1 and data["weights"] == f"model-{data['sha256'][:12]}.safetensors"
+    assert data["format"] == 2 and data["weights"] == f"model-{data['sha256'][:12]}.safetensors"
     assert weight_files(tmp_path) == [data["weights"]]
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -121,7 +122,7 @@ def test_not_a_checkpoint_and_corrupted_config(tmp_path):
         load_checkpoint(tmp_path)
     save_checkpoint(build_model(tiny()), tmp_path)
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="config.json is corrupted"):
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
         load_checkpoint(tmp_path)
 
 
@@ -132,9 +133,13 @@ def test_edited_config_is_refused_listing_the_difference(tmp_path):
     data = json.loads(f.read_text())
     data["model"]["backbone"]["d_model"] = 48
     data["model"]["backbone"]["n_layers"] = 3
-    f.write_text(json.dumps(data))
+    f.write_text(json.dumps(data, indent=1) + "\n")
     target = build_model(tiny())
     before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError, match="config.json fails its checksum"):      # an edit breaks the seal
+        load_weights(target, tmp_path)
+    # re-sealed (a config that really is another model's), every difference is listed
+    write_sealed(f, data["kind"], data["format"], {k: v for k, v in data.items() if k not in ("kind", "format", "checksum")})
     with pytest.raises(CheckpointError) as e:
         load_weights(target, tmp_path)
     msg = str(e.value)
@@ -202,10 +207,10 @@ def test_crash_before_config_replace_keeps_previous_checkpoint(tmp_path, monkeyp
     old_files = weight_files(tmp_path)
     perturb_(model)
 
-    def crash(path, data):
+    def crash(path, kind, format, body):
         raise OSError("simulated crash before config.json is replaced")
 
-    monkeypatch.setattr(ckpt, "write_json_atomic", crash)
+    monkeypatch.setattr(ckpt, "write_sealed", crash)
     with pytest.raises(OSError, match="simulated crash"):
         save_checkpoint(model, tmp_path)
     assert set(old_files) <= set(weight_files(tmp_path))          # the old weights were not removed

@@ -128,13 +128,65 @@ def test_no_command_and_unknown_arguments_exit_2(capsys):
     assert e.value.code == 2
 
 
-def test_data_status(capsys):
+def _status_rows(out: str) -> dict[str, str]:
+    rows = {}
+    for line in out.splitlines():
+        if line.strip():
+            name, rest = line.split(None, 1)
+            rows[name] = rest.rsplit(None, 1)[0]          # the state; the path is the last field
+    return rows
+
+
+def test_data_status_reports_every_asset(capsys):
+    """Whatever this machine has cached: required assets are ok (the tests' corpora are there),
+    an optional one is `ok` exactly when it is present and `optional, not fetched` otherwise."""
+    from memstack.data.assets import ASSETS, raw_dir
+
     rc, out, _ = run(["data", "status"], capsys)
     assert rc == 0
-    rows = [line.split() for line in out.splitlines() if line.strip()]
-    assert {r[0] for r in rows} >= {"sotu", "moby_dick", "gpt2_bpe", "janeaustenr"}
-    assert all(r[1] in ("ok", "MISSING", "CORRUPTED") for r in rows)
-    assert next(r for r in rows if r[0] == "sotu")[1] == "ok"      # the tests' corpus is there
+    rows = _status_rows(out)
+    assert set(rows) == set(ASSETS)
+    for name, asset in ASSETS.items():
+        if asset.optional:
+            want = "ok" if (raw_dir() / asset.filename).exists() else "optional, not fetched"
+        else:
+            want = "ok"
+        assert rows[name] == want, (name, out)
+
+
+def test_data_status_on_a_machine_without_the_optional_assets(capsys, tmp_path, monkeypatch):
+    from asset_views import optional_names, without_optional_assets
+    from memstack.data.assets import ASSETS, data_dir
+
+    view = without_optional_assets(data_dir(), tmp_path / "data")
+    monkeypatch.setenv("MEMSTACK_DATA", str(view))
+    rc, out, _ = run(["data", "status"], capsys)
+    assert rc == 0
+    rows = _status_rows(out)
+    assert optional_names() == ["smollm2"]
+    assert rows == {n: ("optional, not fetched" if a.optional else "ok") for n, a in ASSETS.items()}
+    (view / "raw" / ASSETS["sotu"].filename).unlink()
+    rc, out, _ = run(["data", "status"], capsys)
+    assert _status_rows(out)["sotu"] == "MISSING"
+
+
+def test_the_view_without_optional_assets_hides_them_and_what_is_derived_from_them(tmp_path):
+    """What `MEMSTACK_HIDE_OPTIONAL_ASSETS=1` (.ci/run) gives the whole test session, on a machine
+    that has SmolLM2 cached: the required files are there, SmolLM2's wheel and cache/smollm2 are not."""
+    from asset_views import without_optional_assets
+    from memstack.data.assets import ASSETS
+
+    src = tmp_path / "cached"
+    (src / "raw").mkdir(parents=True)
+    for a in ASSETS.values():
+        (src / "raw" / a.filename).write_bytes(a.name.encode())
+    (src / "cache" / "smollm2").mkdir(parents=True)
+    (src / "cache" / "gpt2").mkdir()
+    (src / "cache" / "bpe512-abc.json").write_text("{}")
+    view = without_optional_assets(src, tmp_path / "view")
+    assert sorted(p.name for p in (view / "raw").iterdir()) == sorted(a.filename for a in ASSETS.values() if not a.optional)
+    assert sorted(p.name for p in (view / "cache").iterdir()) == ["bpe512-abc.json", "gpt2"]
+    assert (view / "raw" / ASSETS["sotu"].filename).read_bytes() == b"sotu"
 
 
 # ------------------------------------------------------------------------------------ config errors
@@ -224,8 +276,9 @@ def trained(tmp_path_factory):
 
 
 def latest(out_dir: Path) -> Path:
-    ckpt = out_dir / "ckpt"
-    return ckpt / (ckpt / "latest").read_text().strip()
+    from memstack.train.trainer import resolve_step_dir
+
+    return resolve_step_dir(out_dir / "ckpt")
 
 
 def test_train_prints_the_final_record(trained):

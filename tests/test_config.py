@@ -291,3 +291,26 @@ def test_overridden_float_reaches_the_config():
     data = apply_overrides(to_dict(ModelConfig()), ["backbone.norm_eps=1e-6", "backbone.rope_theta=5e5"])
     cfg = from_dict(ModelConfig, data)
     assert cfg.backbone.norm_eps == 1e-6 and cfg.backbone.rope_theta == 5e5
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_floats_are_refused_everywhere(bad):
+    # a range check written `x <= 0` lets NaN through: finiteness is checked once, for every config
+    with pytest.raises(ConfigError) as e:
+        BackboneConfig(rope_theta=bad, norm_eps=bad)
+    r = reasons_of(e)
+    assert [sum(x.startswith(f"{n} ") for x in r) for n in ("rope_theta", "norm_eps")] == [1, 1], r  # once each
+    if bad != float("-inf"):                                                # `<= 0` alone lets NaN and inf through
+        assert f"rope_theta must be a finite number, got {bad}" in r
+    with pytest.raises(ConfigError) as e:
+        from_dict(ModelConfig, {"backbone": {"init_std": bad}, "memories": [{"kind": "memory_tokens", "init_std": bad}]})
+    r = reasons_of(e)
+    assert r == [f"backbone.init_std: must be a finite number, got {bad!r}",
+                 f"memories.0.init_std: must be a finite number, got {bad!r}"], r
+
+
+def test_yaml_nan_override_is_refused(tmp_path):
+    data = apply_overrides({"backbone": {}}, ["backbone.rope_theta=.nan"])
+    with pytest.raises(ConfigError) as e:
+        from_dict(ModelConfig, data)
+    assert reasons_of(e) == ["backbone.rope_theta: must be a finite number, got nan"]

@@ -14,6 +14,9 @@ The rules, in order of importance:
   ``os.replace`` only after the hash has been checked, so a crash never leaves a half file.
 * Nothing here touches the network except :func:`fetch`.
 
+The derived data of an optional asset lives under ``cache_dir()/<asset name>/`` (so a view of the
+data dir without the optional assets -- tests/asset_views.py -- leaves out all of it).
+
 Verification of files already present is cached in ``raw/.verified.json`` by (size, mtime,
 ctime, inode), so repeated :func:`asset_path` calls do not re-hash megabytes each time.
 """
@@ -273,7 +276,8 @@ def asset_path(name: str) -> Path:
     asset = _asset(name)
     path = raw_dir() / asset.filename
     if not path.exists():
-        raise AssetError(f"asset {name!r} is missing (expected at {path}); {FETCH_HINT}")
+        hint = f"run `memstack data fetch {name}` (an optional asset)" if asset.optional else FETCH_HINT
+        raise AssetError(f"asset {name!r} is missing (expected at {path}); {hint}")
     ok, actual = _verify(asset, path)
     if not ok:
         raise _corrupted(asset, path, actual)

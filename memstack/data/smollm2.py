@@ -11,6 +11,9 @@ Tokenizer "smollm2": the GPT-2-style byte-level BPE (49,152 ids) that
 so parses the whole 98 MB file (minutes on a busy 2-core machine), so the rebuilt tokenizer is
 serialised once to ``tokenizer-<gguf sha>.json`` and later loaded with the `tokenizers` library
 alone. Needs the optional extra `memstack[hf]` (transformers, gguf, tokenizers).
+
+Chat template: the GGUF's ``tokenizer.chat_template`` (Jinja) with its BOS/EOS tokens, read once
+with the `gguf` package and cached as ``chat-template-<gguf sha>.json`` (`SmolLM2Tokenizer.chat_template`).
 """
 from __future__ import annotations
 
@@ -88,6 +91,35 @@ def _tokenizer_json() -> Path:
     return path
 
 
+def _chat_template() -> dict:
+    """{"template", "bos_token", "eos_token"} from the GGUF's metadata (read once, then cached)."""
+    path = model_dir() / f"chat-template-{GGUF_SHA256[:16]}.json"
+    if path.exists():
+        try:
+            doc = json.loads(path.read_text())
+            if doc.get("format") == TOKENIZER_FORMAT and doc.get("gguf_sha256") == GGUF_SHA256:
+                return doc["chat"]
+        except (OSError, ValueError, KeyError):
+            pass                                         # unreadable: rebuilt from the GGUF below
+    from gguf import GGUFReader
+
+    fields = GGUFReader(str(gguf_path())).fields
+
+    def get(key):
+        f = fields.get(key)
+        return None if f is None else f.contents()
+
+    tokens = get("tokenizer.ggml.tokens")
+    template = get("tokenizer.chat_template")
+    if not isinstance(template, str) or tokens is None:
+        raise AssetError(f"{gguf_path()} carries no chat template")
+    chat = {"template": template, "bos_token": tokens[get("tokenizer.ggml.bos_token_id")],
+            "eos_token": tokens[get("tokenizer.ggml.eos_token_id")]}
+    doc = {"format": TOKENIZER_FORMAT, "gguf_sha256": GGUF_SHA256, "chat": chat}
+    atomic_write_bytes(path, json.dumps(doc).encode())
+    return chat
+
+
 class SmolLM2Tokenizer:
     """memstack's Tokenizer interface over SmolLM2's byte-level BPE (49,152 ids, EOT = 0)."""
 
@@ -117,6 +149,11 @@ class SmolLM2Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    @functools.cached_property
+    def chat_template(self) -> dict:
+        """The instruct model's chat template: {"template" (Jinja), "bos_token", "eos_token"}."""
+        return _chat_template()
 
     def encode_many(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]

@@ -374,3 +374,36 @@ def encode_many(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
     """Encode many texts, in a batch when the tokenizer supports it."""
     batch = getattr(tokenizer, "encode_many", None)
     return batch(texts) if batch else [tokenizer.encode(t) for t in texts]
+
+
+def tokenizer_vocab(name: str) -> int:
+    """Vocabulary size of a tokenizer by name, without loading it."""
+    if name == "byte":
+        return 257
+    if name == "gpt2":
+        return 50257
+    if name in PRETRAINED_TOKENIZERS:
+        return PRETRAINED_TOKENIZERS[name]
+    if name.startswith("bpe") and name[3:].isdigit() and 258 <= int(name[3:]) <= 65536:
+        return int(name[3:])
+    from memstack.data.hf_tokenizer import hf_tokenizer_vocab, tokenizer_file
+
+    if tokenizer_file(name) is not None:       # a local Hugging Face tokenizer directory
+        return hf_tokenizer_vocab(name)
+    from memstack.errors import UnknownNameError
+
+    raise UnknownNameError("tokenizer", name, ["byte", "gpt2", "bpe<N> (258 <= N <= 65536)", *PRETRAINED_TOKENIZERS,
+                                               "a local Hugging Face tokenizer directory (a path)"])
+
+
+def tokenizer_reasons(name: str) -> list[str]:
+    """[] if `name` is a tokenizer memstack knows, else every reason (with the valid names)."""
+    from memstack.errors import ConfigError
+
+    try:
+        tokenizer_vocab(name)
+        return []
+    except ConfigError as e:      # a tokenizer directory that is missing or not a tokenizer.json
+        return list(e.reasons)
+    except KeyError as e:
+        return [str(e)]

@@ -1,21 +1,19 @@
 """Memory ablation: evaluate a trained model with its memory switched off, to show the memory is
 actually used (the evaluation drops when it is gone).
 
-What "switched off" means, per memory, through the interface only (so it applies to every
-registered memory, present and future):
+Each memory says how it is switched off (`Memory.ablate`, memory/base.py), so this applies to
+every registered memory, present and future. By default:
 
-- "reset"    -- a memory that carries state (`init_state` returns a state): its state is reset at
-                the start of every segment (`Memory.reset` with a mask of all rows), so each
-                segment starts from the memory's fresh state and nothing crosses a segment
-                boundary through it. Learned initial states (LM2's identity bank, the latents'
-                Z0) stay: they carry no information about the document. The document position
-                is not touched.
-- "identity" -- a stateless memory whose output can be closed (`make_identity()` returns True):
-                the model equals the backbone without it.
+- "identity" -- a memory whose output can be closed (`make_identity()`): the model equals the
+                backbone without it (Engram, PKM, RETRO, kNN-LM, the gated attention memories);
+- "reset"    -- a memory that cannot be closed but carries state: its state is reset at the start
+                of every segment (`Memory.reset` with a mask of all rows), so each segment starts
+                from the memory's fresh state and nothing crosses a segment boundary through it.
+                Learned initial states (the latents' Z0) stay: they carry no information about the
+                document. The document position is not touched;
 - "zero"     -- a stateless memory that cannot be closed (memory tokens, prefix-tuning): every
-                parameter of the memory is set to 0 (zero memory-token embeddings, zero prefix
-                keys and values). The slots remain and still take a share of the attention
-                (score 0) but bring no content.
+                parameter of the memory is set to 0. The slots remain and still take a share of
+                the attention (score 0) but bring no content.
 
 The ablated model is a copy; the original is left as it was.
 """
@@ -27,18 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from memstack.memory.base import Step
+from memstack.memory.base import Ablation, Step
 from memstack.memory.state import ModelState
 
-RESET, IDENTITY, ZERO = "reset", "identity", "zero"
-
-
-def ablation_mode(memory: nn.Module) -> str:
-    """How `ablated` switches this memory off (without changing it): reset, identity or zero."""
-    if memory.init_state(1, torch.device("cpu"), torch.float32) is not None:
-        return RESET
-    probe = copy.deepcopy(memory)
-    return IDENTITY if probe.make_identity() else ZERO
+RESET, IDENTITY, ZERO = Ablation.RESET.value, Ablation.IDENTITY.value, Ablation.ZERO.value
 
 
 class AblatedModel(nn.Module):
@@ -50,14 +40,7 @@ class AblatedModel(nn.Module):
         self.model = copy.deepcopy(model)
         self.modes: list[str] = []
         for mem in self.model.memory.memories:
-            mode = ablation_mode(mem)
-            if mode == IDENTITY:
-                mem.make_identity()
-            elif mode == ZERO:
-                with torch.no_grad():
-                    for p in mem.parameters():
-                        p.zero_()
-            self.modes.append(mode)
+            self.modes.append(Ablation(mem.ablate()).value)
         self._reset_any = RESET in self.modes
 
     @property

@@ -17,6 +17,7 @@ from torch import nn
 
 from memstack.config import Checked
 from memstack.data.packing import IGNORE, ExampleSource
+from memstack.data.tokenizers import tokenizer_reasons, tokenizer_vocab  # noqa: F401 (their home is data/)
 from memstack.memory.base import Step
 
 
@@ -147,40 +148,6 @@ def build_task(cfg: TaskConfig, seg_len: int, layout_seg_len: int | None = None)
     from memstack.registry import TASKS
 
     return TASKS.target_class(cfg.kind)(cfg, seg_len, layout_seg_len)
-
-
-def tokenizer_vocab(name: str) -> int:
-    """Vocabulary size of a tokenizer by name, without loading it."""
-    if name == "byte":
-        return 257
-    if name == "gpt2":
-        return 50257
-    from memstack.data.tokenizers import PRETRAINED_TOKENIZERS
-
-    if name in PRETRAINED_TOKENIZERS:
-        return PRETRAINED_TOKENIZERS[name]
-    if name.startswith("bpe") and name[3:].isdigit() and 258 <= int(name[3:]) <= 65536:
-        return int(name[3:])
-    from memstack.data.hf_tokenizer import hf_tokenizer_vocab, tokenizer_file
-
-    if tokenizer_file(name) is not None:
-        return hf_tokenizer_vocab(name)
-    from memstack.errors import UnknownNameError
-
-    raise UnknownNameError("tokenizer", name, ["byte", "gpt2", "bpe<N> (258 <= N <= 65536)", *PRETRAINED_TOKENIZERS,
-                                               "a local Hugging Face tokenizer directory (a path)"])
-
-
-def tokenizer_reasons(name: str) -> list[str]:
-    from memstack.errors import ConfigError
-
-    try:
-        tokenizer_vocab(name)
-        return []
-    except ConfigError as e:
-        return list(e.reasons)
-    except KeyError as e:
-        return [str(e)]
 
 
 @torch.no_grad()

@@ -37,6 +37,15 @@ from torch import Tensor, nn
 from memstack.config import BackboneConfig, MemoryConfig
 
 
+class Ablation(str, Enum):
+    """How a memory was switched off for an ablation (`Memory.ablate`)."""
+
+    IDENTITY = "identity"   # it now leaves the backbone's output unchanged: the model is the plain backbone
+    RESET = "reset"         # its state is wiped at every segment start (by the caller): nothing crosses a
+                            # segment through it; learned initial states, which hold no document, stay
+    ZERO = "zero"           # its parameters are zero: its slots remain but bring no content
+
+
 class Site(str, Enum):
     EMBED = "embed"
     ATTN = "attn"
@@ -219,6 +228,22 @@ class Memory(nn.Module):
         gate) and return True; return False if the memory has no such setting."""
         return False
 
+    def ablate(self) -> Ablation:
+        """Switch this memory off for an ablation -- in place: callers ablate a copy -- and say how
+        (`memstack eval --ablate-memory` and the bench's ablation ask every memory this). Default:
+        close it (`make_identity`) when it can be closed; else, when it carries state, have its
+        state reset at every segment start; else zero its parameters. Override when the family
+        knows a truer "off" (the ablated model must differ from the full one whenever the memory
+        has an effect; the contract tests check it for every registered memory)."""
+        if self.make_identity():
+            return Ablation.IDENTITY
+        if self.init_state(1, torch.device("cpu"), torch.float32) is not None:
+            return Ablation.RESET
+        with torch.no_grad():
+            for p in self.parameters():
+                p.zero_()
+        return Ablation.ZERO
+
     def prepare(self, state: Any, ctx: StepContext) -> None:
         """Called once per forward call, before the first block runs, for memories that override
         it: start work that depends only on the token ids (e.g. prefetching table rows from host
@@ -271,6 +296,14 @@ class Memory(nn.Module):
 
     def extra_repr(self) -> str:
         return f"sites={sorted(s.value for s in self.sites)}"
+
+
+def segment_so_far(pending: Tensor, new: Tensor, ctx: StepContext, dim: int = 1) -> Tensor:
+    """The current segment's entries: `pending` (what earlier chunks of the segment left) then
+    `new`, or `new` alone when this chunk opens a segment -- entries still pending from a segment
+    that never ended (its document stopped mid-segment, then the row was reset) belong to no
+    segment and must not be written into memory."""
+    return new if ctx.seg_start else torch.cat([pending, new], dim=dim)
 
 
 def dtype_bytes(dtype: torch.dtype) -> int:

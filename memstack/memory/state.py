@@ -15,10 +15,12 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from memstack.atomic import remove_unreferenced, save_tensors_versioned, sha256_file, write_json_atomic
-from memstack.errors import CheckpointError
+from memstack.atomic import (StoreLock, clean_temporaries, read_sealed, remove_unreferenced, save_tensors_versioned,
+                             sha256_file, tidy, versioned_name_re, write_sealed)
+from memstack.errors import CheckpointError, IntegrityError
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+STATE_KIND = "memstack-state"
 
 
 @dataclass
@@ -74,6 +76,18 @@ def allocated_nbytes(obj: Any) -> int:
     return sum(seen.values())
 
 
+def unique_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
+    """state_dict without aliases (tied embeddings are stored once, under their first name)."""
+    out, seen = {}, set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous().cpu()
+    return out
+
+
 # ----------------------------------------------------------------------------- save / load
 
 def _flatten(obj: Any, prefix: str, out: dict[str, Tensor]) -> Any:
@@ -108,53 +122,77 @@ def _state_class(path: str) -> type:
     return obj
 
 
-def _unflatten(skel: Any, tensors_: dict[str, Tensor], device: torch.device | str) -> Any:
+def _unflatten(skel: Any, tensors_: dict[str, Tensor], device: torch.device | str, named: set[str] | None = None) -> Any:
+    named = set() if named is None else named
     if isinstance(skel, dict):
         if "$tensor" in skel:
+            named.add(skel["$tensor"])
             return tensors_[skel["$tensor"]].to(device)
         if "$dataclass" in skel:
             cls = _state_class(skel["$dataclass"])
-            return cls(**{k: _unflatten(v, tensors_, device) for k, v in skel["fields"].items()})
+            return cls(**{k: _unflatten(v, tensors_, device, named) for k, v in skel["fields"].items()})
         if "$tuple" in skel:
-            return tuple(_unflatten(x, tensors_, device) for x in skel["$tuple"])
+            return tuple(_unflatten(x, tensors_, device, named) for x in skel["$tuple"])
         if "$list" in skel:
-            return [_unflatten(x, tensors_, device) for x in skel["$list"]]
+            return [_unflatten(x, tensors_, device, named) for x in skel["$list"]]
+        raise ValueError(f"unknown state node {sorted(skel)}")
     return skel
 
 
-def save_state(state: ModelState, path: str | Path, kinds: list[str]) -> None:
-    """Write a model state as the manifest `<path>.json` (structure, kinds, checksum) and a
-    content-named tensor file beside it. A crash at any point leaves the previous version intact."""
+def save_state(state: ModelState, path: str | Path, kinds: list[str]) -> str:
+    """Write a model state as the sealed manifest `<path>.json` (structure, kinds, the tensor
+    file's SHA-256) and a content-named tensor file beside it. A crash at any point leaves the
+    previous version intact; temporaries of crashed writers are removed. Returns the manifest's
+    checksum (what a checkpoint records to sign it)."""
     path = Path(path)
     flat: dict[str, Tensor] = {}
     skel = _flatten(state, "state", flat)   # fails on an unsaveable state before anything is written
-    json.dumps(skel)
+    json.dumps(skel, allow_nan=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     manifest = path.with_name(path.name + ".json")
-    name, sha = save_tensors_versioned(flat, path.parent, path.name)
-    write_json_atomic(manifest, {"format": STATE_FORMAT, "kinds": kinds, "skeleton": skel, "tensors": name, "sha256": sha})
-    remove_unreferenced(path.parent, path.name, {name})
+    with StoreLock(path.parent):
+        clean_temporaries(path.parent)
+        name, sha = save_tensors_versioned(flat, path.parent, path.name)
+        checksum = write_sealed(manifest, STATE_KIND, STATE_FORMAT, {"kinds": list(kinds), "skeleton": skel,
+                                                                       "tensors": name, "sha256": sha})
+        remove_unreferenced(path.parent, path.name, {name})
+    return checksum
 
 
-def load_state(path: str | Path, kinds: list[str], device: torch.device | str = "cpu") -> ModelState:
-    """Read a state written by `save_state`; refuses a corrupted file or one from other memories."""
+def state_manifest(path: str | Path) -> dict:
+    """The verified manifest of a state saved at `path` (IntegrityError naming the file otherwise)."""
+    path = Path(path)
+    return read_sealed(path.with_name(path.name + ".json"), STATE_KIND, STATE_FORMAT,
+                       {"kinds": list, "skeleton": (dict, list, type(None), str, int, float, bool), "tensors": str,
+                        "sha256": str}, older=f"run `memstack migrate {path.parent}` to verify it and add the checksums")
+
+
+def load_state(path: str | Path, kinds: list[str], device: torch.device | str = "cpu", expect: str | None = None) -> ModelState:
+    """Read a state written by `save_state`; refuses a corrupted or edited file, one from other
+    memories, or (with `expect`) one whose manifest is not the one a checkpoint recorded."""
     from safetensors.torch import load_file
 
     path = Path(path)
     manifest = path.with_name(path.name + ".json")
     if not manifest.is_file():
         raise CheckpointError(f"no saved state at {path} (expected {manifest.name})")
-    try:
-        meta = json.loads(manifest.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{manifest} is corrupted: {e}") from None
-    if meta.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{manifest}: state format {meta.get('format')} is not supported (expected {STATE_FORMAT})")
-    if meta.get("kinds") != kinds:
-        raise CheckpointError(f"{path}: state was saved for memories {meta.get('kinds')}, this model has {kinds}")
-    tpath = path.parent / str(meta.get("tensors"))
-    if not tpath.is_file():
+    tidy(path.parent, lambda: {path.name: state_manifest(path)["tensors"]})    # what a crashed save left
+    meta = state_manifest(path)
+    if expect is not None and meta["checksum"] != expect:
+        raise IntegrityError(f"{manifest} is not the state its checkpoint recorded (its checksum differs)")
+    if meta["kinds"] != list(kinds):
+        raise CheckpointError(f"{path}: state was saved for memories {meta['kinds']}, this model has {list(kinds)}")
+    tpath = path.parent / meta["tensors"]
+    if not versioned_name_re(path.name).fullmatch(meta["tensors"]) or not tpath.is_file():
         raise CheckpointError(f"{manifest} names {tpath.name}, which is missing")
-    if sha256_file(tpath) != meta.get("sha256"):
+    if sha256_file(tpath) != meta["sha256"]:
         raise CheckpointError(f"{tpath}: checksum mismatch -- the file is corrupted or was modified")
-    return _unflatten(meta["skeleton"], load_file(str(tpath)), device)
+    tensors_ = load_file(str(tpath))
+    named: set[str] = set()
+    try:
+        out = _unflatten(meta["skeleton"], tensors_, device, named)
+    except (KeyError, TypeError, ValueError) as e:
+        raise IntegrityError(f"{manifest}: its structure does not fit its tensors ({e})") from None
+    if named != set(tensors_) or not isinstance(out, ModelState):
+        raise IntegrityError(f"{manifest}: its structure does not fit its tensor file {tpath.name}")
+    return out

@@ -4,33 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from memstack.config import Checked
-
-
-@dataclass(frozen=True)
-class GroupConfig(Checked):
-    """Optimizer settings for a named parameter group (memories assign parameters to groups).
-
-    optimizer: "adamw" (dense, torch.optim.AdamW), or one of the row-sparse optimizers of
-    train/optim.py that accept sparse gradients and touch only the rows a step touched:
-    "adam" (lazy Adam, per-row step counts) and "rowwise_adagrad" (one state scalar per row).
-    Parameters with sparse gradients (table rows) must be in a row-sparse group.
-    """
-
-    lr_scale: float = 1.0
-    weight_decay: float | None = None     # None: the run's weight_decay (a memory's own group: 0)
-    optimizer: Literal["adamw", "adam", "rowwise_adagrad"] = "adamw"
-    eps: float = 1e-8
-
-    def check(self) -> list[str]:
-        r = [] if self.lr_scale > 0 else [f"lr_scale must be > 0, got {self.lr_scale}"]
-        if self.weight_decay is not None and self.weight_decay < 0:
-            r.append(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.optimizer not in ("adamw", "adam", "rowwise_adagrad"):
-            r.append(f"optimizer must be adamw, adam or rowwise_adagrad, got {self.optimizer!r}")
-        if not self.eps > 0:
-            r.append(f"eps must be > 0, got {self.eps}")
-        return r
+from memstack.config import Checked, GroupConfig  # noqa: F401 (GroupConfig: defined with the configs below memory)
 
 
 @dataclass(frozen=True)

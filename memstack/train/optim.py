@@ -9,7 +9,7 @@ A memory may give its groups defaults (`optim_defaults()`, e.g. Engram's tables:
 the base learning rate, no weight decay); `TrainConfig.groups` overrides them.
 
 Groups whose optimizer is "adam" or "rowwise_adagrad" go to the row-sparse optimizer
-(train/sparse_optim.py), which takes sparse gradients; a parameter marked `sparse_grad` (table
+(memory/sparse/row_optim.py), which takes sparse gradients; a parameter marked `sparse_grad` (table
 rows, whose gradient is sparse) in an "adamw" group is refused with the fix.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig):
     """torch.optim.AdamW over the dense groups; with row-sparse groups, a MultiOptimizer of
     AdamW and the row-sparse optimizer (same param_groups / state_dict interface)."""
     from memstack.errors import ConfigError
-    from memstack.train.sparse_optim import MultiOptimizer, RowSparseOptimizer
+    from memstack.memory.sparse.row_optim import MultiOptimizer, RowSparseOptimizer
 
     defaults = group_defaults(model)
     dense, sparse, bad = [], [], []

@@ -89,10 +89,11 @@ def run_config_from_dict(data: dict[str, Any]) -> RunConfig:
 def run_training(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True) -> dict:
     """Train (data-parallel under torchrun), checkpoint to out_dir, return the final record."""
     from memstack.backbone.model import build_model
-    from memstack.train.distributed import init_distributed, shutdown
+    from memstack.train.distributed import barrier, init_distributed, shutdown
     from memstack.train.trainer import Trainer
 
     dist = init_distributed(cfg.device)
+    trainer = None
     try:
         task = build_task(cfg.task, cfg.model.seg_len)
         torch.manual_seed(cfg.train.seed)
@@ -122,8 +123,11 @@ def run_training(cfg: RunConfig, resume: str | Path | None = None, progress: boo
             trainer.resume(resume)
         rec = trainer.fit(progress=progress)
         rec["params"] = model.num_params()
+        barrier(dist)                 # every rank is done communicating (rank 0 saved last) before any tears down
         return rec
     finally:
+        if trainer is not None:
+            trainer.close()           # the process group is released here, not at interpreter exit
         shutdown(dist)
 
 
@@ -135,10 +139,8 @@ def latest_checkpoint(path: str | Path) -> Path:
     if (path / "config.json").is_file():
         return path
     for p in (path, path / "ckpt"):
-        try:
-            return resolve_step_dir(p)
-        except CheckpointError:
-            continue
+        if (p / "trainer.json").is_file() or (p / "latest").is_file() or any(p.glob("step-*")):
+            return resolve_step_dir(p)       # a damaged pointer or step is an error, never skipped
     raise CheckpointError(f"no checkpoint found at {path} (expected config.json, or a trainer 'latest' pointer)")
 
 

@@ -8,11 +8,16 @@ the trainer's state and is checkpointed with it, so a resumed run continues bit 
 
 Checkpoints: `<dir>/step-XXXXXXX/` is written in full under a temporary name and renamed, then
 `<dir>/latest` is replaced atomically; a crash mid-save leaves the previous checkpoint intact.
+Every document is sealed (memstack/atomic.py) and signs what it names: `latest` records the
+checksum of the step's trainer.json, which records the SHA-256 of optim.safetensors and the
+checksums of the model's config.json and of the carried state's manifest.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
+import re
 import shutil
 import time
 from contextlib import nullcontext
@@ -22,7 +27,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
-from memstack.atomic import write_json_atomic
+from memstack.atomic import read_sealed, sha256_file, write_sealed
 from memstack.checkpoint import load_weights, save_checkpoint
 from memstack.config import to_dict
 from memstack.data.packing import Batch
@@ -31,10 +36,13 @@ from memstack.memory.state import ModelState, detach, load_state, save_state, tr
 from memstack.train.config import TrainConfig
 from memstack.train.distributed import DistInfo, all_reduce_sum
 from memstack.train.optim import apply_trainable, build_optimizer, lr_at, set_lr
-from memstack.train.sparse_optim import grad_norm_and_clip
+from memstack.memory.sparse.row_optim import grad_norm_and_clip
 from memstack.train.segments import SegmentLoop
 
-TRAINER_FORMAT = 1
+TRAINER_FORMAT = 2
+TRAINER_KIND, LATEST_KIND = "memstack-trainer-state", "memstack-trainer-latest"
+_TRAINER_FIELDS = {"step": int, "tokens": int, "target_tokens": int, "train": dict, "source": dict, "param_groups": list,
+                   "has_state": bool, "world": int, "optim_sha256": str, "config": str, "carry": (str, type(None))}
 
 
 class Source(Protocol):
@@ -166,6 +174,14 @@ class Trainer:
             self.save(self.out_dir / "ckpt")
         return rec
 
+    def close(self) -> None:
+        """Drop the data-parallel wrapper now, while the interpreter is fully alive. Its reducer
+        holds the process group and the last step's communication work; left to interpreter exit,
+        destroying gloo's pending work aborts the process ("terminate called without an active
+        exception", SIGABRT) -- after a run that succeeded, on whichever rank exits first."""
+        self.loop = None
+        gc.collect()
+
     def _eval(self) -> dict:
         self.model.eval()
         try:
@@ -198,8 +214,8 @@ class Trainer:
             return None
         if not self.sharded:
             root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob(".tmp-step-*"):  # left by a crash during an earlier save
-                shutil.rmtree(stale, ignore_errors=True)
+            clean_step_leftovers(root)             # left by a crash during an earlier save
+            shutil.rmtree(tmp, ignore_errors=True)  # ... or by a save of this process that raised
             tmp.mkdir()
         save_checkpoint(self.model, tmp, meta=self.meta)
         from safetensors.torch import save_file
@@ -207,23 +223,24 @@ class Trainer:
         flat, groups = _flatten_optimizer(self.opt.state_dict(), self._shard_pids())
         flat["rng.torch"] = torch.get_rng_state()
         save_file(flat, str(tmp / "optim.safetensors"))
-        if state is not None:
-            save_state(state, tmp / "carry", self.model.memory.kinds)
-        write_json_atomic(tmp / "trainer.json", {
-            "format": TRAINER_FORMAT, "step": self.step, "tokens": self.tokens, "target_tokens": self.target_tokens,
+        carry = save_state(state, tmp / "carry", self.model.memory.kinds) if state is not None else None
+        trainer_sum = write_sealed(tmp / "trainer.json", TRAINER_KIND, TRAINER_FORMAT, {
+            "step": self.step, "tokens": self.tokens, "target_tokens": self.target_tokens,
             "train": to_dict(self.cfg), "source": self.source.state_dict(), "param_groups": groups,
-            "has_state": state is not None, "world": self.dist.world})
+            "has_state": state is not None, "world": self.dist.world, "optim_sha256": sha256_file(tmp / "optim.safetensors"),
+            "config": read_sealed(tmp / "config.json", "memstack-checkpoint", 2)["checksum"], "carry": carry})
         old = None
         if final.exists():  # saving the same step again: move the old copy aside, never delete first
             old = root / f".old-{final.name}-{os.getpid()}"
             os.replace(final, old)
         os.replace(tmp, final)
-        (root / "latest.tmp").write_text(final.name)
-        os.replace(root / "latest.tmp", root / "latest")
+        write_sealed(root / "latest", LATEST_KIND, TRAINER_FORMAT, {"step": final.name, "trainer": trainer_sum})
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         for stale in sorted(root.glob("step-*"))[:-2]:  # keep the last two
-            shutil.rmtree(stale, ignore_errors=True)
+            gone = root / f".old-{stale.name}-{os.getpid()}"
+            os.replace(stale, gone)                     # renamed first: a crash mid-delete leaves no half step
+            shutil.rmtree(gone, ignore_errors=True)
         return final
 
     def _shard_pids(self) -> set[int]:
@@ -242,8 +259,8 @@ class Trainer:
 
         if self.dist.is_main:
             root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob(".tmp-step-*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            clean_step_leftovers(root)
+            shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         box = [str(tmp)]
         tdist.broadcast_object_list(box, src=0)
@@ -273,13 +290,16 @@ class Trainer:
         """Restore model, optimizer, carried memory state, data position and counters."""
         from safetensors.torch import load_file
 
-        path = resolve_step_dir(Path(path))
-        tj = path / "trainer.json"
-        if not tj.is_file():
-            raise CheckpointError(f"{path} is not a trainer checkpoint (no trainer.json)")
-        meta = json.loads(tj.read_text())
-        if meta.get("format") != TRAINER_FORMAT:
-            raise CheckpointError(f"{tj}: trainer format {meta.get('format')} not supported")
+        path = Path(path)
+        if (path / "latest").is_file():
+            clean_step_leftovers(path)             # a crashed save's directories, on the next open
+        path = resolve_step_dir(path)
+        meta = trainer_manifest(path)
+        if read_sealed(path / "config.json", "memstack-checkpoint", 2)["checksum"] != meta["config"]:
+            raise CheckpointError(f"{path / 'config.json'} is not the model config its trainer.json recorded")
+        if not (path / "optim.safetensors").is_file() or sha256_file(path / "optim.safetensors") != meta["optim_sha256"]:
+            raise CheckpointError(f"{path / 'optim.safetensors'}: missing or checksum mismatch -- the optimizer state is "
+                                  "corrupted")
         load_weights(self.model, path)
         flat = load_file(str(path / "optim.safetensors"))
         torch.set_rng_state(flat.pop("rng.torch"))
@@ -300,21 +320,64 @@ class Trainer:
             load_state_shards(self.model, self.opt, path)
         self.state = None
         if meta["has_state"]:
-            state = load_state(path / "carry", self.model.memory.kinds, self.dist.device)
+            state = load_state(path / "carry", self.model.memory.kinds, self.dist.device, expect=meta["carry"])
             B = state.batch_size // self.dist.world  # this rank's rows of the global batch
             self.state = tree_map(lambda t: t[self.dist.rank * B:(self.dist.rank + 1) * B], state)
         self.source.load_state_dict(meta["source"])
         self.step, self.tokens, self.target_tokens = meta["step"], meta["tokens"], meta["target_tokens"]
 
 
+def clean_step_leftovers(root: Path) -> list[Path]:
+    """Remove what a save left when its process died: `.tmp-step-*-<pid>` / `.old-step-*-<pid>`
+    directories and temporary files of dead writers (a live writer's are kept), and step
+    directories newer than the one `latest` names -- a step exists once `latest` says so (a save
+    killed between publishing the directory and moving `latest`). Returns what was removed."""
+    from memstack.atomic import _alive, clean_temporaries
+
+    removed = clean_temporaries(root) if root.is_dir() else []
+    for d in list(root.glob(".tmp-step-*-*")) + list(root.glob(".old-step-*-*")):
+        pid = d.name.rsplit("-", 1)[-1]
+        if d.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    try:
+        named = read_sealed(root / "latest", LATEST_KIND, TRAINER_FORMAT, {"step": str})["step"]
+    except CheckpointError:
+        return removed                              # no readable pointer: leave every step alone
+    for d in root.glob("step-*"):
+        if d.is_dir() and d.name > named:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def trainer_manifest(path: Path) -> dict:
+    """The verified trainer.json of step directory `path`."""
+    tj = path / "trainer.json"
+    if not tj.is_file():
+        raise CheckpointError(f"{path} is not a trainer checkpoint (no trainer.json)")
+    return read_sealed(tj, TRAINER_KIND, TRAINER_FORMAT, _TRAINER_FIELDS,
+                       older=f"run `memstack migrate {path}` to verify it and add the checksums")
+
+
 def resolve_step_dir(path: Path) -> Path:
-    """A trainer checkpoint dir: `path` itself, or what `path/latest` names; if `latest` names a
-    directory that is gone, the newest complete step-* directory."""
+    """A trainer checkpoint dir: `path` itself, or what `path/latest` names (verified: `latest`
+    signs the step's trainer.json); if `latest` names a directory that is gone, the newest
+    complete step-* directory. A corrupted `latest` is an error, never skipped."""
     if (path / "trainer.json").is_file():
         return path
     if (path / "latest").is_file():
-        named = path / (path / "latest").read_text().strip()
+        if re.fullmatch(r"step-\d+\s*", (path / "latest").read_text(errors="replace")):
+            raise CheckpointError(f"{path / 'latest'} was written by an older memstack without checksums: run "
+                                  f"`memstack migrate {path}` to verify the checkpoint and add them")
+        doc = read_sealed(path / "latest", LATEST_KIND, TRAINER_FORMAT, {"step": str, "trainer": str},
+                          older=f"run `memstack migrate {path}` to verify it and add the checksums")
+        named = path / doc["step"]
+        if not named.name.startswith("step-") or named.parent != path:
+            raise CheckpointError(f"{path / 'latest'} names {doc['step']!r}, not a step of this directory")
         if (named / "trainer.json").is_file():
+            if trainer_manifest(named)["checksum"] != doc["trainer"]:
+                raise CheckpointError(f"{named / 'trainer.json'} is not the one {path / 'latest'} recorded (replaced?)")
             return named
     steps = [p for p in sorted(path.glob("step-*")) if (p / "trainer.json").is_file()]
     if steps:

@@ -10,7 +10,10 @@ is tested without anyone editing this file:
   changes the output once it has something to say;
 - state survives save/load: continuing from a reloaded state equals continuing from the original;
 - `MemorySpec` predicts the held state exactly and bounds the allocation;
-- rows are independent, and a per-row reset makes that row equal to a fresh run;
+- rows are independent, and a per-row reset makes that row equal to a fresh run -- also when the
+  old document stopped mid-segment (and mid-chunk);
+- the memory switches itself off for an ablation (`Memory.ablate`): the ablated model differs from
+  the full one wherever the memory has an effect, and equals the plain backbone where it closes;
 - the memory's parameters (if any) receive gradient from the training loss (LM + auxiliary losses);
 - bad config fields are refused with every reason.
 """
@@ -121,6 +124,31 @@ def test_identity_or_effect(name, fields):
 
 
 @pytest.mark.parametrize("name,fields", CASES)
+def test_ablation_switches_the_memory_off(name, fields):
+    from memstack.evals.ablation import ablated
+
+    model = make(name, fields).eval()
+    plain = build_model(ModelConfig(BACKBONE, ())).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)
+    tokens = torch.randint(0, 97, (2, 3 * S))
+    with torch.no_grad():
+        base = torch.cat([plain(tokens[:, s * S:(s + 1) * S])[0].logits for s in range(3)], 1)
+        full, _ = run_whole(model, tokens)
+        off_model = ablated(model)
+        off, _ = run_whole(off_model, tokens)
+        again, _ = run_whole(model, tokens)
+    mode = off_model.modes[0]
+    assert torch.equal(again, full)                                     # the model itself is untouched
+    effect = float((full - base).abs().max())
+    if mode == "identity":
+        assert_close(off, base)
+    if effect > 1e-3:
+        assert (off - full).abs().max() > 1e-3, f"{name}: the ablated model ({mode}) equals the full one"
+    else:   # a memory without an effect here (a pure cache, nothing stored) must say it closes
+        assert mode == "identity", (name, mode, effect)
+
+
+@pytest.mark.parametrize("name,fields", CASES)
 def test_state_survives_save_load(name, fields, tmp_path):
     model = make(name, fields).eval()
     tokens = torch.randint(0, 97, (2, 3 * S))
@@ -154,8 +182,10 @@ def test_spec_predicts_state_and_bounds_allocation(name, fields, grad):
 
 @pytest.mark.parametrize("name,fields", CASES)
 def test_rows_independent_and_reset_isolates_a_row(name, fields):
+    """Row 0 starts a new document at segment 2 while row 1 goes on; two segments after the reset
+    are compared, so state that only shows once the first new segment is written is seen too."""
     model = make(name, fields).eval()
-    a, b = torch.randint(0, 97, (1, 3 * S)), torch.randint(0, 97, (1, 3 * S))
+    a, b = torch.randint(0, 97, (1, 4 * S)), torch.randint(0, 97, (1, 4 * S))
     with torch.no_grad():
         both, _ = run_whole(model, torch.cat([a, b]), {2: torch.tensor([True, False])})
         alone_b, _ = run_whole(model, b)
@@ -201,3 +231,34 @@ def test_declared_sites_have_hooks(name):
     for site, names in hooks.items():
         if site not in cls.sites:
             assert all(getattr(cls, h) is getattr(Memory, h) for h in names), f"{name} overrides {names} without declaring {site}"
+
+
+@pytest.mark.parametrize("name,fields", CASES)
+def test_reset_after_a_ragged_chunk_equals_a_fresh_run(name, fields):
+    """A document that stops mid-segment (and mid-chunk, for memories that work in chunks), then
+    every row is reset for a new document: the new document must not see anything of the old one
+    -- partial-chunk buffers and pending writes included -- whole or decoded token by token."""
+    model = make(name, fields).eval()
+    old, new = torch.randint(0, 97, (2, S + 5)), torch.randint(0, 97, (2, 2 * S))
+    every = torch.ones(2, dtype=torch.bool)
+    with torch.no_grad():
+        fresh, _ = run_whole(model, new)
+        _, state = model(old[:, :S], None, Step())
+        _, state = model(old[:, S:], state, Step(seg_start=True, seg_end=False))      # 5 tokens, then the document ends
+        got, _ = run_whole(model, new, {0: every}, state)
+        dec = decoding_model(model)                  # the same, decoded: a prefill, then one token at a time
+        st = dec.init_state(2)
+        for chunk, step in ((old[:, :S], Step()), (old[:, S:S + 3], Step(seg_start=True, seg_end=False)),
+                            (old[:, S + 3:S + 4], Step(seg_start=False, seg_end=False)),
+                            (old[:, S + 4:S + 5], Step(seg_start=False, seg_end=False))):
+            _, st = dec(chunk, st, step)
+        outs = []
+        for s in range(2):
+            seg = new[:, s * S:(s + 1) * S]
+            out, st = dec(seg[:, :7], st, Step(reset=every if s == 0 else None, seg_start=True, seg_end=False))
+            outs.append(out.logits)
+            for i in range(7, S):
+                out, st = dec(seg[:, i:i + 1], st, Step(seg_start=False, seg_end=i == S - 1))
+                outs.append(out.logits)
+    assert_close(got, fresh)
+    assert_close(torch.cat(outs, 1), fresh)

@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from memstack.atomic import write_sealed
 from memstack.backbone.model import build_model
 from memstack.checkpoint import save_checkpoint
 from memstack.config import BackboneConfig
@@ -104,9 +105,12 @@ def test_corrupted_or_foreign_disk_files_are_refused(tmp_path):
     manifest = sorted(d.glob("*.kv.json"))[0]
     meta = json.loads(manifest.read_text())
     meta["namespace"]["tokenizer"] = "gpt2"
-    (d / "foreign.kv.json").write_text(json.dumps(meta))
+    body = {k: v for k, v in meta.items() if k not in ("kind", "format", "checksum")}
+    write_sealed(d / "foreign.kv.json", meta["kind"], meta["format"], body)      # intact, but another namespace's
+    (d / "edited.kv.json").write_text(json.dumps(meta))                            # an edit without re-sealing
     eng2 = Engine(model, EngineConfig(block_size=4, num_blocks=64, disk_cache_dir=str(tmp_path)))
     assert any("foreign.kv.json: tokenizer: stored 'gpt2'" in r for r in eng2.tiers.disk.refused)
+    assert any("edited.kv.json" in r and "fails its checksum" in r for r in eng2.tiers.disk.refused)
     got = run(eng2, p)
     assert got.cached_tokens == 0 and any("checksum mismatch" in r for r in eng2.tiers.disk.refused)
     same(got, recompute(model, p))
@@ -163,3 +167,27 @@ def test_export_import_round_trip_and_refusals(tmp_path):
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         fresh.sessions.import_(tmp_path / "prefix.kv")
     assert fresh.pool.num_free == 32                                              # nothing half-loaded
+
+
+def test_export_binds_tokens_to_their_kv_and_keeps_other_exports(tmp_path):
+    """An edited token id is refused (the seal), and so is one re-sealed by hand (the stored keys
+    are no longer the hash chain of the tokens); exporting `s` leaves the files of `s-v2`."""
+    model = tiny()
+    src = Engine(model, EngineConfig(block_size=4, num_blocks=32))
+    h = src.sessions.pin(torch.randint(0, V, (16,)).tolist())
+    src.sessions.export(h, tmp_path / "s-v2")
+    src.sessions.export(h, tmp_path / "s")
+    src.sessions.export(h, tmp_path / "s")                                       # again: replaces its own file only
+    assert len(list(tmp_path.glob("s-v2-*.safetensors"))) == 1 and len(list(tmp_path.glob("s-????????????.safetensors"))) == 1
+    Engine(model, EngineConfig(block_size=4, num_blocks=32)).sessions.import_(tmp_path / "s-v2")
+    mf = tmp_path / "s.json"
+    meta = json.loads(mf.read_text())
+    meta["tokens"][5] = (meta["tokens"][5] + 1) % V
+    mf.write_text(json.dumps(meta, indent=1) + "\n")
+    dst = Engine(model, EngineConfig(block_size=4, num_blocks=32))
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        dst.sessions.import_(tmp_path / "s")
+    write_sealed(mf, meta["kind"], meta["format"], {k: v for k, v in meta.items() if k not in ("kind", "format", "checksum")})
+    with pytest.raises(CheckpointError, match="not the hash chain of its tokens"):
+        dst.sessions.import_(tmp_path / "s")
+    assert dst.pool.num_free == 32

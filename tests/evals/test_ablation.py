@@ -1,7 +1,8 @@
-"""Memory ablation: every memory is switched off through the interface (reset at every segment,
-identity, or zeroed parameters), the ablated model is a copy, and the switch is exact: XL reset at
-every segment is the plain backbone; LM2 reset at every segment is each segment from a fresh
-bank. The CLI (`eval --ablate-memory`) and the harness (`ablate: true`) report both evaluations."""
+"""Memory ablation: every memory is switched off through the interface (`Memory.ablate`: closed to
+an identity, reset at every segment, or zeroed parameters), the ablated model is a copy, and the
+switch is exact: XL reset at every segment is the plain backbone; latents reset at every segment
+are each segment from a fresh Z0. (tests/contract checks every registered memory: the ablated
+model differs from the full one, and equals the plain backbone where the memory closes.) The CLI (`eval --ablate-memory`) and the harness (`ablate: true`) report both evaluations."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,7 @@ import torch
 
 from memstack.backbone.model import build_model
 from memstack.config import BackboneConfig, ModelConfig
-from memstack.evals.ablation import ablated, ablation_mode, evaluate_with_ablation
+from memstack.evals.ablation import ablated, evaluate_with_ablation
 from memstack.memory.base import Step
 from memstack.registry import MEMORIES, memory_config
 from tolerances import assert_close
@@ -39,16 +40,21 @@ def segments(model, tokens, state=None, resets=None):
     return outs, state
 
 
-@pytest.mark.parametrize("kind,mode", [("none", "identity"), ("xl", "reset"), ("compressive", "reset"), ("lm2", "reset"),
+def ablate(kind: str) -> str:
+    return MEMORIES.target_class(kind)(MEMORIES.default_config(kind), B).ablate().value
+
+
+@pytest.mark.parametrize("kind,mode", [("none", "identity"), ("xl", "reset"), ("compressive", "reset"), ("lm2", "identity"),
                                        ("latents", "reset"), ("memory_tokens", "zero"), ("prefix", "zero"),
-                                       ("kv_dense", "reset")])
+                                       ("kv_dense", "reset"), ("engram", "identity"), ("retro", "identity"),
+                                       ("pkm", "identity"), ("knn_lm", "identity")])
 def test_modes(kind, mode):
-    assert ablation_mode(MEMORIES.target_class(kind)(MEMORIES.default_config(kind), B)) == mode
+    assert ablate(kind) == mode
 
 
 def test_every_registered_memory_has_a_mode():
     for kind in MEMORIES.names():
-        assert ablation_mode(MEMORIES.target_class(kind)(MEMORIES.default_config(kind), B)) in ("reset", "identity", "zero")
+        assert ablate(kind) in ("reset", "identity", "zero")
 
 
 def test_xl_reset_at_every_segment_is_the_plain_backbone():
@@ -65,8 +71,8 @@ def test_xl_reset_at_every_segment_is_the_plain_backbone():
     assert (normal[2] - got[2]).abs().max() > 1e-4            # the memory did matter
 
 
-def test_lm2_reset_keeps_positions_and_starts_every_segment_from_a_fresh_bank():
-    m = build("lm2", n_slots=4, n_heads=2)
+def test_latents_reset_keeps_positions_and_starts_every_segment_from_a_fresh_z0():
+    m = build("latents", n_latents=4, n_heads=2)
     tokens = torch.randint(0, 53, (2, 3 * S))
     with torch.no_grad():
         got, st = segments(ablated(m), tokens)

@@ -173,20 +173,26 @@ def test_load_refuses_corrupted_tensor_file(tmp_path):
 
 
 def test_load_refuses_corrupted_or_foreign_metadata(tmp_path):
+    from memstack.atomic import write_sealed
+
     model = build_model(tiny(), [XLConfig(mem_len=4)])
     save_state(model.init_state(1), tmp_path / "s", ["xl"])
     j = tmp_path / "s.json"
     meta = json.loads(j.read_text())
     j.write_text(json.dumps({**meta, "format": 99}))
-    with pytest.raises(CheckpointError, match="state format 99 is not supported"):
+    with pytest.raises(CheckpointError, match="has format 99; this memstack reads format 2"):
         load_state(tmp_path / "s", ["xl"])
-    # a skeleton naming a class that is not loaded is refused, not imported
-    skel = json.dumps(meta).replace("memstack.memory.learned.xl:XLState", "os:system")
-    j.write_text(skel)
+    j.write_text(json.dumps({**meta, "kinds": ["xl", "xl"]}, indent=1) + "\n")       # an edit: the seal breaks
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        load_state(tmp_path / "s", ["xl"])
+    # a skeleton naming a class that is not loaded is refused, not imported (even re-sealed)
+    body = json.loads(json.dumps({k: v for k, v in meta.items() if k not in ("kind", "format", "checksum")})
+                      .replace("memstack.memory.learned.xl:XLState", "os:system"))
+    write_sealed(j, meta["kind"], meta["format"], body)
     with pytest.raises(CheckpointError, match="not a state class of this model"):
         load_state(tmp_path / "s", ["xl"])
     j.write_text("{broken")
-    with pytest.raises(CheckpointError, match="is corrupted"):
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
         load_state(tmp_path / "s", ["xl"])
 
 

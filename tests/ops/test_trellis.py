@@ -70,14 +70,17 @@ def test_chunked_fp32_no_less_accurate_than_reference(T, chunk, poison_empty):
         assert err_f <= 2 * (err_r + t32["atol"] + t32["rtol"] * scale), (name, err_f, err_r, scale)
 
 
-def test_masked_tokens_are_skipped():
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_masked_tokens_are_skipped(chunk):
+    """Skipped tokens leave the write as if they were not there, chunk grouping included (a
+    reset's invalidated window entries must not shift the chunks of a fresh document)."""
     K0, V0, k, v, alpha, theta, _ = inputs(2, 2, 4, 6, 9)
     mask = torch.ones(2, 9, dtype=torch.bool)
-    mask[0, 3], mask[1, [0, 8]] = False, False
-    K, V = trellis_write_ref(K0, V0, k, v, alpha, theta, mask)
+    mask[0, 3], mask[1, [0, 1, 8]] = False, False
+    K, V = trellis_write_ref(K0, V0, k, v, alpha, theta, mask, chunk=chunk)
     for row, keep in enumerate(mask):
         Kr, Vr = trellis_write_ref(K0[row:row + 1], V0[row:row + 1], k[row:row + 1, :, keep], v[row:row + 1, :, keep],
-                                   alpha[row:row + 1, :, keep], theta[row:row + 1, :, keep])
+                                   alpha[row:row + 1, :, keep], theta[row:row + 1, :, keep], chunk=chunk)
         assert_close(K[row:row + 1], Kr)
         assert_close(V[row:row + 1], Vr)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,11 +28,6 @@ device: cpu
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items()
@@ -45,12 +39,14 @@ def _env() -> dict:
 def train(config: Path, out: Path, nproc: int = 1, resume: Path | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable]
     if nproc > 1:
-        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}"]
+        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                "--standalone"]     # the launcher binds a free port itself: no port picked here and raced for
     cmd += ["-m", "memstack", "train", "--config", str(config), "--out", str(out), "--no-progress"]
     if resume is not None:
         cmd += ["--resume", str(resume)]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=180)
+    # generous: three of these run per module, each importing torch in 2-3 processes; on a shared
+    # 2-core machine under load one took over 180 s (a deadline guards against hangs, not speed)
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> None:

@@ -16,7 +16,7 @@ from memstack.memory.sparse.config import EngramConfig, PKMConfig
 from memstack.ops.gather import gather_rows
 from memstack.train.config import GroupConfig, TrainConfig
 from memstack.train.optim import build_optimizer
-from memstack.train.sparse_optim import MultiOptimizer, RowSparseOptimizer, grad_norm_and_clip
+from memstack.memory.sparse.row_optim import MultiOptimizer, RowSparseOptimizer, grad_norm_and_clip
 from tolerances import assert_close
 
 BB = BackboneConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, seg_len=16)

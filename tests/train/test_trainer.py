@@ -204,6 +204,11 @@ def test_resume_from_a_step_directory_and_state_right_after_resume(tmp_path):
     assert_same_training_state(tr, other)
 
 
+def latest_name(root):
+    """The step `latest` names (a sealed document: memstack/atomic.py)."""
+    return json.loads((root / "latest").read_text())["step"]
+
+
 def test_checkpoint_layout_keeps_the_last_two(tmp_path):
     root = tmp_path / "ckpt"
     tr = new_trainer()
@@ -211,7 +216,7 @@ def test_checkpoint_layout_keeps_the_last_two(tmp_path):
         tr.train_step()
         tr.save(root)
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000003", "step-0000004"]
-    assert (root / "latest").read_text().strip() == "step-0000004"
+    assert latest_name(root) == "step-0000004"
     step = root / "step-0000004"
     names = {p.name for p in step.iterdir()}
     assert {"config.json", "optim.safetensors", "trainer.json", "carry.json"} <= names   # + the carried state
@@ -243,11 +248,11 @@ def test_crash_during_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
         raise RuntimeError("disk full")
 
     # model weights, optimizer and carried state are written; trainer.json is not
-    monkeypatch.setattr(trainer_mod, "write_json_atomic", boom)
+    monkeypatch.setattr(trainer_mod, "write_sealed", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         tr.save(root)
     monkeypatch.undo()
-    assert (root / "latest").read_text().strip() == "step-0000002"
+    assert latest_name(root) == "step-0000002"
     assert not (root / "step-0000003").exists()
     resumed = new_trainer(model_seed=5)
     resumed.resume(root)
@@ -256,7 +261,7 @@ def test_crash_during_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert_same_training_state(tr, resumed)     # re-running step 3 lands exactly where tr is
     # and saving works again afterwards
     assert tr.save(root) == root / "step-0000003"
-    assert (root / "latest").read_text().strip() == "step-0000003"
+    assert latest_name(root) == "step-0000003"
 
 
 def test_crash_while_resaving_the_same_step_keeps_a_loadable_latest(tmp_path, monkeypatch):
@@ -296,7 +301,7 @@ def test_fit_writes_one_log_record_per_step_and_a_final_checkpoint(tmp_path):
     assert [r["step"] for r in lines] == [1, 2, 3, 4]          # each step logged once
     assert [r["tokens"] for r in lines] == [ROWS * 2 * S * s for s in (1, 2, 3, 4)]
     assert last["step"] == 4 and tr.step == 4
-    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "step-0000004"
+    assert latest_name(tmp_path / "ckpt") == "step-0000004"
 
 
 def test_fit_lr_column_follows_the_schedule(tmp_path):

@@ -46,7 +46,9 @@ class DenseKVState:
         cap = max(2 * self.capacity, need)
         for store in (self.k, self.v):
             for i, buf in enumerate(store):
-                new = buf.new_empty(buf.shape[0], buf.shape[1], cap, buf.shape[3])
+                # zeros, not empty: the spare capacity is part of the state -- saved to disk, compared
+                # -- and must not carry whatever bytes the allocator had (NaN patterns included)
+                new = buf.new_zeros(buf.shape[0], buf.shape[1], cap, buf.shape[3])
                 new[:, :, : self.length] = buf[:, :, : self.length]
                 store[i] = new
         valid = self.valid.new_zeros(self.valid.shape[0], cap)
@@ -76,7 +78,7 @@ class DenseKVState:
         a = self.length - n
         for store in (self.k, self.v):
             for i, buf in enumerate(store):
-                new = buf.new_empty(buf.shape)
+                new = buf.new_zeros(buf.shape)
                 new[:, :, :n] = buf[:, :, a:self.length]
                 store[i] = new
         valid = self.valid.new_zeros(self.valid.shape)

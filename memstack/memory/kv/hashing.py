@@ -75,7 +75,7 @@ def model_fingerprint(model) -> str:
     """sha256 of a model's config (if it has one) and every parameter/buffer, in name order."""
     import torch
 
-    from memstack.checkpoint import unique_state_dict
+    from memstack.memory.state import unique_state_dict
     from memstack.config import to_dict
 
     h = hashlib.sha256()

@@ -15,15 +15,20 @@ matches.
             memory, then on disk; found blocks are loaded into fresh device blocks in one copy
             and become ordinary cached blocks.
 
-Disk layout: <dir>/<namespace digest>/<first key>-<n>.kv.safetensors + .json manifest (the
-namespace, the keys, the SHA-256 of the tensor file), written atomically (memstack/atomic.py).
+Disk layout: <dir>/<namespace digest>/<first key>-<n>.kv-<sha12>.safetensors + a sealed
+`<first key>-<n>.kv.json` manifest (the namespace, the keys, the tensor file and its SHA-256,
+its shape), written atomically (memstack/atomic.py) under the directory's shared writer lock.
 A directory holding another namespace's files is never read for this one (its digest differs);
-a manifest whose namespace or checksum does not match is refused, not used.
+a manifest that is edited, truncated, of another namespace or whose tensor file fails its
+checksum or shape is refused (listed in `refused`) and its blocks recomputed, never used. When a
+tier opens with no other writer active, temporaries of dead writers and chunk files that no
+manifest names (a crash between the two writes) are removed (`cleaned`).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,7 +37,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from memstack.errors import CheckpointError
+from memstack.atomic import (StoreLock, clean_temporaries, read_sealed, save_tensors_versioned, sha256_file,
+                             versioned_name_re, write_sealed)
+from memstack.errors import CheckpointError, IntegrityError
 from memstack.memory.kv.hashing import CacheNamespace, block_hash
 from memstack.memory.kv.store import KVSpec, PagedKVCache
 
@@ -69,32 +76,74 @@ class HostTier:
             return self.buf[torch.tensor(slots)]                                 # one contiguous (n, *block) copy
 
 
+CHUNK_KIND, CHUNK_FORMAT = "memstack-kv-chunk", 1
+_KEY_HEX = re.compile(r"[0-9a-f]{64}")
+
+
 class DiskTier:
-    def __init__(self, root: str | Path, namespace: CacheNamespace):
+    def __init__(self, root: str | Path, namespace: CacheNamespace, block_shape: tuple[int, ...] | None = None):
         self.namespace = namespace
+        self.block_shape = tuple(block_shape) if block_shape is not None else None
         digest = hashlib.sha256(json.dumps(namespace.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(root) / digest
         self.dir.mkdir(parents=True, exist_ok=True)
         self.index: dict[bytes, tuple[Path, int, str]] = {}                   # key -> (file, row, sha256)
+        self.shapes: dict[Path, tuple[int, ...]] = {}                          # chunk file -> its tensor's shape
         self.lock = threading.Lock()
         self.refused: list[str] = []                                             # manifests that failed checks
+        self.cleaned = self._clean()
         for m in sorted(self.dir.glob("*.kv.json")):
             self._index(m)
 
+    def _clean(self) -> list[Path]:
+        """With no other writer active: remove temporaries of dead writers and chunk files no
+        intact manifest names (left by a crash between the tensor file and its manifest)."""
+        lock = StoreLock(self.dir)
+        try:
+            if not lock.acquire(blocking=False):
+                return []
+        except OSError:
+            return []
+        try:
+            removed = clean_temporaries(self.dir)
+            named = set()
+            for m in self.dir.glob("*.kv.json"):
+                try:
+                    named.add(read_sealed(m, CHUNK_KIND, CHUNK_FORMAT, {"tensors": str})["tensors"])
+                except IntegrityError:
+                    return removed              # a manifest we cannot read: keep every chunk file
+            for f in self.dir.glob("*.kv-*.safetensors"):
+                stem = f.name.split(".kv-")[0]
+                if versioned_name_re(stem + ".kv").fullmatch(f.name) and f.name not in named:
+                    f.unlink(missing_ok=True)
+                    removed.append(f)
+            return removed
+        finally:
+            lock.release()
+
     def _index(self, manifest: Path) -> None:
         try:
-            meta = json.loads(manifest.read_text())
+            meta = read_sealed(manifest, CHUNK_KIND, CHUNK_FORMAT, {"namespace": dict, "keys": list, "tensors": str,
+                                                                    "sha256": str, "shape": list},
+                               older="written by an older memstack: its blocks are recomputed")
             ns = CacheNamespace(**meta["namespace"])
-            keys, name, sha = meta["keys"], meta["tensors"], meta["sha256"]
-        except (OSError, ValueError, TypeError, KeyError) as e:
-            self.refused.append(f"{manifest.name}: unreadable ({e})")
+        except (IntegrityError, TypeError) as e:
+            self.refused.append(f"{manifest.name}: {e}")
             return
+        keys, name, shape = meta["keys"], meta["tensors"], tuple(meta["shape"])
         bad = self.namespace.mismatches(ns)
+        if not all(isinstance(k, str) and _KEY_HEX.fullmatch(k) for k in keys) or len(set(keys)) != len(keys):
+            bad.append("its keys are not distinct block keys")
+        if not versioned_name_re(manifest.name[:-len(".json")]).fullmatch(name):
+            bad.append(f"it names {name!r}, not a chunk file of its own")
+        if not shape or shape[0] != len(keys) or (self.block_shape is not None and shape[1:] != self.block_shape):
+            bad.append(f"its shape {list(shape)} does not hold {len(keys)} blocks of {self.block_shape}")
         if bad:
             self.refused.append(f"{manifest.name}: " + "; ".join(bad))
             return
+        self.shapes[self.dir / name] = shape
         for i, k in enumerate(keys):
-            self.index.setdefault(bytes.fromhex(k), (self.dir / name, i, sha))
+            self.index.setdefault(bytes.fromhex(k), (self.dir / name, i, meta["sha256"]))
 
     def __contains__(self, key: bytes) -> bool:
         with self.lock:
@@ -102,16 +151,18 @@ class DiskTier:
 
     def put(self, keys: list[bytes], data: Tensor) -> None:
         """One chunk file for a run of blocks (one large sequential write), then its manifest."""
-        from memstack.atomic import save_tensors_versioned, write_json_atomic
-
         with self.lock:
             if all(k in self.index for k in keys):
                 return
         stem = f"{keys[0].hex()[:24]}-{len(keys)}"
-        name, sha = save_tensors_versioned({"kv": data.contiguous().cpu()}, self.dir, stem + ".kv")
-        write_json_atomic(self.dir / f"{stem}.kv.json", {"namespace": self.namespace.to_dict(),
-                                                        "keys": [k.hex() for k in keys], "tensors": name, "sha256": sha})
+        data = data.contiguous().cpu()
+        with StoreLock(self.dir, shared=True):           # a cleaner never removes a file being written
+            name, sha = save_tensors_versioned({"kv": data}, self.dir, stem + ".kv")
+            write_sealed(self.dir / f"{stem}.kv.json", CHUNK_KIND, CHUNK_FORMAT, {
+                "namespace": self.namespace.to_dict(), "keys": [k.hex() for k in keys], "tensors": name,
+                "sha256": sha, "shape": list(data.shape)})
         with self.lock:
+            self.shapes[self.dir / name] = tuple(data.shape)
             for i, k in enumerate(keys):
                 self.index.setdefault(k, (self.dir / name, i, sha))
 
@@ -119,15 +170,16 @@ class DiskTier:
         """The blocks of `keys` (n, *block_shape); each file is checksummed before use."""
         from safetensors.torch import load_file
 
-        from memstack.atomic import sha256_file
-
         out, files = [], {}
         for k in keys:
             path, i, sha = self.index[k]
             if path not in files:
                 if not path.is_file() or sha256_file(path) != sha:
                     raise CheckpointError(f"{path}: missing or checksum mismatch -- the KV file is corrupted; refusing it")
-                files[path] = load_file(str(path))["kv"]
+                t = load_file(str(path))
+                if set(t) != {"kv"} or tuple(t["kv"].shape) != self.shapes.get(path):
+                    raise CheckpointError(f"{path}: its tensor does not have the shape its manifest records; refusing it")
+                files[path] = t["kv"]
             out.append(files[path][i])
         return torch.stack(out)
 
@@ -138,7 +190,7 @@ class TieredStore:
     def __init__(self, spec: KVSpec, namespace: CacheNamespace, host_blocks: int = 0, disk_dir: str | None = None):
         self.spec = spec
         self.host = HostTier(spec, host_blocks) if host_blocks else None
-        self.disk = DiskTier(disk_dir, namespace) if disk_dir else None
+        self.disk = DiskTier(disk_dir, namespace, spec.block_shape) if disk_dir else None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="memstack-kv-tiers")
         self.pending: list[Future] = []
         self.stats = {"host_hits": 0, "disk_hits": 0, "offloaded": 0}

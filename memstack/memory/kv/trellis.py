@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from memstack.backbone.layers import apply_rope, rope_tables
 from memstack.config import BackboneConfig
-from memstack.memory.base import AttnIO, KVBlock, Memory, MemorySpec, Site, StepContext, dtype_bytes
+from memstack.memory.base import AttnIO, KVBlock, Memory, MemorySpec, Site, StepContext, dtype_bytes, segment_so_far
 from memstack.memory.kv.config import TrellisConfig
 from memstack.ops.trellis import trellis_read, trellis_write
 
@@ -141,11 +141,11 @@ class Trellis(Memory):
         j = self.slot[io.layer]
         block = KVBlock(state.win_k[j], state.win_v[j], state.win_valid) if state.win_pos.shape[1] else None
         pk, pv = list(state.pend_k), list(state.pend_v)
-        pk[j] = torch.cat([state.pend_k[j], io.k[:, :, ctx.real]], dim=2)          # (B, Hkv, Tp+T, hd)
-        pv[j] = torch.cat([state.pend_v[j], io.v[:, :, ctx.real]], dim=2)
+        pk[j] = segment_so_far(state.pend_k[j], io.k[:, :, ctx.real], ctx, dim=2)  # (B, Hkv, Tp+T, hd)
+        pv[j] = segment_so_far(state.pend_v[j], io.v[:, :, ctx.real], ctx, dim=2)
         pend_pos = state.pend_pos
         if io.layer == self.first:  # shared by all layers: extended once, before any layer ends the segment
-            pend_pos = torch.cat([state.pend_pos, ctx.positions[:, ctx.real]], dim=1)
+            pend_pos = segment_so_far(state.pend_pos, ctx.positions[:, ctx.real], ctx)
         return block, TrellisState(state.K, state.V, state.win_k, state.win_v, state.win_pos, state.win_valid,
                                    tuple(pk), tuple(pv), pend_pos)
 

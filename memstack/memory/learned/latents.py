@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from memstack.backbone.layers import RMSNorm, SwiGLU
 from memstack.config import BackboneConfig
-from memstack.memory.base import AttnIO, KVBlock, Memory, MemorySpec, Site, StepContext, dtype_bytes
+from memstack.memory.base import AttnIO, KVBlock, Memory, MemorySpec, Site, StepContext, dtype_bytes, segment_so_far
 from memstack.memory.learned.config import LatentConfig
 
 
@@ -136,7 +136,7 @@ class Latents(Memory):
     def block(self, layer: int, h: Tensor, state: LatentState, ctx: StepContext) -> tuple[Tensor, LatentState]:
         if layer != self.write_layer:
             return h, state
-        seg = torch.cat([state.pending, h[:, ctx.real]], 1)                     # (B, Tp + T, D)
+        seg = segment_so_far(state.pending, h[:, ctx.real], ctx)                # (B, Tp + T, D)
         if not ctx.seg_end:
             return h, LatentState(state.z, seg)
         z = state.z

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from memstack.backbone.layers import RMSNorm
 from memstack.config import BackboneConfig
-from memstack.memory.base import Memory, MemorySpec, Site, StepContext, dtype_bytes
+from memstack.memory.base import Memory, MemorySpec, Site, StepContext, dtype_bytes, segment_so_far
 from memstack.memory.learned.config import LM2Config
 
 
@@ -130,7 +130,7 @@ class LM2(Memory):
         mem = state.mem[j]
         out = h + bank.read(x, mem).to(h.dtype)
         pend, mems = list(state.pending), list(state.mem)
-        seg = torch.cat([state.pending[j], x[:, ctx.real]], 1)        # (B, Tp + T, D)
+        seg = segment_so_far(state.pending[j], x[:, ctx.real], ctx)    # (B, Tp + T, D)
         if ctx.seg_end:
             mems[j] = bank.write(seg, mem).to(mem.dtype)                # the bank keeps its dtype (fp32)
             pend[j] = seg.new_zeros(seg.shape[0], 0, seg.shape[2])

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from memstack.config import BackboneConfig
-from memstack.memory.base import AttnIO, KVBlock, Memory, MemorySpec, Site, StepContext, dtype_bytes
+from memstack.memory.base import AttnIO, KVBlock, Memory, MemorySpec, Site, StepContext, dtype_bytes, segment_so_far
 from memstack.memory.learned.config import XLConfig
 
 
@@ -93,8 +93,8 @@ class TransformerXL(Memory):
         j = self.slot[io.layer]
         h_new = io.h[:, ctx.real].detach()                            # (B, T, D) stop-gradient
         pos_new = ctx.positions[:, ctx.real]
-        pending = torch.cat([state.pending[j], h_new], dim=1)
-        pending_pos = torch.cat([state.pending_pos, pos_new], dim=1)
+        pending = segment_so_far(state.pending[j], h_new, ctx)
+        pending_pos = segment_so_far(state.pending_pos, pos_new, ctx)
         mems, pend = list(state.mems), list(state.pending)
         evicted = None
         if ctx.seg_end:  # the segment is complete: push it into the FIFO memory

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from memstack.backbone.layers import rope_tables
 from memstack.config import BackboneConfig
-from memstack.memory.base import AttnIO, KVBlock, Memory, MemorySpec, Site, StepContext, dtype_bytes
+from memstack.memory.base import AttnIO, KVBlock, Memory, MemorySpec, Site, StepContext, dtype_bytes, segment_so_far
 from memstack.memory.retrieval.config import MemorizingConfig
 from memstack.ops.knn import topk_attention
 
@@ -92,9 +92,6 @@ class MemorizingTransformer(Memory):
         return MemorySpec(bytes_per_token=self._bytes_per_token(dtype), max_tokens=self.cfg.mem_len,
                           slack_tokens=self.backbone.seg_len, dtype_bytes=dtype_bytes(dtype))
 
-    def held_bytes(self, state: MemorizingState) -> int:
-        return state.valid[0].shape[0] * state.valid[0].shape[1] * self._bytes_per_token(state.mk[0].dtype)
-
     def make_identity(self) -> bool:
         with torch.no_grad():
             self.gate.fill_(-1e4)   # sigmoid -> exactly 0: V = V_c
@@ -113,9 +110,9 @@ class MemorizingTransformer(Memory):
         k = unrotate(io.k[:, :, ctx.real].detach(), pos, self.backbone.rope_theta)        # (B, Hkv, T, hd)
         v = io.v[:, :, ctx.real].detach()
         pk, pv = list(state.pk), list(state.pv)
-        pk[j] = torch.cat([state.pk[j], k], 2)
-        pv[j] = torch.cat([state.pv[j], v], 2)
-        ppos = torch.cat([state.ppos, pos], 1) if j == 0 else state.ppos
+        pk[j] = segment_so_far(state.pk[j], k, ctx, dim=2)
+        pv[j] = segment_so_far(state.pv[j], v, ctx, dim=2)
+        ppos = segment_so_far(state.ppos, pos, ctx) if j == 0 else state.ppos
         return None, MemorizingState(state.mk, state.mv, state.valid, state.stamp, tuple(pk), tuple(pv), ppos)
 
     # -- read: top-k over the memory, gated with local attention --------------------------------

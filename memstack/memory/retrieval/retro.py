@@ -96,7 +96,8 @@ class NeighbourEncoder(nn.Module):
 
 @dataclass
 class RetroState:
-    buf: Tensor        # (B, nb) tokens of the current, incomplete chunk (nb < chunk)
+    buf: Tensor        # (B, m) the current, incomplete chunk: its first pos % m tokens (a fixed capacity,
+                       # so a reset row's stale tokens are never read: its position says how many count)
     enc: Tensor        # (B, k * 2m, D) encoded neighbours of the last completed chunk (empty if none)
     enc_ok: Tensor     # (B, k * 2m) bool: real neighbour tokens
     call_enc: Tensor   # (B, U, k * 2m, D) this call's chunks' neighbours (shared by the CCA layers of one call)
@@ -144,13 +145,13 @@ class Retro(Memory):
         m, D, kr = self.cfg.chunk, self.backbone.d_model, self.cfg.k * 2 * self.cfg.chunk
         n_db = self.cfg.db_len if self.store is None else 0
         z = lambda *s, dt=torch.long: torch.zeros(batch, *s, dtype=dt, device=device)  # noqa: E731
-        return RetroState(z(0), z(kr, D, dt=dtype), z(kr, dt=torch.bool), z(0, kr, D, dt=dtype), z(0, kr, dt=torch.bool),
+        return RetroState(z(m), z(kr, D, dt=dtype), z(kr, dt=torch.bool), z(0, kr, D, dt=dtype), z(0, kr, dt=torch.bool),
                           z().fill_(-1), z(m), z(dt=torch.bool), z(n_db, self.cfg.key_dim, dt=dtype), z(n_db, 2 * m),
                           z(n_db, dt=torch.bool))
 
     def reset(self, state: RetroState, mask: Tensor) -> RetroState:
         keep = ~mask
-        return RetroState(state.buf, state.enc, state.enc_ok & keep[:, None], state.call_enc, state.call_ok,
+        return RetroState(state.buf * keep[:, None], state.enc, state.enc_ok & keep[:, None], state.call_enc, state.call_ok,
                           torch.where(mask, -1, state.sig), state.last, state.has_last & keep, state.db_keys, state.db_tok,
                           state.db_ok & keep[:, None])
 
@@ -163,9 +164,6 @@ class Retro(Memory):
 
     def spec(self, dtype: torch.dtype = torch.float32) -> MemorySpec:
         return MemorySpec(fixed_bytes=self._fixed_bytes(dtype), dtype_bytes=dtype_bytes(dtype))
-
-    def held_bytes(self, state: RetroState) -> int:
-        return state.sig.shape[0] * self._fixed_bytes(state.enc.dtype)
 
     def make_identity(self) -> bool:
         with torch.no_grad():
@@ -224,10 +222,15 @@ class Retro(Memory):
         m = self.cfg.chunk
         st = {f: getattr(state, f) for f in ("sig", "last", "has_last", "db_keys", "db_tok", "db_ok")}
         tokens = ctx.tokens
-        buf = torch.cat([state.buf, tokens], 1)                                          # (B, nb + T)
+        held = ctx.pos.remainder(m)                                                      # (B,) tokens of the open chunk
+        nb = int(held[0]) if held.numel() else 0
+        if bool((held != nb).any()):
+            raise NotImplementedError(f"RETRO: rows at different offsets inside a {m}-token chunk "
+                                      f"({sorted(set(held.tolist()))}) in one call are not supported yet")
+        buf = torch.cat([state.buf[:, :nb], tokens], 1)                                  # (B, nb + T)
         encs, oks = [], []
         for a in range(0, buf.shape[1] - m + 1, m):
-            first = (ctx.pos - state.buf.shape[1] + a) == 0                              # (B,) the document's first chunk
+            first = (ctx.pos - nb + a) == 0                                              # (B,) the document's first chunk
             e, o = self._complete(buf[:, a:a + m], st, first)
             encs.append(e)
             oks.append(o)
@@ -235,7 +238,9 @@ class Retro(Memory):
         B, kr, D = h.shape[0], self.cfg.k * 2 * m, self.backbone.d_model
         call_enc = torch.stack(encs, 1) if encs else h.new_zeros(B, 0, kr, D)
         call_ok = torch.stack(oks, 1) if oks else torch.zeros(B, 0, kr, dtype=torch.bool, device=h.device)
-        return RetroState(buf[:, n_done:], state.enc, state.enc_ok, call_enc, call_ok, st["sig"], st["last"],
+        rest = buf[:, n_done:]                                                           # (B, < m) the open chunk
+        return RetroState(torch.cat([rest, rest.new_zeros(B, m - rest.shape[1])], 1), state.enc, state.enc_ok, call_enc,
+                          call_ok, st["sig"], st["last"],
                           st["has_last"], st["db_keys"], st["db_tok"], st["db_ok"])
 
     # -- chunked cross-attention ------------------------------------------------------------------

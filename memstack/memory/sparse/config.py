@@ -49,7 +49,7 @@ class EngramConfig(MemoryConfig):
         if self.seed < 0:
             r.append(f"seed must be >= 0, got {self.seed}")
         if self.tokenizer is not None:
-            from memstack.evals.task import tokenizer_reasons
+            from memstack.data.tokenizers import tokenizer_reasons
 
             r += [f"tokenizer: {x}" for x in tokenizer_reasons(self.tokenizer)]
         return r
@@ -57,7 +57,7 @@ class EngramConfig(MemoryConfig):
     def check_with(self, backbone: BackboneConfig) -> list[str]:
         r = _layers_reasons(self.layers, backbone)
         if self.tokenizer is not None and not self.check():
-            from memstack.evals.task import tokenizer_vocab
+            from memstack.data.tokenizers import tokenizer_vocab
 
             if tokenizer_vocab(self.tokenizer) != backbone.vocab_size:
                 r.append(f"tokenizer {self.tokenizer!r} has {tokenizer_vocab(self.tokenizer)} ids but the backbone's "

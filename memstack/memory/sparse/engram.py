@@ -115,7 +115,7 @@ class Engram(Memory):
         return TABLE_GROUP if name == "table.weight" else None
 
     def optim_defaults(self) -> dict[str, Any]:
-        from memstack.train.config import GroupConfig
+        from memstack.config import GroupConfig
 
         return {TABLE_GROUP: GroupConfig(optimizer="adam", lr_scale=5.0, weight_decay=0.0)}
 

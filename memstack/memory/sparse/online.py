@@ -8,7 +8,7 @@ every other parameter stay frozen -- and only the rows the text touches:
    TF-IDF -- TF = lookups of the row in this batch, IDF = log((N + 1) / (df + 1)) with df the
    number of the N background documents (e.g. pretraining text) that touch the row -- and only
    the top `top_t` rows are updated (top_t = None: every touched row);
-3. the row optimizer (train/sparse_optim.py's pure functions: lazy Adam, row-wise Adagrad, or
+3. the row optimizer (memory/sparse/row_optim.py's pure functions: lazy Adam, row-wise Adagrad, or
    SGD) proposes new values for those rows;
 4. the safety `UpdatePolicy` checks the proposal -- finite values, per-row update norm at most
    `max_row_update_norm`, rows written per namespace since the last commit within the quota
@@ -16,6 +16,12 @@ every other parameter stay frozen -- and only the rows the text touches:
    (rows and their optimizer state) or nothing is, with every reason reported;
 5. `commit()` writes the rows touched since the last commit as a new version of a `TableStore`
    (versioned, checksummed, crash-safe; memory/sparse/store.py).
+
+Who may write what (memory/sparse/grants.py): every update names the namespaces it may write --
+`"knowledge"` by name, a `user:<id>` / `task:<id>` namespace only through its `WriteGrant` from
+the updater's `NamespaceAuthority`. A gradient step leaves the rows of every other namespace as
+they are (reported as `withheld`); an explicit write without a valid grant is refused.
+Arguments are checked like configs: every bad value reported at once (`ConfigError`).
 
 Deviations from SMF: the paper ranks slots of a PKM memory layer per batch and masks gradients;
 here the same ranking applies to any table (Engram or PKM) through per-row access counts; df
@@ -25,25 +31,48 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memstack.backbone.model import cross_entropy
+from memstack.config import Checked
+from memstack.errors import ConfigError
 from memstack.memory.base import Step
+from memstack.memory.sparse.grants import SHARED, NamespaceAccessError, NamespaceAuthority, WriteGrant
 from memstack.memory.sparse.store import TableStore
-from memstack.memory.sparse.table import SparseTable, record_accesses
-from memstack.train.sparse_optim import adagrad_rows, adam_rows
+from memstack.memory.sparse.table import SparseTable, namespace_reasons, quota_reasons, record_accesses
+from memstack.memory.sparse.row_optim import adagrad_rows, adam_rows
+
+OPTIMIZERS = ("adam", "rowwise_adagrad", "sgd")
+
+
+def _finite_positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 @dataclass(frozen=True)
-class UpdatePolicy:
+class UpdatePolicy(Checked):
     """What an online update may do. A violating update is rejected whole."""
 
-    max_row_update_norm: float | None = 1.0      # L2 norm of (new - old) per row; None: no cap
-    quotas: dict[str, int] = field(default_factory=dict)   # namespace -> rows writable per version
+    max_row_update_norm: float | None = 1.0      # L2 norm of (new - old) per row, finite > 0; None: no cap
+    # namespace -> rows writable per version (a positive integer); None: no quota for that
+    # namespace, overriding its `write_quota`; namespaces not listed keep their `write_quota`
+    quotas: dict[str, int | None] = field(default_factory=dict)
 
-    def check(self, table: SparseTable, rows: Tensor, old: Tensor, new: Tensor, pending: dict[str, set[int]]) -> list[str]:
+    def check(self) -> list[str]:
+        r = []
+        if self.max_row_update_norm is not None and not _finite_positive(self.max_row_update_norm):
+            r.append(f"max_row_update_norm must be a finite number > 0 (or None for no cap), got {self.max_row_update_norm!r}")
+        if not isinstance(self.quotas, dict):
+            return r + [f"quotas must map namespace -> quota, got {type(self.quotas).__name__}"]
+        for ns, q in self.quotas.items():
+            r += [f"quotas: {x}" for x in namespace_reasons(ns)]
+            r += quota_reasons(f"quotas[{ns!r}]", q)
+        return r
+
+    def reasons(self, table: SparseTable, rows: Tensor, old: Tensor, new: Tensor, pending: dict[str, set[int]]) -> list[str]:
         """Reasons to reject writing `new` (N, dim) over `old` at global `rows` (N,)."""
         r = []
         bad = ~torch.isfinite(new).all(dim=1)
@@ -60,7 +89,7 @@ class UpdatePolicy:
             mine = {int(x) for x, n in zip(rows.tolist(), names) if n == ns.name}
             if not mine:
                 continue
-            quota = self.quotas.get(ns.name, ns.spec.write_quota)
+            quota = self.quotas[ns.name] if ns.name in self.quotas else ns.spec.write_quota
             total = len(pending.get(ns.name, set()) | mine)
             if quota is not None and total > quota:
                 r.append(f"namespace {ns.name!r}: {total} rows written since the last commit would exceed its write "
@@ -75,6 +104,24 @@ class UpdateResult:
     rows: int             # rows updated (0 if rejected)
     touched: int          # rows the batch touched
     loss: float
+    withheld: int = 0     # touched rows of namespaces this update may not write (left unchanged)
+
+
+def updater_reasons(lr: object, optimizer: object, betas: object, eps: object, top_t: object) -> list[str]:
+    """Every problem with an OnlineUpdater's arguments (checked like a config)."""
+    r = []
+    if not _finite_positive(lr):
+        r.append(f"lr must be a finite number > 0, got {lr!r}")
+    if optimizer not in OPTIMIZERS:
+        r.append(f"optimizer must be one of {list(OPTIMIZERS)}, got {optimizer!r}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        r.append(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if not _finite_positive(eps):
+        r.append(f"eps must be a finite number > 0, got {eps!r}")
+    if top_t is not None and (not isinstance(top_t, int) or isinstance(top_t, bool) or top_t < 1):
+        r.append(f"top_t must be a positive integer or None (every touched row), got {top_t!r}")
+    return r
 
 
 def tfidf_scores(tf: Tensor, df: Tensor, n_docs: int) -> Tensor:
@@ -98,11 +145,16 @@ class OnlineUpdater:
 
     def __init__(self, model: nn.Module, table: SparseTable, *, lr: float = 1e-2, optimizer: str = "adam",
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, policy: UpdatePolicy | None = None,
-                 top_t: int | None = None, background: tuple[Tensor, int] | None = None, store: TableStore | None = None):
-        if optimizer not in ("adam", "rowwise_adagrad", "sgd"):
-            raise ValueError(f"optimizer must be adam, rowwise_adagrad or sgd, got {optimizer!r}")
-        if top_t is not None and top_t < 1:
-            raise ValueError(f"top_t must be >= 1 or None, got {top_t}")
+                 top_t: int | None = None, background: tuple[Tensor, int] | None = None, store: TableStore | None = None,
+                 authority: NamespaceAuthority | None = None):
+        reasons = updater_reasons(lr, optimizer, betas, eps, top_t)
+        if policy is not None and not isinstance(policy, UpdatePolicy):
+            reasons.append(f"policy must be an UpdatePolicy, got {type(policy).__name__}")
+        if reasons:
+            raise ConfigError(reasons, what="online updater")
+        # the authority whose grants open user/task namespaces; the default one's key is known
+        # to no one, so without an authority only "knowledge" can be written
+        self._authority = authority if authority is not None else NamespaceAuthority()
         self.model, self.table = model, table
         self.lr, self.optimizer, self.betas, self.eps = lr, optimizer, betas, eps
         self.policy = policy or UpdatePolicy()
@@ -120,10 +172,32 @@ class OnlineUpdater:
 
     def _loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
         out, _ = self.model(tokens, None, Step())
-        return cross_entropy(out.logits, targets)
+        logits = out.logits
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
-    def step(self, tokens: Tensor, targets: Tensor) -> UpdateResult:
-        """One update from a batch (B, T) of tokens and next-token targets (-100: no loss)."""
+    def _writable(self, into: Sequence[str | WriteGrant]) -> set[str]:
+        """The namespaces `into` opens: "knowledge" by name, others through a valid grant."""
+        if isinstance(into, (str, WriteGrant)):
+            into = [into]
+        names = set()
+        have = {s.name for s in self.table.specs}
+        for x in into:
+            if isinstance(x, str):
+                if x != SHARED:
+                    raise NamespaceAccessError(f"writing namespace {x!r} needs its WriteGrant (NamespaceAuthority.grant); "
+                                               f"only {SHARED!r} is written by name")
+                ns = x
+            else:
+                ns = self._authority.check(x)
+            if ns not in have:
+                raise NamespaceAccessError(f"the table has no namespace {ns!r}; it has {sorted(have)}")
+            names.add(ns)
+        return names
+
+    def step(self, tokens: Tensor, targets: Tensor, *, into: Sequence[str | WriteGrant] = (SHARED,)) -> UpdateResult:
+        """One update from a batch (B, T) of tokens and next-token targets (-100: no loss), writing
+        only rows of the namespaces `into` opens ("knowledge", and user/task grants)."""
+        writable = self._writable(into)
         self.model.eval()
         w = self.table.weight
         w.grad = None
@@ -136,7 +210,12 @@ class OnlineUpdater:
             return UpdateResult(True, [], 0, 0, float(loss.detach()))
         rows, grads = g.indices()[0].cpu(), g.values().cpu()
         touched = rows.numel()
-        if self.top_t is not None and touched > self.top_t:
+        mine = torch.tensor([ns in writable for ns in self.table.namespace_of(rows)], dtype=torch.bool)
+        rows, grads = rows[mine], grads[mine]
+        withheld = touched - rows.numel()
+        if rows.numel() == 0:
+            return UpdateResult(True, [], 0, touched, float(loss.detach()), withheld)
+        if self.top_t is not None and rows.numel() > self.top_t:
             score = tfidf_scores(rec.counts[rows], self.df[rows], self.n_docs)
             keep = score.topk(self.top_t).indices
             rows, grads = rows[keep], grads[keep]
@@ -147,9 +226,9 @@ class OnlineUpdater:
             new, acc = adagrad_rows(old, grads, self.acc[rows], self.lr, self.eps, 0.0)
         else:
             new = old - self.lr * grads.to(old.dtype)
-        reasons = self.policy.check(self.table, rows, old, new, self.pending)
+        reasons = self.policy.reasons(self.table, rows, old, new, self.pending)
         if reasons:
-            return UpdateResult(False, reasons, 0, touched, float(loss.detach()))
+            return UpdateResult(False, reasons, 0, touched, float(loss.detach()), withheld)
         self.table._write(rows, new)   # rows came from the table's own gradient: inside its namespaces
         if self.optimizer == "adam":
             self.m[rows], self.v[rows], self.steps[rows] = m, v, st
@@ -157,14 +236,16 @@ class OnlineUpdater:
             self.acc[rows] = acc
         for r, ns in zip(rows.tolist(), self.table.namespace_of(rows)):
             self.pending.setdefault(ns, set()).add(r)
-        return UpdateResult(True, [], rows.numel(), touched, float(loss.detach()))
+        return UpdateResult(True, [], rows.numel(), touched, float(loss.detach()), withheld)
 
-    def write(self, namespace: str, local_rows: Tensor, values: Tensor) -> UpdateResult:
-        """Write explicit row values into one namespace, under the same policy (all or nothing)."""
+    def write(self, into: str | WriteGrant, local_rows: Tensor, values: Tensor) -> UpdateResult:
+        """Write explicit row values into one namespace -- "knowledge", or the namespace of a
+        `WriteGrant` -- under the same policy (all or nothing)."""
+        (namespace,) = self._writable([into])
         ns = self.table.namespace(namespace)
         rows = ns.to_global(local_rows, allow_miss=False).reshape(-1).cpu()
         old = ns.read(local_rows.reshape(-1)).cpu()
-        reasons = self.policy.check(self.table, rows, old, values.cpu(), self.pending)
+        reasons = self.policy.reasons(self.table, rows, old, values.cpu(), self.pending)
         if reasons:
             return UpdateResult(False, reasons, 0, rows.numel(), math.nan)
         ns.write_(local_rows.reshape(-1), values)

@@ -95,7 +95,7 @@ class ProductKeyMemory(Memory):
         return "no_decay" if name.startswith("keys.") else None
 
     def optim_defaults(self) -> dict[str, Any]:
-        from memstack.train.config import GroupConfig
+        from memstack.config import GroupConfig
 
         return {VALUES_GROUP: GroupConfig(optimizer="adam", lr_scale=10.0, weight_decay=0.0)}
 

@@ -12,8 +12,10 @@ Engram §2.5 pattern, on plain torch.distributed collectives (gloo on CPU, NCCL 
               what DDP's gradient averaging gives a replicated table (so 1 and N processes train
               the same model)
 
-Checkpoints: each rank writes its block to `shards/<param>.rows-<lo>-<hi>.safetensors` with a
-checksum, indexed by `shards/<param>.json`; the weights file holds everything else. Loading reads
+Checkpoints: each rank writes its block to `shards/<param>.rows-<lo>-<hi>.safetensors` (and its
+rows' optimizer state to `shards/optim.<param>.<key>.rows-<lo>-<hi>.safetensors`); rank 0 then
+indexes every file with its SHA-256 in the sealed `shards/index.json`, whose checksum the
+checkpoint's config.json records (memstack/atomic.py); the weights file holds everything else. Loading reads
 the rows a process owns under *its* world size (any number of processes, or the whole table for
 a single process) by slicing the shard files (safetensors slices: never the whole table on one
 rank), so a run saved on 2 processes resumes on 1 or 3.
@@ -22,7 +24,6 @@ TorchRec (sharded EmbeddingCollections) was tried with our torch pin: see docs/s
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -30,8 +31,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from memstack.atomic import sha256_file, write_json_atomic
-from memstack.errors import CheckpointError
+from memstack.atomic import read_sealed, sha256_file, write_sealed
+from memstack.errors import CheckpointError, IntegrityError
+
+INDEX_KIND, INDEX_FORMAT = "memstack-shard-index", 1
 
 
 def block(rows: int, rank: int, world: int) -> tuple[int, int]:
@@ -121,8 +124,13 @@ def write_shards(model: nn.Module, directory: Path) -> None:
         save_file({"rows": w.detach().contiguous().cpu()}, str(d / f"{name}.rows-{lo}-{hi}.safetensors"))
 
 
-def write_shard_index(model: nn.Module, directory: Path) -> None:
+def write_shard_index(model: nn.Module, directory: Path) -> str:
+    """Rank 0, after every rank wrote its shards: the sealed index of every shard file (rows and
+    optimizer state) with its SHA-256. Returns its checksum."""
+    import re
+
     d = Path(directory) / "shards"
+    tables = {}
     for name, (mod, w) in sharded_params(model).items():
         _, world, _, _ = mod.shard
         parts = []
@@ -130,12 +138,32 @@ def write_shard_index(model: nn.Module, directory: Path) -> None:
             lo, hi = block(mod.n_rows, r, world)
             f = d / f"{name}.rows-{lo}-{hi}.safetensors"
             parts.append({"lo": lo, "hi": hi, "file": f.name, "sha256": sha256_file(f)})
-        write_json_atomic(d / f"{name}.json", {"rows": mod.n_rows, "dim": mod.dim, "parts": parts})
+        optim: dict[str, list] = {}
+        pat = re.compile(re.escape(f"optim.{name}.") + r"([A-Za-z_]+)\.rows-(\d+)-(\d+)\.safetensors")
+        for f in sorted(d.glob(f"optim.{name}.*.rows-*.safetensors")):
+            m = pat.fullmatch(f.name)
+            if m:
+                optim.setdefault(m[1], []).append({"lo": int(m[2]), "hi": int(m[3]), "file": f.name, "sha256": sha256_file(f)})
+        tables[name] = {"rows": mod.n_rows, "dim": mod.dim, "parts": parts, "optim": optim}
+    return write_sealed(d / "index.json", INDEX_KIND, INDEX_FORMAT, {"tables": tables})
 
 
-def shard_index(directory: Path) -> dict[str, dict]:
+def shard_index(directory: Path, expect: str | None = None) -> dict[str, dict]:
+    """The verified shard index of a checkpoint ({} when it has no shards); with `expect`, it must
+    be the index the checkpoint's config.json recorded."""
     d = Path(directory) / "shards"
-    return {p.stem: json.loads(p.read_text()) for p in sorted(d.glob("*.json"))} if d.is_dir() else {}
+    if not d.is_dir():
+        return {}
+    doc = read_sealed(d / "index.json", INDEX_KIND, INDEX_FORMAT, {"tables": dict})
+    if expect is not None and doc["checksum"] != expect:
+        raise IntegrityError(f"{d / 'index.json'} is not the shard index its checkpoint recorded (checksum differs)")
+    return doc["tables"]
+
+
+def _verified(f: Path, sha: str) -> Path:
+    if not f.is_file() or sha256_file(f) != sha:
+        raise CheckpointError(f"{f}: missing or checksum mismatch -- the sharded checkpoint is corrupted")
+    return f
 
 
 def read_rows(directory: Path, name: str, lo: int, hi: int) -> Tensor:
@@ -151,9 +179,7 @@ def read_rows(directory: Path, name: str, lo: int, hi: int) -> Tensor:
         a, b = max(lo, part["lo"]), min(hi, part["hi"])
         if a >= b:
             continue
-        f = d / part["file"]
-        if not f.is_file() or sha256_file(f) != part["sha256"]:
-            raise CheckpointError(f"{f}: missing or checksum mismatch -- the sharded checkpoint is corrupted")
+        f = _verified(d / part["file"], part["sha256"])
         with safe_open(str(f), "pt") as fh:
             pieces.append(fh.get_slice("rows")[a - part["lo"]:b - part["lo"]])
     out = torch.cat(pieces) if pieces else torch.zeros(0, idx["dim"])
@@ -183,7 +209,7 @@ def load_shards_into(model: nn.Module, directory: Path, names: list[str]) -> Non
 # ----------------------------------------------------------------------------- optimizer state
 
 def _row_optimizer_of(opt, p: Tensor):
-    from memstack.train.sparse_optim import RowSparseOptimizer
+    from memstack.memory.sparse.row_optim import RowSparseOptimizer
 
     for o in getattr(opt, "optimizers", [opt]):
         if isinstance(o, RowSparseOptimizer) and any(q is p for g in o.param_groups for q in g["params"]):
@@ -206,15 +232,11 @@ def write_state_shards(model: nn.Module, opt, directory: Path) -> None:
 
 
 def _state_index(directory: Path) -> dict[str, dict[str, list[tuple[int, int, Path]]]]:
-    """param -> key -> [(lo, hi, file)] of the optimizer-state shard files."""
-    import re
-
-    out: dict = {}
-    for f in sorted((Path(directory) / "shards").glob("optim.*.rows-*.safetensors")):
-        m = re.fullmatch(r"optim\.(.+)\.([A-Za-z_]+)\.rows-(\d+)-(\d+)\.safetensors", f.name)
-        if m:
-            out.setdefault(m.group(1), {}).setdefault(m.group(2), []).append((int(m.group(3)), int(m.group(4)), f))
-    return out
+    """param -> key -> [(lo, hi, file)] of the optimizer-state shard files (checksums verified)."""
+    d = Path(directory) / "shards"
+    return {name: {key: [(p["lo"], p["hi"], _verified(d / p["file"], p["sha256"])) for p in parts]
+                   for key, parts in t.get("optim", {}).items()}
+            for name, t in shard_index(directory).items()}
 
 
 def load_state_shards(model: nn.Module, opt, directory: Path) -> None:

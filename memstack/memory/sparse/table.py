@@ -44,6 +44,13 @@ def namespace_reasons(name: str) -> list[str]:
     return []
 
 
+def quota_reasons(name: str, quota: object) -> list[str]:
+    """A write quota is a positive integer (rows per version); "no quota" is spelled None."""
+    if quota is None or (isinstance(quota, int) and not isinstance(quota, bool) and quota >= 1):
+        return []
+    return [f"{name} must be a positive integer (rows per version) or None for no quota, got {quota!r}"]
+
+
 @dataclass(frozen=True)
 class NamespaceSpec:
     """One namespace of a table: `rows` rows addressed by `addressing`.
@@ -62,8 +69,7 @@ class NamespaceSpec:
             r.append(f"namespace {self.name!r}: rows must be >= 1, got {self.rows}")
         if self.addressing not in ADDRESSING:
             r.append(f"namespace {self.name!r}: addressing {self.addressing!r} is not one of {list(ADDRESSING)}")
-        if self.write_quota is not None and self.write_quota < 0:
-            r.append(f"namespace {self.name!r}: write_quota must be >= 0 or None, got {self.write_quota}")
+        r += quota_reasons(f"namespace {self.name!r}: write_quota", self.write_quota)
         return r
 
 

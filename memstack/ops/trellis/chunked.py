@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memstack.ops.trellis.reference import EPS
+from memstack.ops.trellis.reference import EPS, written_first
 
 
 def delta_chunk(M: Tensor, e: Tensor, x: Tensor, alpha: Tensor, theta: Tensor,
@@ -59,6 +59,7 @@ def trellis_write_chunked(K0: Tensor, V0: Tensor, k: Tensor, v: Tensor, alpha: T
     dt = torch.promote_types(K0.dtype, torch.float32)                   # fp32 state (fp64 in tests)
     K, V = K0.to(dt), V0.to(dt)
     k, v, alpha, theta = k.to(dt), v.to(dt), alpha.to(dt), theta.to(dt)
+    mask, (k, v, alpha, theta) = written_first(mask, chunk, k, v, alpha, theta)   # skipped tokens take no chunk place
     if mask is not None:                                                # a skipped token: alpha = theta = 0
         on = mask[:, None, :].to(dt)                                    # (B,1,T)
         alpha, theta = alpha * on, theta * on

@@ -17,7 +17,9 @@ pass-1 addresses from the state at the chunk start, as mini-batch test-time grad
 step itself and pass 2 stay per token. The gradient of each inner loss is taken with the address
 (a_t, b_t) held fixed, i.e. one online-regression step of the slots towards the incoming
 key/value (see memory/kv/trellis.py for this and every other deviation from the paper).
-A token with mask False is skipped (identity).
+A token with mask False is skipped (identity) and takes no place in the chunk grouping: chunks
+are counted over each row's written tokens, so skipped entries (slots invalidated by a reset)
+leave the result exactly as if they had never been there.
 """
 from __future__ import annotations
 
@@ -36,6 +38,20 @@ def address(K: Tensor, x: Tensor, eps: float = EPS) -> Tensor:
     return F.normalize(F.silu(s), dim=-1, eps=eps)
 
 
+def written_first(mask: Tensor | None, chunk: int, *xs: Tensor) -> tuple[Tensor | None, tuple[Tensor, ...]]:
+    """Reorder each row's tokens so the written ones (mask True) come first, in their order:
+    mask (B, T); xs (B, H, T, ...). A no-op without a mask or with chunk = 1 (nothing is grouped)."""
+    if mask is None or chunk == 1:
+        return mask, xs
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices           # (B, T)
+
+    def take(x: Tensor) -> Tensor:
+        idx = order[:, None].expand(x.shape[0], x.shape[1], -1)                       # (B, H, T)
+        return x.gather(2, idx.reshape(*idx.shape, *([1] * (x.dim() - 3))).expand_as(x))
+
+    return mask.gather(1, order), tuple(take(x) for x in xs)
+
+
 def trellis_read_ref(K: Tensor, V: Tensor, q: Tensor) -> Tensor:
     """o = V^T phi(K q). K, V (B, Hkv, m, d); q (B, H, T, d) with H a multiple of Hkv -> (B, H, T, d)."""
     B, H, T, d = q.shape
@@ -52,6 +68,7 @@ def trellis_write_ref(K0: Tensor, V0: Tensor, k: Tensor, v: Tensor, alpha: Tenso
     dt = torch.promote_types(K0.dtype, torch.float32)                   # fp32 state (fp64 in tests)
     K, V = K0.to(dt), V0.to(dt)
     k, v, alpha, theta = k.to(dt), v.to(dt), alpha.to(dt), theta.to(dt)
+    mask, (k, v, alpha, theta) = written_first(mask, chunk, k, v, alpha, theta)
     for t in range(k.shape[2]):
         a_t, th_t = alpha[:, :, t, None, None], theta[:, :, t, None, None]   # (B, H, 1, 1)
         if mask is not None:

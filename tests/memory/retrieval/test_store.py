@@ -182,7 +182,7 @@ def test_crash_mid_save_keeps_last_good_version(tmp_path, monkeypatch):
     def crash(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(store_mod, "write_json_atomic", crash)
+    monkeypatch.setattr(store_mod, "write_sealed", crash)
     with pytest.raises(OSError):
         s.save(tmp_path / "st")
     t = Datastore.open(tmp_path / "st")

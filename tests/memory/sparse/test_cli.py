@@ -76,3 +76,31 @@ def test_memory_cli_rejects_with_reasons(tmp_path, capsys):
     assert TableStore(store).head == 1
     assert main(["memory", "rollback", "--store", store, "--version", "9"]) == 2
     assert "v000009.json is missing" in capsys.readouterr().err
+
+
+def test_memory_learn_validates_its_options_like_a_config(tmp_path, capsys):
+    """--quota 0 is not "no quota" and --max-row-norm nan is not "no cap": both are refused, with
+    every other bad option, before anything is loaded; `none` spells "no quota" / "no cap"."""
+    _ckpt(tmp_path)
+    ck, store = str(tmp_path / "ck"), str(tmp_path / "store")
+    assert main(["memory", "snapshot", "--checkpoint", ck, "--store", store]) == 0
+    capsys.readouterr()
+    text = ["--text", "the code of kemo ravi is pano."]
+    rc = main(["memory", "learn", "--checkpoint", ck, "--store", store, *text, "--quota", "0", "--max-row-norm", "nan",
+               "--lr", "-1", "--steps", "0", "--top-t", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "5 problem(s)" in err
+    for want in ("quotas['knowledge'] must be a positive integer", "max_row_update_norm must be a finite number > 0",
+                 "lr must be a finite number > 0", "--steps must be >= 1", "top_t must be a positive integer"):
+        assert want in err, want
+    for norm in ("inf", "-1", "0"):
+        assert main(["memory", "learn", "--checkpoint", ck, "--store", store, *text, "--max-row-norm", norm]) == 2
+        assert "max_row_update_norm must be a finite number > 0" in capsys.readouterr().err
+    assert TableStore(store).head == 1                                      # nothing was written
+    assert main(["memory", "learn", "--checkpoint", ck, "--store", store, *text, "--steps", "1", "--lr", "0.05",
+                 "--quota", "none", "--max-row-norm", "none"]) == 0
+    assert TableStore(store).head == 2
+    # a quota of 1 row per version: the update touches more, so it is rejected and nothing is committed
+    capsys.readouterr()
+    assert main(["memory", "learn", "--checkpoint", ck, "--store", store, *text, "--steps", "1", "--quota", "1"]) == 1
+    assert "write quota of 1" in capsys.readouterr().out and TableStore(store).head == 2

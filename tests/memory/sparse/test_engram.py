@@ -154,10 +154,11 @@ def test_checkpoint_carries_the_layout_and_refuses_a_different_one(tmp_path):
     save_checkpoint(model, tmp_path / "ck2")
     meta2 = json.loads((tmp_path / "ck2" / "config.json").read_text())
     save_file(sd, str(tmp_path / "ck2" / meta2["weights"]))
-    from memstack.atomic import sha256_file
+    from memstack.atomic import sha256_file, write_sealed
 
-    meta2["sha256"] = sha256_file(tmp_path / "ck2" / meta2["weights"])
-    (tmp_path / "ck2" / "config.json").write_text(json.dumps(meta2))
+    meta2["sha256"] = sha256_file(tmp_path / "ck2" / meta2["weights"])     # re-sealed: a consistent, foreign file
+    write_sealed(tmp_path / "ck2" / "config.json", meta2["kind"], meta2["format"],
+                 {k: v for k, v in meta2.items() if k not in ("kind", "format", "checksum")})
     with pytest.raises(CheckpointError, match="token map"):
         load_checkpoint(tmp_path / "ck2")
 

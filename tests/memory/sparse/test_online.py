@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 import torch
 
 from memstack.backbone.model import build_model
@@ -88,11 +90,88 @@ def test_explicit_writes_obey_quota_and_report_every_reason():
     vals = torch.zeros(3, 3)
     vals[0, 0] = float("inf")
     vals[1] = 100.0
-    res = up.write("user:alice", torch.tensor([0, 1, 2]), vals)
+    alice = up._authority.grant("user:alice")              # the test plays the server that owns the authority
+    res = up.write(alice, torch.tensor([0, 1, 2]), vals)
     assert not res.accepted and len(res.reasons) == 3
     assert "NaN/Inf" in res.reasons[0] and "norm cap 5.0" in res.reasons[1] and "write quota of 2" in res.reasons[2]
     assert torch.equal(t.weight.detach(), w0)
-    ok = up.write("user:alice", torch.tensor([0, 1]), w0[8:10] + 0.1)
+    ok = up.write(alice, torch.tensor([0, 1]), w0[8:10] + 0.1)
     assert ok.accepted and torch.allclose(t.weight.detach()[8:10], w0[8:10] + 0.1)
-    assert not up.write("user:alice", torch.tensor([3]), w0[11:12]).accepted          # 3rd row since the last commit
+    assert not up.write(alice, torch.tensor([3]), w0[11:12]).accepted          # 3rd row since the last commit
     assert up.write("knowledge", torch.tensor([3]), w0[3:4] + 1).accepted             # other namespace: own quota
+
+
+def _user_table():
+    return SparseTable([NamespaceSpec("knowledge", 8), NamespaceSpec("user:alice", 4, "identity"),
+                        NamespaceSpec("user:bob", 4, "identity")], dim=3)
+
+
+def test_user_namespaces_need_their_grant():
+    """Only the holder of user:bob's grant writes bob's rows: a name, alice's grant, a grant from
+    another authority, an edited or hand-made grant are all refused and nothing is written."""
+    from memstack.memory.sparse.grants import NamespaceAccessError, NamespaceAuthority, WriteGrant
+
+    t, auth = _user_table(), NamespaceAuthority()
+    up = OnlineUpdater(_model(), t, authority=auth, policy=UpdatePolicy(max_row_update_norm=None))
+    w0 = t.weight.detach().clone()
+    vals = torch.ones(2, 3)
+    bob, alice = auth.grant("user:bob"), auth.grant("user:alice")
+    forged = [("user:bob", "name"), (alice, "alice's"), (NamespaceAuthority().grant("user:bob"), "other key"),
+              (WriteGrant("user:bob", alice.token), "alice's token"), (WriteGrant("user:bob", "0" * 64), "made up"),
+              (WriteGrant("user:bob", bob.token.upper()), "edited")]
+    for into, why in forged:
+        if into == alice:
+            assert up.write(into, torch.tensor([0, 1]), vals).accepted        # alice's grant writes alice only
+            assert torch.equal(t.weight.detach()[12:16], w0[12:16])           # bob's rows untouched
+            continue
+        with pytest.raises(NamespaceAccessError):
+            up.write(into, torch.tensor([0, 1]), vals)
+        assert torch.equal(t.weight.detach()[12:16], w0[12:16]), why
+    assert up.write(bob, torch.tensor([0, 1]), vals).accepted
+    assert torch.equal(t.weight.detach()[12:14], vals)
+    assert up.write("knowledge", torch.tensor([0]), vals[:1]).accepted   # the shared namespace: by name
+    assert bob.token not in repr(bob) and "user:bob" in repr(bob)
+    with pytest.raises(ValueError, match="shared namespace"):
+        auth.grant("knowledge")
+    with pytest.raises(ValueError, match="not 'knowledge'"):
+        auth.grant("user:")
+    # an updater built without an authority cannot open any user namespace
+    with pytest.raises(NamespaceAccessError):
+        OnlineUpdater(_model(), t).write(bob, torch.tensor([0]), vals[:1])
+
+
+def test_a_step_writes_only_the_namespaces_it_is_given():
+    """A gradient step writes the rows of `into` and leaves every other touched row (reported)."""
+    model = _model()
+    table = model.memory.memories[0].table
+    up = OnlineUpdater(model, table, lr=1e-2, policy=UpdatePolicy(max_row_update_norm=None))
+    w0 = table.weight.detach().clone()
+    x = torch.randint(0, 97, (2, 17))
+    res = up.step(x[:, :-1], x[:, 1:], into=[])                           # nothing opened: nothing written
+    assert res.accepted and res.rows == 0 and res.withheld == res.touched > 0
+    assert torch.equal(table.weight.detach(), w0)
+    res = up.step(x[:, :-1], x[:, 1:])                                    # default: the shared namespace
+    assert res.accepted and res.rows == res.touched > 0 and res.withheld == 0
+
+
+def test_policy_and_updater_arguments_are_checked_like_configs():
+    from memstack.errors import ConfigError
+
+    for bad in (dict(max_row_update_norm=float("nan")), dict(max_row_update_norm=float("inf")),
+                dict(max_row_update_norm=0.0), dict(quotas={"knowledge": 0}), dict(quotas={"knowledge": -3}),
+                dict(quotas={"knowledge": 1.5}), dict(quotas={"knowledge": True}), dict(quotas={"nobody": 2})):
+        with pytest.raises(ConfigError):
+            UpdatePolicy(**bad)
+    assert UpdatePolicy(max_row_update_norm=None, quotas={"knowledge": None, "user:a": 3}).quotas["user:a"] == 3
+    with pytest.raises(ConfigError) as e:
+        OnlineUpdater(_model(), _user_table(), lr=float("nan"), optimizer="sgdd", betas=(0.9, 1.0), eps=0.0, top_t=0)
+    assert len(e.value.reasons) == 5
+    assert "write_quota must be a positive integer" in NamespaceSpec("user:a", 4, "identity", write_quota=0).reasons()[0]
+
+
+def test_an_explicit_none_quota_lifts_a_namespace_quota():
+    t = SparseTable([NamespaceSpec("knowledge", 8, write_quota=1)], dim=3)
+    w0 = t.weight.detach().clone()
+    assert not OnlineUpdater(_model(), t).write("knowledge", torch.tensor([0, 1]), w0[:2] + 0.1).accepted
+    up = OnlineUpdater(_model(), t, policy=UpdatePolicy(quotas={"knowledge": None}))
+    assert up.write("knowledge", torch.tensor([0, 1]), w0[:2] + 0.1).accepted

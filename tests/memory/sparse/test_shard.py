@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,11 +29,6 @@ device: cpu
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items()
@@ -44,8 +38,8 @@ def _env() -> dict:
 
 
 def _torchrun(nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}"]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--standalone"]     # the launcher binds a free port itself: no port picked here and raced for
 
 
 def train(config: Path, out: Path, nproc: int, resume: Path | None = None):
@@ -113,8 +107,11 @@ def test_two_sharded_processes_train_the_same_model_as_one(runs):
     root, _, _ = runs
     a, b = latest_checkpoint(root / "one"), latest_checkpoint(root / "two")
     assert (b / "shards").is_dir() and not (a / "shards").exists()
-    index = json.loads((b / "shards" / "memory.memories.0.table.weight.json").read_text())
+    from memstack.memory.sparse.shard import shard_index
+
+    index = shard_index(b)["memory.memories.0.table.weight"]        # sealed: every shard file with its SHA-256
     R = index["rows"]
+    assert {k: len(v) for k, v in index["optim"].items()} == {"exp_avg": 2, "exp_avg_sq": 2, "row_step": 2}
     assert [(p["lo"], p["hi"]) for p in index["parts"]] == [(0, (R + 1) // 2), ((R + 1) // 2, R)]
     ma, _ = load_checkpoint(a)
     mb, _ = load_checkpoint(b)               # one process reads both ranks' shard files

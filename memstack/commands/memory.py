@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from memstack.errors import MemstackError
@@ -18,6 +19,29 @@ EPILOG = """examples:
   memstack memory rollback --store runs/engram-tables --version 2
   memstack memory apply    --checkpoint runs/engram --store runs/engram-tables --out runs/engram-v2
 """
+
+
+_NAMESPACE_QUOTA = object()   # --quota not given: the namespace's own write_quota applies
+
+
+def _quota(text: str) -> int | None | str:
+    """--quota: `none` (no quota, said explicitly) or an integer; its range is checked with the rest."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a quota is a positive integer or `none`, got {text!r}") from None
+
+
+def _norm_cap(text: str) -> float | None:
+    """--max-row-norm: `none` (no cap, said explicitly) or a number; NaN / inf / <= 0 are refused later."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a norm cap is a finite number > 0 or `none`, got {text!r}") from None
 
 
 def _tables(model) -> dict:
@@ -94,12 +118,23 @@ def cmd_snapshot(args) -> int:
     return 0
 
 
+def _report_cleaned(store) -> None:
+    """Say what opening the store removed (left by an interrupted write)."""
+    if store.cleaned:
+        names = ", ".join(str(p.relative_to(store.root)) for p in store.cleaned[:5])
+        more = f" and {len(store.cleaned) - 5} more" if len(store.cleaned) > 5 else ""
+        print(f"{store.root}: removed {len(store.cleaned)} file(s) left by an interrupted write: {names}{more}",
+              file=sys.stderr)
+
+
 def cmd_log(args) -> int:
     from memstack.memory.sparse.store import TableStore
 
     st = TableStore(args.store)
     head = st.head
-    for v in st.versions():
+    versions = st.versions()                      # every committed version, verified: an error, never a gap
+    _report_cleaned(st)
+    for v in versions:
         mark = "*" if v.version == head else " "
         print(f"{mark} v{v.version:<5} parent {v.parent:<5} {v.kind:<5} {v.touched:>8} rows  {json.dumps(v.meta)}")
     return 0
@@ -132,13 +167,29 @@ def cmd_import(args) -> int:
 def cmd_learn(args) -> int:
     import torch
 
-    from memstack.memory.sparse.online import OnlineUpdater, UpdatePolicy
+    from memstack.errors import ConfigError
+    from memstack.memory.sparse.grants import SHARED, NamespaceAuthority
+    from memstack.memory.sparse.online import OnlineUpdater, UpdatePolicy, updater_reasons
     from memstack.memory.sparse.store import TableStore
+    from memstack.memory.sparse.table import namespace_reasons
 
+    # every option checked before anything is loaded, every problem reported at once
+    reasons = updater_reasons(args.lr, "adam", (0.9, 0.999), 1e-8, args.top_t) + namespace_reasons(args.namespace)
+    if args.steps < 1:
+        reasons.append(f"--steps must be >= 1, got {args.steps}")
+    quotas = {} if args.quota is _NAMESPACE_QUOTA else {args.namespace: args.quota}
+    try:
+        policy = UpdatePolicy(max_row_update_norm=args.max_row_norm, quotas=quotas)
+    except ConfigError as e:
+        reasons += e.reasons
+    if reasons:
+        raise ConfigError(reasons, what="`memory learn` options")
     model, _, tok = _load(args)
     if tok is None:
         raise MemstackError(f"{args.checkpoint} records no tokenizer; it cannot read text")
     name, table = _pick(model, args.table)
+    if args.namespace not in {s.name for s in table.specs}:
+        raise MemstackError(f"{name} has no namespace {args.namespace!r}; it has {[s.name for s in table.specs]}")
     st = TableStore(args.store)
     if not st.exists:
         raise MemstackError(f"{args.store} is not a table store; run `memstack memory snapshot` first")
@@ -153,15 +204,17 @@ def cmd_learn(args) -> int:
     ids = [tok.eot_id] + tok.encode(text)
     S = model.cfg.backbone.seg_len
     chunks = [ids[i:i + S + 1] for i in range(0, max(len(ids) - 1, 1), S)]
-    policy = UpdatePolicy(max_row_update_norm=args.max_row_norm, quotas={args.namespace: args.quota} if args.quota else {})
-    up = OnlineUpdater(model, table, lr=args.lr, top_t=args.top_t, policy=policy, store=st)
+    # the command line is the operator: it may write any namespace, and writes the one it is given
+    authority = NamespaceAuthority()
+    into = args.namespace if args.namespace == SHARED else authority.grant(args.namespace)
+    up = OnlineUpdater(model, table, lr=args.lr, top_t=args.top_t, policy=policy, store=st, authority=authority)
     ok = rejected = 0
     for step in range(args.steps):
         for c in chunks:
             if len(c) < 2:
                 continue
             t = torch.tensor([c])
-            res = up.step(t[:, :-1], t[:, 1:])
+            res = up.step(t[:, :-1], t[:, 1:], into=[into])
             if res.accepted:
                 ok += 1
             else:
@@ -243,9 +296,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--steps", type=int, default=20, help="passes over the text")
     s.add_argument("--lr", type=float, default=1e-2)
     s.add_argument("--top-t", type=int, default=None, help="update only the t touched rows with the highest TF-IDF")
-    s.add_argument("--max-row-norm", type=float, default=1.0, help="reject updates moving a row further than this")
-    s.add_argument("--namespace", default="knowledge")
-    s.add_argument("--quota", type=int, default=None, help="rows this commit may write in --namespace")
+    s.add_argument("--max-row-norm", type=_norm_cap, default=1.0,
+                   help="reject updates moving a row further than this (a finite number > 0; `none`: no cap)")
+    s.add_argument("--namespace", default="knowledge", help="the namespace the text is learnt into (rows of other "
+                   "namespaces the text touches are left unchanged)")
+    s.add_argument("--quota", type=_quota, default=_NAMESPACE_QUOTA,
+                   help="rows this commit may write in --namespace: a positive integer, or `none` for no quota "
+                   "(default: the namespace's own write_quota)")
     s.set_defaults(fn=cmd_learn)
     s = ms.add_parser("apply", help="write a checkpoint whose table is a store version")
     common(s)
