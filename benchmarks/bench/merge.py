@@ -14,7 +14,7 @@ from pathlib import Path
 
 from memstack.evals.report import write_report
 
-_FREE = ("memories", "tasks", "warm_start", "seeds")   # a cell depends on its own seed only
+_FREE = ("memories", "tasks", "warm_start", "seeds", "save_models")   # a cell depends on its own seed only
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,13 +130,14 @@ def best_entries(records: list[dict]) -> dict[tuple[str, str], Entry]:
 class Comparison:
     diff: float          # a.mean - b.mean (in the metric's own units)
     z: float             # diff / sqrt(se_a^2 + se_b^2); nan when both se are 0 (nothing to measure it against)
-    beyond_spread: bool  # the seed ranges do not overlap
+    beyond_spread: bool  # the seed ranges do not overlap (needs >= 2 seeds on each side)
 
 
 def compare(a: Entry, b: Entry) -> Comparison:
     diff = a.mean - b.mean
     se = math.sqrt(a.se ** 2 + b.se ** 2)
-    return Comparison(diff, diff / se if se > 0 else math.nan, a.lo > b.hi or a.hi < b.lo)
+    spread = len(a.test) > 1 and len(b.test) > 1 and (a.lo > b.hi or a.hi < b.lo)
+    return Comparison(diff, diff / se if se > 0 else math.nan, spread)
 
 
 def z_vs_value(e: Entry, value: float) -> float:

@@ -73,6 +73,11 @@ class Task:
         """Tokens of context an evaluation example spans at this task's segment length."""
         return self.cfg.context_tokens()
 
+    def evaluate_reference(self, model: nn.Module, split: str | None = None) -> dict[str, float]:
+        """The metrics a warm start records about itself (default: `evaluate`); a task whose test
+        evaluation is long (a length sweep) keeps it short here."""
+        return self.evaluate(model, split)
+
     def chance(self) -> float | None:
         """The primary metric of a model that cannot see what the task asks about (None: not defined)."""
         return None

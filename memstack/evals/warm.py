@@ -119,7 +119,7 @@ def warm_start(backbone: BackboneConfig, task_cfg, task: Task, warm: WarmStartCo
     train_s = time.perf_counter() - t0
     model.eval()
     with torch.no_grad():
-        ref = {split: wtask.evaluate(model, split) for split in ("val", "test")}
+        ref = {split: wtask.evaluate_reference(model, split) for split in ("val", "test")}
     meta = {"key": key, "format": WARM_FORMAT, "steps": trainer.step, "train_tokens": trainer.tokens,
             "seg_len": window, "lr": warm.lr, "seed": seed, "train_loss": rec.get("loss"), "train_s": train_s,
             "metrics_val": ref["val"], "metrics": ref["test"], "data_sha256": data_sha256,

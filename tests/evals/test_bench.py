@@ -338,9 +338,9 @@ def test_report_on_hand_made_records(tmp_path):
     assert rows[1][6] == f"{(400 / 1200 + 0.5 + 0.5) / 3:.2f}x"
     table = write_report(rs, tmp_path, command="memstack bench --suite hand")
     assert table.startswith(text_table(header, rows) + "\n")
-    # no standard error anywhere (one seed, no evaluation error): no z, but the seeds' ranges still compare
+    # no standard error anywhere (one seed, no evaluation error): no z, and one seed has no spread
     assert ("lm: none 1.800 ± 0.000; 0 memories >= 5 SE better: none; better than none beyond the seeds' "
-            "spread: xl") in table
+            "spread: none") in table
     md = (tmp_path / "leaderboard.md").read_text()
     assert "scaled by 0.25 to fit the time budget" in md
     assert "| xl | lm | 0.001 |" in md and "| xl | lm | 0.003 |" in md    # every cell, NaN run included

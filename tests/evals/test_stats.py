@@ -59,5 +59,7 @@ def test_compare_difference_z_and_spread():
     assert c.z == pytest.approx(0.7 / math.sqrt(a.se ** 2 + b.se ** 2))
     close = entries([rec("c", 1, 0, 0.15, 0.15), rec("c", 1, 1, 0.3, 0.3)])[("c", "t", 1)]
     assert not compare(close, b).beyond_spread                  # 0.15 lies inside b's [0.1, 0.2]
+    one = entries([rec("e", 1, 0, 0.99, 0.99)])[("e", "t", 1)]
+    assert not compare(one, b).beyond_spread                    # one seed has no spread to be beyond
     exact = entries([rec("d", 1, 0, 0.5, 0.5)])[("d", "t", 1)]
     assert math.isnan(compare(exact, exact).z) and math.isnan(z_vs_value(exact, 0.25))   # no error to measure by
