@@ -308,9 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="the equal-budget leaderboard over memories and tasks",
                        description="Train every selected memory on the same backbone and token budget for every task "
-                       "of the suite (a learning-rate sweep, best reported), then write one JSON record per run, "
-                       "leaderboard.md and PNG plots, and print the leaderboard.")
-    s.add_argument("--suite", default="quick", help="quick (CPU, ~10 min) | full (GPU) | a YAML path")
+                       "and seed of the suite (optionally from a cached warm-started plain backbone), choose the learning "
+                       "rate on the validation split and report the test split (mean over seeds ± standard error), then "
+                       "write one JSON record per cell, leaderboard.md and PNG plots, and print the leaderboard.")
+    s.add_argument("--suite", default="quick", help="quick (CPU, ~10 min) | longctx | learned | retrieval | runtime | "
+                   "sparse | trellis | full (GPU) | a YAML path")
     s.add_argument("--memories", help="comma-separated memory names (default: the suite's, usually all)")
     s.add_argument("--out", default="reports", help="reports directory (default: reports/)")
     s.add_argument("--device")

@@ -135,6 +135,10 @@ for _name, _cfg, _impl, _summary in [
      "one key-value pair per segment, query in the last segment (ARMT-style); accuracy"),
     ("facts", "memstack.evals.facts:FactsTaskConfig", "memstack.evals.facts:FactsTask",
      "synthetic key -> value facts: closed-book recall of trained facts, and the in-context variant"),
+    ("slot_recall", "memstack.evals.slot_recall:SlotRecallTaskConfig", "memstack.evals.slot_recall:SlotRecallTask",
+     "typed facts in the context segment(s), asked in the last segment: chance without memory; accuracy"),
+    ("longctx", "memstack.evals.longctx:LongContextTaskConfig", "memstack.evals.longctx:LongContextTask",
+     "BABILong-style / RULER-style facts in long real text, trained <= 1k tokens, streamed to 1M+; exact match"),
 ]:
     TASKS.add(_name, _cfg, _impl, _summary)
 

@@ -15,7 +15,6 @@ Writes records.jsonl, summary.md and bpb.png into --out. Measures, never asserts
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in (seeds if i in (2, 3) else seeds[:1]):
             mem = from_dict(MEMORIES.config_class(kind), fields, what=label)
             t0 = time.time()
-            rec = run_cell(dataclasses.replace(suite, seed=seed), mem, task_cfg, args.lr, args.tokens, device, env, task)
+            rec = run_cell(suite, mem, task_cfg, args.lr, args.tokens, device, env, task, seed=seed)
             rec.update(label=label, command=" ".join(["benchmarks/learned/compressive_vs_xl.py", *(argv or sys.argv[1:])]))
             print(f"{label:<40} seed {seed}: bpb {rec['metrics']['bpb']:.4f}  ({time.time() - t0:.0f} s, "
                   f"{rec['tok_per_s']:,.0f} tok/s)", flush=True)

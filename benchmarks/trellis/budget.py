@@ -89,7 +89,7 @@ def main() -> None:
             tc = from_dict(TaskConfig, task_fields)
             backbone = BackboneConfig(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, seg_len=seg_len)
             suite = SuiteConfig(name="trellis-budget", backbone=backbone, memories=("none",), tasks=(tc,), train=train,
-                                lrs=(args.lr,), tokens_per_cell=args.tokens, device=args.device, seed=args.seed)
+                                lrs=(args.lr,), tokens_per_cell=args.tokens, device=args.device, seeds=(args.seed,))
             task = build_task(tc, backbone.seg_len)
             for label, budget, mem in variants(args.budgets, args.full_ref, seg_len * n_seg, args.gate_init):
                 if args.only is not None and not any(o in label for o in args.only):

@@ -47,7 +47,7 @@ GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2
 BPE_CACHE_FORMAT = 1
 TRAINER_VERSION = 1          # bump when train_bpe's output for a given corpus would change
 MIN_BPE_VOCAB, MAX_BPE_VOCAB = 258, 65536
-VALID_NAMES = ["byte", "gpt2", "bpe<N>", "smollm2"]
+VALID_NAMES = ["byte", "gpt2", "bpe<N>", "smollm2", "a local Hugging Face tokenizer directory (path)"]
 PRETRAINED_TOKENIZERS = {"smollm2": 49152}   # name -> vocabulary size (tokenizers of pretrained models)
 
 Merge = tuple[bytes, bytes]
@@ -346,8 +346,12 @@ def get_tokenizer(name: str) -> Tokenizer:
     (``"smollm2"``, needs the `hf` extra); built once per data dir."""
     from memstack.data.assets import data_dir
 
+    from memstack.data.hf_tokenizer import HFTokenizerDir, tokenizer_file
+
     m = re.fullmatch(r"bpe(\d+)", name)
     if name not in ("byte", "gpt2", *PRETRAINED_TOKENIZERS) and not (m and MIN_BPE_VOCAB <= int(m.group(1)) <= MAX_BPE_VOCAB):
+        if tokenizer_file(name) is not None:          # a local Hugging Face tokenizer directory
+            return HFTokenizerDir(name)
         raise UnknownNameError("tokenizer", name, VALID_NAMES)
     return _build(name, str(data_dir()))
 
@@ -382,15 +386,24 @@ def tokenizer_vocab(name: str) -> int:
         return PRETRAINED_TOKENIZERS[name]
     if name.startswith("bpe") and name[3:].isdigit() and 258 <= int(name[3:]) <= 65536:
         return int(name[3:])
+    from memstack.data.hf_tokenizer import hf_tokenizer_vocab, tokenizer_file
+
+    if tokenizer_file(name) is not None:       # a local Hugging Face tokenizer directory
+        return hf_tokenizer_vocab(name)
     from memstack.errors import UnknownNameError
 
-    raise UnknownNameError("tokenizer", name, ["byte", "gpt2", "bpe<N> (258 <= N <= 65536)", *PRETRAINED_TOKENIZERS])
+    raise UnknownNameError("tokenizer", name, ["byte", "gpt2", "bpe<N> (258 <= N <= 65536)", *PRETRAINED_TOKENIZERS,
+                                               "a local Hugging Face tokenizer directory (a path)"])
 
 
 def tokenizer_reasons(name: str) -> list[str]:
-    """[] if `name` is a tokenizer memstack knows, else the reason (with the valid names)."""
+    """[] if `name` is a tokenizer memstack knows, else every reason (with the valid names)."""
+    from memstack.errors import ConfigError
+
     try:
         tokenizer_vocab(name)
         return []
+    except ConfigError as e:      # a tokenizer directory that is missing or not a tokenizer.json
+        return list(e.reasons)
     except KeyError as e:
         return [str(e)]

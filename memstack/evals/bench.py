@@ -1,14 +1,23 @@
 """The equal-budget harness behind `memstack bench`.
 
-A suite trains every selected memory on the same backbone, with the same token budget per
-(memory, task, learning rate) cell, for every task; it reports the best learning rate of the
-sweep per (memory, task), as Zoology does. Each cell writes one JSON record (config, git SHA,
-device, versions, tokens/s, peak memory, state size, metrics).
+A suite trains every selected memory on the same backbone, with the same number of training
+tokens per (memory, task, learning rate, seed) cell, for every task, once per seed of `seeds`.
+The learning rate of each (memory, task) is chosen on the task's validation split and the test
+split is reported (memstack/evals/stats.py: mean over seeds, spread, standard error), as Zoology
+reports the best of a sweep -- but selected on held-out data, not on the numbers it reports.
 
-Budget: `tokens_per_cell` input tokens per cell. With `time_budget_s`, the harness first
-measures the plain backbone's training speed and, if the whole suite would not fit, shrinks
-the per-cell budget -- by the same factor for every memory, so the comparison stays fair as
-more memories are registered. The scaling is recorded in every record.
+Warm starts (`warm_start`, per task label; memstack/evals/warm.py): the plain backbone is first
+trained once per (task, seed), cached, and every cell of that task and seed starts from it, so a
+memory is retrofitted onto a trained model rather than learnt with it from nothing.
+
+Budget: `tokens_per_cell` training tokens per cell, fixed: the same leaderboard on any machine
+for the same seeds (up to floating-point nondeterminism). `time_budget_s` (off unless set) is for
+custom suites only: the harness then times the plain backbone first and, if the suite would not
+fit, shrinks every cell's budget by the same factor -- which makes the result depend on the
+machine's speed; the scaling is recorded in every record.
+
+Every record carries the exact configs (the whole suite's too), the SHA-256 of the task's data,
+the seed and all the suite's seeds, the warm start's key, the git SHA and the environment.
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ from memstack.backbone.model import build_model
 from memstack.config import BackboneConfig, Checked, MemoryConfig, ModelConfig, from_dict, to_dict
 from memstack.errors import ConfigError
 from memstack.evals.task import Task, TaskConfig, build_task
+from memstack.evals.warm import WarmStart, WarmStartConfig, load_warm, warm_start
 from memstack.registry import MEMORIES
 from memstack.train.config import TrainConfig
 from memstack.train.distributed import DistInfo, resolve_device
@@ -49,10 +59,15 @@ class SuiteConfig(Checked):
     time_budget_s: float | None = None
     warmup_frac: float = 0.05
     device: str = "auto"
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
+    # task label -> the plain backbone trained first, shared by every cell of that task and seed
+    warm_start: dict[str, WarmStartConfig] = field(default_factory=dict)
     # also evaluate each trained cell with its memory switched off (evals/ablation.py); the
     # ablated metrics go into `metrics_ablated` (this evaluation is not in the time budget)
     ablate: bool = False
+    # keep every trained cell as a checkpoint under <out>/models/<memory>-<task>-lr<lr>-seed<seed>
+    # (e.g. to evaluate it later at other lengths: `memstack eval --checkpoint ...`)
+    save_models: bool = False
 
     def check(self) -> list[str]:
         r = []
@@ -64,6 +79,14 @@ class SuiteConfig(Checked):
             r.append(f"tokens_per_cell must be >= 1, got {self.tokens_per_cell}")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             r.append(f"time_budget_s must be > 0 or null, got {self.time_budget_s}")
+        if not self.seeds or any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            r.append(f"seeds must be a non-empty list of distinct non-negative ints, got {list(self.seeds)}")
+        labels = [t.label for t in self.tasks]
+        if len(set(labels)) != len(labels):
+            r.append(f"tasks: two tasks share a label ({', '.join(sorted({x for x in labels if labels.count(x) > 1}))}); "
+                     "records and warm starts are keyed by it")
+        r += [f"warm_start: {k!r} is not a task of the suite; tasks: {', '.join(labels)}"
+              for k in self.warm_start if k not in labels]
         names = sorted(MEMORIES.names())
         r += [f"memories: unknown memory {m!r}; valid: {', '.join(names)}" for m in self.memories if m not in names + ["all"]]
         r += [f"exclude: unknown memory {m!r}; valid: {', '.join(names)}" for m in self.exclude if m not in names]
@@ -153,48 +176,76 @@ def _tokens_per_step(suite: SuiteConfig, task: Task, source: Any) -> int:
     return suite.train.batch_size * n_seg * suite.backbone.seg_len
 
 
-def cell_model(suite: SuiteConfig, task_cfg: TaskConfig, mem: MemoryConfig, device: torch.device):
-    """The suite's backbone sized for the task's vocabulary, with one memory, initialised from the
-    suite's seed (so every memory starts from the same backbone weights)."""
-    backbone = dataclasses.replace(suite.backbone, vocab_size=task_cfg.vocab_size())
-    torch.manual_seed(suite.seed)
-    return build_model(ModelConfig(backbone, (mem,))).to(device)
+def cell_backbone(suite: SuiteConfig, task_cfg: TaskConfig) -> BackboneConfig:
+    return dataclasses.replace(suite.backbone, vocab_size=task_cfg.vocab_size())
+
+
+def cell_model(suite: SuiteConfig, task_cfg: TaskConfig, mem: MemoryConfig, device: torch.device, seed: int | None = None,
+               warm: WarmStart | None = None):
+    """The suite's backbone sized for the task's vocabulary, with one memory, initialised from
+    `seed` (default: the suite's first) -- so every memory starts from the same backbone weights
+    -- and, with a warm start, the backbone's weights replaced by the warm start's."""
+    torch.manual_seed(suite.seeds[0] if seed is None else seed)
+    model = build_model(ModelConfig(cell_backbone(suite, task_cfg), (mem,))).to(device)
+    if warm is not None:
+        load_warm(model, warm)
+    return model
 
 
 def run_cell(suite: SuiteConfig, mem: MemoryConfig, task_cfg: TaskConfig, lr: float, tokens: int,
-             device: torch.device, env: dict, task: Task | None = None) -> dict:
-    """Train one memory on one task at one learning rate for `tokens` input tokens; evaluate."""
+             device: torch.device, env: dict, task: Task | None = None, seed: int | None = None,
+             warm: WarmStart | None = None, data_sha256: str | None = None, save_dir: Path | None = None) -> dict:
+    """Train one memory on one task at one learning rate and seed for `tokens` input tokens;
+    evaluate on the validation and the test split."""
+    seed = suite.seeds[0] if seed is None else seed
     task = task or build_task(task_cfg, suite.backbone.seg_len)
-    model = cell_model(suite, task_cfg, mem, device)
+    model = cell_model(suite, task_cfg, mem, device, seed, warm)
     backbone = model.cfg.backbone
-    source = task.train_source(suite.train.batch_size, suite.seed)
+    source = task.train_source(suite.train.batch_size, seed)
     per_step = _tokens_per_step(suite, task, source)
     steps = max(1, tokens // per_step)
     tcfg = dataclasses.replace(suite.train, lr=lr, max_steps=steps, warmup_steps=max(1, int(steps * suite.warmup_frac)),
-                               eval_every=0, ckpt_every=0, progress=False)
-    trainer = Trainer(model, tcfg, source, evaluate=task.evaluate, dist=DistInfo(device=device))
+                               eval_every=0, ckpt_every=0, progress=False, seed=seed)
+    trainer = Trainer(model, tcfg, source, dist=DistInfo(device=device))
     t0 = time.perf_counter()
     with PeakMemory(device) as peak:
         rec = trainer.fit(progress=False)
     wall = time.perf_counter() - t0
+    model.eval()
+    saved = None
+    if save_dir is not None:
+        from memstack.checkpoint import save_checkpoint
+
+        saved = save_dir / f"{mem.kind}-{task_cfg.label}-lr{lr:g}-seed{seed}"
+        save_checkpoint(model, saved, meta={"task": to_dict(task_cfg), "seed": seed, "lr": lr, "suite": suite.name})
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        metrics = {split: task.evaluate(model, split) for split in ("val", "test")}
+    eval_s = time.perf_counter() - t1
     ablation = {}
     if suite.ablate:
         from memstack.evals.ablation import ablated
 
-        off = ablated(model.eval())
+        off = ablated(model)
         with torch.no_grad():
-            ablation = {"metrics_ablated": task.evaluate(off), "ablation": off.ablation}
-    ctx_tokens = task_cfg.context_tokens() or (getattr(task_cfg, "num_pairs", 0) + 1) * backbone.seg_len
+            ablation = {"metrics_ablated": task.evaluate(off, "test"), "ablation": off.ablation}
+    ctx_tokens = task.context_tokens()
     return {
-        "suite": suite.name, "memory": mem.kind, "task": task_cfg.label, "lr": lr, "seed": suite.seed,
-        "metrics": rec.get("eval", {}), "primary": task.primary, "higher_is_better": task.higher_is_better,
+        "suite": suite.name, "memory": mem.kind, "task": task_cfg.label, "lr": lr, "seed": seed,
+        "seeds": list(suite.seeds), "metrics": metrics["test"], "metrics_val": metrics["val"], "chance": task.chance(),
+        "primary": task.primary, "higher_is_better": task.higher_is_better,
         "train_loss": rec.get("loss"), "steps": trainer.step, "train_tokens": trainer.tokens,
         "tok_per_s": trainer.tokens / max(trainer.train_time, 1e-9),
-        "wall_s": wall, "peak_mem_mb": peak.peak_mb, "peak_mem_kind": "cuda_allocated" if device.type == "cuda" else "process_rss",
+        "wall_s": wall, "eval_s": eval_s, "peak_mem_mb": peak.peak_mb,
+        "peak_mem_kind": "cuda_allocated" if device.type == "cuda" else "process_rss",
         "params": model.num_params(), "memory_params": sum(p.numel() for p in model.memory.parameters()),
         "state_size": model.memory.state_size(ctx_tokens), "state_size_at_tokens": ctx_tokens,
         "state_bytes": model.memory.state_bytes(ctx_tokens),
-        "config": {"backbone": to_dict(backbone), "memory": to_dict(mem), "task": to_dict(task_cfg), "train": to_dict(tcfg)},
+        "data_sha256": data_sha256 or task.data_sha256(), "checkpoint": str(saved) if saved else None,
+        "warm_start": ({k: warm.meta.get(k) for k in ("key", "steps", "seg_len", "lr", "train_tokens", "metrics",
+                                                      "metrics_val", "cached")} if warm else None),
+        "config": {"backbone": to_dict(backbone), "memory": to_dict(mem), "task": to_dict(task_cfg), "train": to_dict(tcfg),
+                   "suite": to_dict(suite)},
         **ablation, **env,
     }
 
@@ -210,7 +261,7 @@ def calibrate(suite: SuiteConfig, device: torch.device, tasks: list[Task],
 
     def trainer(mem: MemoryConfig) -> Trainer:
         tcfg = dataclasses.replace(suite.train, max_steps=8, warmup_steps=1, progress=False)
-        return Trainer(cell_model(suite, tasks[0].cfg, mem, device), tcfg, tasks[0].train_source(suite.train.batch_size, suite.seed),
+        return Trainer(cell_model(suite, tasks[0].cfg, mem, device), tcfg, tasks[0].train_source(suite.train.batch_size, suite.seeds[0]),
                        dist=DistInfo(device=device))
 
     def step_time(tr: Trainer, warm: int, timed: int) -> tuple[float, int]:
@@ -243,14 +294,16 @@ def fit_budget(suite: SuiteConfig, slowdowns: list[float], tps: float, eval_s: l
     """Training tokens per cell so the whole suite fits in `remaining_s` seconds, every memory
     getting the same tokens. `slowdowns[m]` is memory m's measured step time over the plain
     backbone's (`calibrate`), applied to its training and its evaluations alike; `tps` is the
-    plain backbone's training tokens/s and `eval_s` its evaluation seconds per task."""
-    runs = sum(slowdowns) * len(suite.lrs)                   # plain-backbone-equivalent runs
-    evals = sum(eval_s) * (2 if suite.ablate else 1)         # an ablated model is evaluated again
+    plain backbone's training tokens/s and `eval_s` its evaluation seconds per task and split.
+    (Warm starts are not budgeted: they are trained once and cached.)"""
+    runs = sum(slowdowns) * len(suite.lrs) * len(suite.seeds)   # plain-backbone-equivalent runs
+    evals = sum(eval_s) * (3 if suite.ablate else 2)            # val + test (+ the ablated model on test)
     train_s = remaining_s / SAFETY - runs * evals
     return int(train_s * tps / (runs * len(eval_s)))
 
 
-def run_suite(suite: SuiteConfig, out_dir: str | Path, progress: bool = True, log=print) -> list[dict]:
+def run_suite(suite: SuiteConfig, out_dir: str | Path, progress: bool = True, log=print,
+              warm_cache: bool = True) -> list[dict]:
     """Run every cell of the suite; write records.jsonl under out_dir; return the records."""
     device = resolve_device(suite.device)
     env = environment(device)
@@ -258,7 +311,7 @@ def run_suite(suite: SuiteConfig, out_dir: str | Path, progress: bool = True, lo
     out_dir.mkdir(parents=True, exist_ok=True)
     mems = suite.memory_list()
     tasks = [(tc, build_task(tc, suite.backbone.seg_len)) for tc in suite.tasks]
-    n_cells = len(mems) * len(tasks) * len(suite.lrs)
+    n_cells = len(mems) * len(tasks) * len(suite.lrs) * len(suite.seeds)
     tokens, scale = suite.tokens_per_cell, 1.0
     t_start = time.perf_counter()
     if suite.time_budget_s:
@@ -266,11 +319,9 @@ def run_suite(suite: SuiteConfig, out_dir: str | Path, progress: bool = True, lo
         affordable = fit_budget(suite, slowdowns, tps, eval_s, suite.time_budget_s - (time.perf_counter() - t_start))
         min_tokens = 20 * suite.train.batch_size * suite.train.n_segments * suite.backbone.seg_len
         if affordable < min_tokens:
-            from memstack.errors import ConfigError
-
             raise ConfigError(f"time_budget_s={suite.time_budget_s:g} leaves {max(affordable, 0):,} training tokens per "
                               f"cell for {n_cells} cells (fewer than 20 steps): raise the budget, or run fewer "
-                              "memories / tasks / learning rates", what="suite budget")
+                              "memories / tasks / learning rates / seeds", what="suite budget")
         if affordable < tokens:
             scale = affordable / tokens
             tokens = affordable
@@ -278,7 +329,8 @@ def run_suite(suite: SuiteConfig, out_dir: str | Path, progress: bool = True, lo
             + ", ".join(f"{tc.kind} {t:.1f}s" for (tc, _), t in zip(tasks, eval_s))
             + "; slowest memories " + ", ".join(f"{m.kind} {r:.1f}x" for r, m in sorted(
                 zip(slowdowns, mems), key=lambda p: -p[0])[:3])
-            + f"; {n_cells} cells x {tokens:,} tokens (budget scale {scale:.3g})")
+            + f"; {n_cells} cells x {tokens:,} tokens (budget scale {scale:.3g}: the leaderboard now depends "
+            "on this machine's speed)")
     records = []
     bar = None
     if progress:
@@ -287,17 +339,33 @@ def run_suite(suite: SuiteConfig, out_dir: str | Path, progress: bool = True, lo
         bar = tqdm(total=n_cells, desc=f"bench {suite.name}", unit="cell", dynamic_ncols=True)
     with open(out_dir / "records.jsonl", "w") as f:
         for tc, task in tasks:
+            data_sha = task.data_sha256()
+            warms: dict[int, WarmStart | None] = {}
+            wcfg = suite.warm_start.get(tc.label)
+            for seed in suite.seeds:
+                warms[seed] = None
+                if wcfg is not None and wcfg.steps > 0:
+                    if bar:
+                        bar.set_postfix_str(f"warm start / {tc.label} / seed {seed}")
+                    warms[seed] = warm_start(cell_backbone(suite, tc), tc, task, wcfg, suite.train, seed, device, data_sha,
+                                             log=log, cache=warm_cache)
+                    w = warms[seed].meta
+                    log(f"warm start {tc.label} seed {seed}: {'cached' if w['cached'] else 'trained'} plain backbone "
+                        f"({w['steps']} steps, window {w['seg_len']}): {task.primary} "
+                        f"{w['metrics'].get(task.primary, math.nan):.4f} on test [{w['key']}]")
             for mem in mems:
                 for lr in suite.lrs:
-                    if bar:
-                        bar.set_postfix_str(f"{mem.kind} / {tc.kind} / lr {lr:g}")
-                    rec = run_cell(suite, mem, tc, lr, tokens, device, env, task)
-                    rec["budget_scale"], rec["tokens_per_cell"] = scale, tokens
-                    records.append(rec)
-                    f.write(json.dumps(rec) + "\n")
-                    f.flush()
-                    if bar:
-                        bar.update(1)
+                    for seed in suite.seeds:
+                        if bar:
+                            bar.set_postfix_str(f"{mem.kind} / {tc.label} / lr {lr:g} / seed {seed}")
+                        rec = run_cell(suite, mem, tc, lr, tokens, device, env, task, seed, warms[seed], data_sha,
+                                       out_dir / "models" if suite.save_models else None)
+                        rec["budget_scale"], rec["tokens_per_cell"] = scale, tokens
+                        records.append(rec)
+                        f.write(json.dumps(rec) + "\n")
+                        f.flush()
+                        if bar:
+                            bar.update(1)
     if bar:
         bar.close()
     log(f"suite {suite.name}: {n_cells} cells in {time.perf_counter() - t_start:.0f} s")
@@ -305,17 +373,8 @@ def run_suite(suite: SuiteConfig, out_dir: str | Path, progress: bool = True, lo
 
 
 def best_of_sweep(records: list[dict]) -> dict[tuple[str, str], dict]:
-    """(memory, task) -> the record with the best primary metric over the learning-rate sweep."""
-    best: dict[tuple[str, str], dict] = {}
-    for r in records:
-        key, v = (r["memory"], r["task"]), r["metrics"].get(r["primary"], math.nan)
-        if math.isnan(v):
-            continue
-        cur = best.get(key)
-        if cur is None:
-            best[key] = r
-            continue
-        cv = cur["metrics"][cur["primary"]]
-        if (v > cv) if r["higher_is_better"] else (v < cv):
-            best[key] = r
-    return best
+    """(memory, task) -> a record of the learning rate chosen on the validation split (best mean
+    over seeds; memstack/evals/stats.py): the first seed's."""
+    from memstack.evals.stats import best_entries
+
+    return {k: e.record for k, e in best_entries(records).items()}

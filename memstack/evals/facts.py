@@ -23,7 +23,8 @@ import numpy as np
 from torch import nn
 
 from memstack.data.packing import IGNORE, ExampleSource
-from memstack.evals.task import Task, TaskConfig, accuracy_metrics, example_predictions, tokenizer_reasons, tokenizer_vocab
+from memstack.evals.task import (Task, TaskConfig, accuracy_metrics, check_split, example_predictions, tokenizer_reasons,
+                                 tokenizer_vocab)
 
 _CONS = "bdfgklmnprstvz"
 _VOWS = "aeiou"
@@ -139,7 +140,14 @@ class FactsTask(Task):
 
     @cached_property
     def icl_test(self) -> tuple[np.ndarray, np.ndarray]:
-        rng = np.random.default_rng([self.cfg.seed, 1_000_003, 13])
+        return self._icl_set(1_000_003)
+
+    @cached_property
+    def icl_val(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._icl_set(2_000_003)
+
+    def _icl_set(self, salt: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.cfg.seed, salt, 13])
         rows = [self._row(self._icl_pieces(rng, False)) for _ in range(self.cfg.n_icl_test)]
         return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
@@ -147,10 +155,20 @@ class FactsTask(Task):
         x, y = self.train_arrays(self.cfg.n_train, self.cfg.seed)
         return ExampleSource(x, y, rows, self.seg_len, pad_id=self.tokenizer.eot_id, seed=seed, rank=rank, world=world)
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, split: str | None = None) -> dict[str, float]:
+        """fact_acc asks the trained facts themselves (closed-book recall has no held-out facts:
+        it is the same on both splits); icl_acc uses fresh pairs, other ones per split."""
         out = {}
-        for name, (x, y) in (("fact", self.fact_test), ("icl", self.icl_test)):
+        icl = self.icl_val if check_split(split) == "val" else self.icl_test
+        for name, (x, y) in (("fact", self.fact_test), ("icl", icl)):
             correct, mask = example_predictions(model, x, y, self.seg_len)
             m = accuracy_metrics(correct, mask)
             out[f"{name}_acc"], out[f"{name}_token_acc"] = m["exact"], m["acc"]
         return out
+
+    def data_arrays(self):
+        x, y = self.train_arrays(self.cfg.n_train, self.cfg.seed)
+        for name, (a, b) in (("train", (x, y)), ("fact", self.fact_test), ("icl_val", self.icl_val),
+                             ("icl_test", self.icl_test)):
+            yield f"{name}.inputs", a
+            yield f"{name}.labels", b

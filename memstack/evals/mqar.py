@@ -14,7 +14,7 @@ from torch import nn
 
 from memstack.data.packing import ExampleSource
 from memstack.data.synthetic import mqar, mqar_config_errors
-from memstack.evals.task import Task, TaskConfig, accuracy_metrics, example_predictions
+from memstack.evals.task import Task, TaskConfig, accuracy_metrics, check_split, example_predictions
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,10 @@ class MQARTask(Task):
         return self._data(self.cfg.n_test, self.cfg.seed + 1_000_003)
 
     @cached_property
+    def val(self):
+        return self._data(self.cfg.n_test, self.cfg.seed + 2_000_003)
+
+    @cached_property
     def train_data(self):
         """The fixed training set, generated once per task (every cell of a suite trains on it)."""
         return self._data(self.cfg.n_train, self.cfg.seed)
@@ -62,6 +66,16 @@ class MQARTask(Task):
         d = self.train_data
         return ExampleSource(d.inputs, d.labels, rows, self.seg_len, seed=seed, rank=rank, world=world)
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        correct, mask = example_predictions(model, self.test.inputs, self.test.labels, self.seg_len)
+    def evaluate(self, model: nn.Module, split: str | None = None) -> dict[str, float]:
+        d = self.val if check_split(split) == "val" else self.test
+        correct, mask = example_predictions(model, d.inputs, d.labels, self.seg_len)
         return accuracy_metrics(correct, mask)
+
+    def chance(self) -> float:
+        return 1.0 / (self.cfg.vocab - self.cfg.vocab // 2)   # a uniform guess among the value tokens
+
+    def data_arrays(self):
+        for name in ("train_data", "val", "test"):
+            d = getattr(self, name)
+            yield f"{name}.inputs", d.inputs
+            yield f"{name}.labels", d.labels

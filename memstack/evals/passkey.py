@@ -19,8 +19,8 @@ from torch import nn
 
 from memstack.data.packing import ExampleSource
 from memstack.data.synthetic import passkey, passkey_grid
-from memstack.evals.task import (GeneratedSource, Task, TaskConfig, accuracy_metrics, example_predictions,
-                                 tokenizer_reasons, tokenizer_vocab)
+from memstack.evals.task import (GeneratedSource, Task, TaskConfig, accuracy_metrics, check_split,
+                                 example_predictions, tokenizer_reasons, tokenizer_vocab)
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,13 @@ class PasskeyTask(Task):
                             c.per_cell, c.seed + 1_000_003, n_digits=c.n_digits)
 
     @cached_property
+    def val_grid(self):
+        """The validation grid: same filler book and cells, other keys and filler offsets."""
+        c = self.cfg
+        return passkey_grid(self.tokenizer, filler_ids(self.tokenizer, c.eval_filler), c.lengths, c.depths,
+                            c.per_cell, c.seed + 2_000_003, n_digits=c.n_digits)
+
+    @cached_property
     def train_data(self):
         """The fixed training set, generated once per task (deterministic by cfg.seed; every cell
         of a suite trains on it)."""
@@ -105,10 +112,10 @@ class PasskeyTask(Task):
         return ExampleSource(d.inputs, d.labels, rows, self.seg_len, pad_id=self.tokenizer.eot_id, seed=seed,
                              rank=rank, world=world)
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, split: str | None = None) -> dict[str, float]:
         out: dict[str, float] = {}
         exact = []
-        for cell in self.grid:
+        for cell in (self.val_grid if check_split(split) == "val" else self.grid):
             correct, mask = example_predictions(model, cell.batch.inputs, cell.batch.labels, self.seg_len)
             m = accuracy_metrics(correct, mask)
             out[f"exact@{cell.length}/{cell.depth:g}"] = m["exact"]
@@ -118,3 +125,14 @@ class PasskeyTask(Task):
             vals = [out[f"exact@{L}/{d:g}"] for d in self.cfg.depths]
             out[f"exact@{L}"] = float(np.mean(vals))
         return out
+
+    def chance(self) -> float:
+        return 1.0 / (9 * 10 ** (self.cfg.n_digits - 1))    # a uniform guess of the key
+
+    def data_arrays(self):
+        parts = [] if self.cfg.follow_curriculum else [("train", self.train_data)]
+        parts += [(f"{name}@{cell.length}/{cell.depth:g}", cell.batch)
+                  for name, grid in (("val", self.val_grid), ("test", self.grid)) for cell in grid]
+        for name, d in parts:
+            yield f"{name}.inputs", d.inputs
+            yield f"{name}.labels", d.labels

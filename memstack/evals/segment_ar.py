@@ -18,7 +18,7 @@ from torch import nn
 
 from memstack.data.packing import ExampleSource
 from memstack.data.synthetic import segment_ar, segment_ar_layout
-from memstack.evals.task import GeneratedSource, Task, TaskConfig, accuracy_metrics, example_predictions
+from memstack.evals.task import GeneratedSource, Task, TaskConfig, accuracy_metrics, check_split, example_predictions
 
 
 @dataclass(frozen=True)
@@ -65,21 +65,30 @@ class SegmentARTask(Task):
 
     def _data(self, n: int, seed, pairs: int | None = None):
         c = self.cfg
-        return segment_ar(n, pairs or c.num_pairs, self.seg_len, c.vocab, seed, n_key_symbols=c.n_key_symbols,
+        return segment_ar(n, pairs or c.num_pairs, self.layout_seg_len, c.vocab, seed, n_key_symbols=c.n_key_symbols,
                           n_values=c.n_values, rewrite=c.rewrite)
 
     @cached_property
     def test(self):
         return self._data(self.cfg.n_test, self.cfg.seed + 1_000_003)
 
-    def test_at(self, pairs: int):
-        """The test set with `pairs` pairs (the main one at num_pairs)."""
+    @cached_property
+    def val(self):
+        return self._data(self.cfg.n_test, self.cfg.seed + 2_000_003)
+
+    def test_at(self, pairs: int, split: str = "test"):
+        """The test (or validation) set with `pairs` pairs (the main one at num_pairs)."""
         if pairs == self.cfg.num_pairs:
-            return self.test
+            return self.val if split == "val" else self.test
         cache = self.__dict__.setdefault("_tests", {})
-        if pairs not in cache:
-            cache[pairs] = self._data(self.cfg.n_test, (self.cfg.seed + 1_000_003, pairs), pairs)
-        return cache[pairs]
+        base = 2_000_003 if split == "val" else 1_000_003
+        if (split, pairs) not in cache:
+            cache[(split, pairs)] = self._data(self.cfg.n_test, (self.cfg.seed + base, pairs), pairs)
+        return cache[(split, pairs)]
+
+    @cached_property
+    def train_data(self):
+        return self._data(self.cfg.n_train, self.cfg.seed)
 
     def train_source(self, rows: int, seed: int, rank: int = 0, world: int = 1):
         if self.cfg.follow_curriculum:
@@ -92,14 +101,30 @@ class SegmentARTask(Task):
 
             return GeneratedSource(make, rows, self.seg_len, seed=seed, rank=rank, world=world,
                                    segments=lambda n: n + 1)
-        d = self._data(self.cfg.n_train, self.cfg.seed)
+        d = self.train_data
         return ExampleSource(d.inputs, d.labels, rows, self.seg_len, seed=seed, rank=rank, world=world)
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
-        correct, mask = example_predictions(model, self.test.inputs, self.test.labels, self.seg_len)
+    def evaluate(self, model: nn.Module, split: str | None = None) -> dict[str, float]:
+        split = check_split(split)
+        main = self.test_at(self.cfg.num_pairs, split)
+        correct, mask = example_predictions(model, main.inputs, main.labels, self.seg_len)
         out = accuracy_metrics(correct, mask)
         for p in self.cfg.eval_pairs:
-            d = self.test_at(p)
+            d = self.test_at(p, split)
             c, m = example_predictions(model, d.inputs, d.labels, self.seg_len)
             out[f"acc@{p}"] = accuracy_metrics(c, m)["acc"]
         return out
+
+    def chance(self) -> float:
+        return 1.0 / self.cfg.n_values
+
+    def context_tokens(self) -> int:
+        return (self.cfg.num_pairs + 1) * self.layout_seg_len
+
+    def data_arrays(self):
+        parts = [] if self.cfg.follow_curriculum else [("train", self.train_data)]
+        for split in ("val", "test"):
+            parts += [(f"{split}@{p}", self.test_at(p, split)) for p in (self.cfg.num_pairs, *self.cfg.eval_pairs)]
+        for name, d in parts:
+            yield f"{name}.inputs", d.inputs
+            yield f"{name}.labels", d.labels

@@ -6,9 +6,10 @@ carried between them, so a task longer than one segment can only be solved throu
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
@@ -41,20 +42,67 @@ class TaskConfig(Checked):
         raise NotImplementedError
 
 
+SPLITS = ("val", "test")
+
+
 class Task:
-    """Subclasses set the metric names and implement `train_source` and `evaluate`."""
+    """Subclasses set the metric names and implement `train_source`, `evaluate` and `data_arrays`.
+
+    Every task has a validation and a test split, disjoint from its training data and from each
+    other: the harness chooses (learning rate, checkpoint) on `evaluate(model, "val")` and
+    reports `evaluate(model, "test")`. `split=None` is the task's default (test; the LM task's
+    `eval_split`)."""
 
     primary: ClassVar[str] = ""            # the metric the leaderboard ranks by
     higher_is_better: ClassVar[bool] = True
 
-    def __init__(self, cfg: TaskConfig, seg_len: int):
+    def __init__(self, cfg: TaskConfig, seg_len: int, layout_seg_len: int | None = None):
+        # seg_len: the window the model processes at once; layout_seg_len: the segment length the
+        # task's examples are laid out for (tasks with one fact per segment), by default the same.
+        # A warm start trains the plain backbone on the suite's examples with a wider window.
         self.cfg, self.seg_len = cfg, seg_len
+        self.layout_seg_len = layout_seg_len or seg_len
 
     def train_source(self, rows: int, seed: int, rank: int = 0, world: int = 1) -> Any:
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, split: str | None = None) -> dict[str, float]:
         raise NotImplementedError
+
+    def context_tokens(self) -> int:
+        """Tokens of context an evaluation example spans at this task's segment length."""
+        return self.cfg.context_tokens()
+
+    def evaluate_reference(self, model: nn.Module, split: str | None = None) -> dict[str, float]:
+        """The metrics a warm start records about itself (default: `evaluate`); a task whose test
+        evaluation is long (a length sweep) keeps it short here."""
+        return self.evaluate(model, split)
+
+    def chance(self) -> float | None:
+        """The primary metric of a model that cannot see what the task asks about (None: not defined)."""
+        return None
+
+    def data_arrays(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(name, array) for every piece of data the task trains and evaluates on, in a fixed order
+        (what `data_sha256` hashes)."""
+        raise NotImplementedError
+
+    def data_sha256(self) -> str:
+        """SHA-256 over the task's training, validation and test data (names, dtypes, shapes and
+        bytes): two runs with the same digest saw the same data."""
+        h = hashlib.sha256(b"memstack-task-data-v1\n")
+        for name, a in self.data_arrays():
+            a = np.ascontiguousarray(a)
+            h.update(f"{name}:{a.dtype.str}:{a.shape}\n".encode())
+            h.update(a.tobytes())
+        return h.hexdigest()
+
+
+def check_split(split: str | None, default: str = "test") -> str:
+    split = default if split is None else split
+    if split not in SPLITS:
+        raise ValueError(f"unknown evaluation split {split!r}; valid: {', '.join(SPLITS)}")
+    return split
 
 
 class GeneratedSource:
@@ -101,10 +149,10 @@ class GeneratedSource:
         self.served = int(d["served"])
 
 
-def build_task(cfg: TaskConfig, seg_len: int) -> Task:
+def build_task(cfg: TaskConfig, seg_len: int, layout_seg_len: int | None = None) -> Task:
     from memstack.registry import TASKS
 
-    return TASKS.target_class(cfg.kind)(cfg, seg_len)
+    return TASKS.target_class(cfg.kind)(cfg, seg_len, layout_seg_len)
 
 
 @torch.no_grad()

@@ -48,9 +48,17 @@ def micro_run(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------ best_of_sweep
 
-def rec(memory, task, lr, value, primary="acc", hib=True, **extra):
+def rec(memory, task, lr, value, primary="acc", hib=True, val=None, **extra):
+    """A record whose validation metric equals its test metric unless `val` is given."""
     return {"memory": memory, "task": task, "lr": lr, "metrics": {primary: value, "other": 123.0},
+            "metrics_val": {primary: value if val is None else val},
             "primary": primary, "higher_is_better": hib, **extra}
+
+
+def test_best_of_sweep_chooses_on_validation():
+    """The test metric is what is reported, never what is chosen on."""
+    rs = [rec("xl", "mqar", 1e-3, 0.9, val=0.2), rec("xl", "mqar", 3e-3, 0.5, val=0.6)]
+    assert best_of_sweep(rs)[("xl", "mqar")]["lr"] == 3e-3
 
 
 def test_best_of_sweep_higher_is_better():
@@ -70,7 +78,7 @@ def test_best_of_sweep_ignores_nan_and_missing_metrics():
     rs = [rec("xl", "lm", 1e-2, math.nan, "bpb", False),        # a diverged run first
           rec("xl", "lm", 1e-3, 2.5, "bpb", False),
           rec("xl", "lm", 3e-3, math.nan, "bpb", False),        # ... and after
-          {**rec("xl", "lm", 5e-3, 0.0, "bpb", False), "metrics": {}},   # no metric at all
+          {**rec("xl", "lm", 5e-3, 0.0, "bpb", False), "metrics": {}, "metrics_val": {}},   # no metric at all
           rec("none", "lm", 1e-3, math.nan, "bpb", False)]      # every lr diverged: no entry
     best = best_of_sweep(rs)
     assert set(best) == {("xl", "lm")}
@@ -97,12 +105,16 @@ def test_run_suite_writes_one_record_per_cell(micro_run):
     assert [r["memory"] for r in on_disk] == ["none", "xl"]
     assert on_disk == json.loads(json.dumps(records))
     assert any("2 cells" in x for x in logs)
+    assert all(r["metrics_val"]["bpb"] != r["metrics"]["bpb"] for r in records)     # two splits evaluated
 
 
 def test_run_suite_record_fields(micro_run):
     _, records, _ = micro_run
     for r in records:
         assert r["suite"] == "micro" and r["task"] == "lm" and r["lr"] == 0.003 and r["seed"] == 0
+        assert r["seeds"] == [0] and r["warm_start"] is None and r["chance"] is None
+        assert len(r["data_sha256"]) == 64 and r["data_sha256"] == build_task(micro_suite().tasks[0], 16).data_sha256()
+        assert r["config"]["suite"]["name"] == "micro" and r["config"]["suite"]["tokens_per_cell"] == 4 * PER_STEP
         assert r["primary"] == "bpb" and r["higher_is_better"] is False
         # provenance
         assert isinstance(r["git_sha"], str) and r["git_sha"]
@@ -122,16 +134,30 @@ def test_run_suite_record_fields(micro_run):
         m = r["metrics"]
         assert m["eval_tokens"] == 2000 and m["eval_bytes"] == 2000
         assert 0 < m["bpb"] < 9 and m["bpb"] == pytest.approx(m["loss"] / math.log(2))
+        assert 0 < m["bpb_se"] < 0.2
         assert math.isfinite(r["train_loss"])
         # the config that produced it
         c = r["config"]
-        assert set(c) == {"backbone", "memory", "task", "train"}
+        assert set(c) == {"backbone", "memory", "task", "train", "suite"}
         assert c["backbone"]["vocab_size"] == 257 and c["backbone"]["d_model"] == 32 and c["backbone"]["seg_len"] == 16
         assert c["memory"]["kind"] == r["memory"]
         assert {k: c["task"][k] for k in ("kind", "corpus", "tokenizer", "eval_split", "eval_tokens")} == {
             "kind": "lm", "corpus": "sotu", "tokenizer": "byte", "eval_split": "test", "eval_tokens": 2000}
         assert c["train"]["lr"] == 0.003 and c["train"]["max_steps"] == 4 and c["train"]["batch_size"] == 4
     assert records[1]["config"]["memory"]["kind"] == "xl" and records[1]["config"]["memory"]["mem_len"] == 16
+
+
+def test_save_models_keeps_every_cell_as_a_loadable_checkpoint(tmp_path):
+    from memstack.train.run import load_for_inference
+
+    rs = run_suite(micro_suite(memories=("xl",), tokens_per_cell=PER_STEP, save_models=True), tmp_path, progress=False,
+                   log=lambda s: None)
+    (r,) = rs
+    assert r["checkpoint"] == str(tmp_path / "models" / "xl-lm-lr0.003-seed0")
+    model, meta, _ = load_for_inference(r["checkpoint"], "cpu")
+    assert model.memory.kinds == ["xl"] and meta["task"]["kind"] == "lm" and meta["seed"] == 0
+    assert run_suite(micro_suite(memories=("none",), tokens_per_cell=PER_STEP), tmp_path / "b", progress=False,
+                     log=lambda s: None)[0]["checkpoint"] is None
 
 
 def test_run_suite_state_size(micro_run):
@@ -156,16 +182,18 @@ def test_write_report_from_run(micro_run, tmp_path):
     assert torch.__version__ in md and records[0]["git_sha"] in md
     assert f"{4 * PER_STEP:,} training tokens per" in md and "scaled by" not in md
     for m in ("none", "xl"):
-        bpb = records[0 if m == "none" else 1]["metrics"]["bpb"]
-        assert f"| {m} | {bpb:.3f} (lr 0.003) |" in md
-    # leaderboard rows appear once in the table and once in "Every cell"
-    assert sum(line.startswith("| none |") for line in md.splitlines()) == 2
+        met = records[0 if m == "none" else 1]["metrics"]
+        assert f"| {m} | {met['bpb']:.3f} ± {met['bpb_se']:.3f} |" in md     # one seed: its evaluation error
+    # leaderboard rows appear in the table, in the comparison with none and in "Every cell"
+    assert sum(line.startswith("| none |") for line in md.splitlines()) == 3
+    assert "chosen per (memory, task) on the validation split" in md and "seeds: [0]" in md
     for name in ("quality_vs_state_size.png", "bpb.png"):
         assert f"]({name})" in md
     check_pngs(tmp_path, ["quality_vs_state_size.png", "bpb.png"])
     assert not (tmp_path / "passkey_grid.png").exists()
     lines = table.splitlines()
-    assert len(lines) == 2 + 2                                  # header, rule, one line per memory
+    assert len(lines) == 2 + 2 + 2                              # header, rule, one line per memory, "", summary
+    assert lines[5].startswith("lm: none ") and "0 memories >= 5 SE better" in lines[5]
     assert lines[0].split()[:4] == ["memory", "lm", "bpb", "↓"]
     assert "state size" in lines[0] and "tok/s vs none" in lines[0]
     assert set(lines[1]) <= {"-", " "}
@@ -189,16 +217,19 @@ def check_pngs(folder: Path, names: list[str]) -> None:
 
 def test_fit_budget_splits_time_between_training_and_evaluation():
     """2 memories (the plain backbone and one 3x slower) x 1 lr, 2 tasks whose evaluations take
-    1 s and 3 s, 100 s left, 1000 tok/s: the cells cost (1 + 3) plain-equivalent runs, so
-    training gets 100/SAFETY - 4*(1+3) s, shared by 4 runs x 2 tasks."""
+    1 s and 3 s per split, 100 s left, 1000 tok/s: the cells cost (1 + 3) plain-equivalent runs, each
+    evaluated on val and test, so training gets 100/SAFETY - 4*(1+3)*2 s, shared by 4 runs x 2 tasks."""
     suite = micro_suite(lrs=(0.003,))
     got = bench.fit_budget(suite, [1.0, 3.0], 1000.0, [1.0, 3.0], 100.0)
-    assert got == int((100 / bench.SAFETY - 16) * 1000 / 8)
+    assert got == int((100 / bench.SAFETY - 32) * 1000 / 8)
     # the same with two equal-speed memories affords more tokens per cell
-    assert bench.fit_budget(suite, [1.0, 1.0], 1000.0, [1.0, 3.0], 100.0) == int((100 / bench.SAFETY - 8) * 1000 / 4)
-    # ablation evaluates every model twice
+    assert bench.fit_budget(suite, [1.0, 1.0], 1000.0, [1.0, 3.0], 100.0) == int((100 / bench.SAFETY - 16) * 1000 / 4)
+    # ablation evaluates every model a third time
     got = bench.fit_budget(micro_suite(lrs=(0.003,), ablate=True), [1.0, 1.0], 1000.0, [1.0, 3.0], 100.0)
-    assert got == int((100 / bench.SAFETY - 16) * 1000 / 4)
+    assert got == int((100 / bench.SAFETY - 24) * 1000 / 4)
+    # two seeds: twice the runs
+    got = bench.fit_budget(micro_suite(lrs=(0.003,), seeds=(0, 1)), [1.0, 1.0], 1000.0, [1.0, 3.0], 100.0)
+    assert got == int((100 / bench.SAFETY - 32) * 1000 / 8)
     assert bench.fit_budget(suite, [1.0, 3.0], 1000.0, [1.0, 3.0], 10.0) < 0      # evaluation alone overruns
 
 
@@ -275,6 +306,7 @@ def test_run_suite_exhausted_time_budget_is_refused_with_the_reason(monkeypatch,
 
 def fake_record(memory, task, lr, metrics, primary, hib, state_size, tok_per_s, **kw):
     return {"suite": "hand", "memory": memory, "task": task, "lr": lr, "seed": 0, "metrics": metrics,
+            "metrics_val": kw.pop("metrics_val", metrics),
             "primary": primary, "higher_is_better": hib, "train_loss": 3.0, "steps": 10, "train_tokens": 1000,
             "tok_per_s": tok_per_s, "wall_s": 1.0, "peak_mem_mb": 100.0, "params": 12345, "memory_params": 0,
             "state_size": state_size, "state_size_at_tokens": 1024, "state_bytes": 4 * state_size,
@@ -298,14 +330,17 @@ def test_report_on_hand_made_records(tmp_path):
           fake_record("xl", "passkey", 1e-3, pk(0.5), "exact", True, 2_500_000, 50.0, task_cfg=pk_cfg)]
     header, rows = leaderboard_rows(rs)
     assert header == ["memory", "lm bpb ↓", "mqar acc ↑", "passkey exact ↑", "state size", "params", "tok/s vs none"]
-    assert rows[0] == ["none", "1.800 (lr 0.003)", "0.100 (lr 0.001)", "0.000 (lr 0.001)", "0@1024", "12.3k", "1.00x"]
+    assert rows[0] == ["none", "1.800 (lr 0.003)", "0.100", "0.000", "0@1024", "12.3k", "1.00x"]
     # xl: best lm is lr 1e-3 (the NaN run is ignored); speed ratio vs the *best* none cell per task:
     # lm 400/1200, mqar 1000/2000, passkey 50/100 -> mean 0.444
-    assert rows[1][:4] == ["xl", "1.500 (lr 0.001)", "0.800 (lr 0.001)", "0.500 (lr 0.001)"]
+    assert rows[1][:4] == ["xl", "1.500 (lr 0.001)", "0.800", "0.500"]
     assert rows[1][4] == "2.0k@1024, 2.5M@1024"
     assert rows[1][6] == f"{(400 / 1200 + 0.5 + 0.5) / 3:.2f}x"
     table = write_report(rs, tmp_path, command="memstack bench --suite hand")
-    assert table == text_table(header, rows)
+    assert table.startswith(text_table(header, rows) + "\n")
+    # no standard error anywhere (one seed, no evaluation error): no z, and one seed has no spread
+    assert ("lm: none 1.800 ± 0.000; 0 memories >= 5 SE better: none; better than none beyond the seeds' "
+            "spread: none") in table
     md = (tmp_path / "leaderboard.md").read_text()
     assert "scaled by 0.25 to fit the time budget" in md
     assert "| xl | lm | 0.001 |" in md and "| xl | lm | 0.003 |" in md    # every cell, NaN run included
@@ -354,7 +389,8 @@ def test_run_cell_budget_arithmetic(monkeypatch):
     (t,) = StubTrainer.seen
     assert t.cfg.lr == 0.01 and t.cfg.max_steps == 10 and t.cfg.warmup_steps == 2
     assert t.cfg.eval_every == 0 and t.cfg.ckpt_every == 0 and t.cfg.batch_size == 4
-    assert r["steps"] == 10 and r["metrics"] == {"acc": 0.25, "exact": 0.0} and r["tok_per_s"] == 123 / 0.5
+    assert r["steps"] == 10 and r["tok_per_s"] == 123 / 0.5
+    assert set(r["metrics"]) == set(r["metrics_val"]) == {"acc", "exact"}     # evaluated on both splits
     assert r["state_size_at_tokens"] == 64 and r["config"]["train"]["max_steps"] == 10
     # a budget below one step still trains one step
     bench.run_cell(suite, mem, task_cfg, 0.01, 5, torch.device("cpu"), env)
@@ -442,8 +478,9 @@ def test_bench_presets_parse(preset):
         for k, v in s.memory_configs.get(m.kind, {}).items():
             got = getattr(m, k)
             assert (list(got) if isinstance(got, tuple) else got) == v
-    if preset == "quick":                                      # the CPU suite runs on a time budget
-        assert "all" in s.memories and s.time_budget_s
+    if preset == "quick":   # a fixed budget (no time scaling), >= 2 seeds, warm starts for every task
+        assert s.time_budget_s is None and len(s.seeds) >= 2
+        assert set(s.warm_start) == {t.label for t in s.tasks}
 
 
 def test_tokens_per_step_for_example_tasks():
