@@ -104,6 +104,18 @@ def main(root="docs/benchmarks/retrieval"):
                    if "query_ms_batch64_ours" in s else "not timed | ")
             out.append(f"| {s.get('date', perf['date'])[11:16]} | {s['n']:,} | {s['d']} | {s['backend']} | {s['insert_vps_ours']:,.0f} | "
                        f"{s['insert_vps_faiss']:,.0f} | {s['insert_ratio']:.2f} | {q1} | {q64} | {s['recall_at_k']:.3f} |")
+        singles = [s for s in perf.get("store", []) if "single_hot" in s]
+        if singles:
+            out.append("\nSingle-query latency, our datastore vs the bare FAISS index, measured call by call in alternation "
+                       "(ours, FAISS, ours, ...; medians over the calls shown): *hot* repeats one query, *stream* cycles "
+                       "through 256 distinct queries. Target (issue 15): ratio <= 2.\n")
+            out.append("| measured | entries | backend | hot: ours / FAISS us | ratio | stream: ours / FAISS us | ratio | calls |")
+            out.append("|---|---|---|---|---|---|---|---|")
+            for s in singles:
+                h, st = s["single_hot"], s["single_stream"]
+                out.append(f"| {s.get('date', perf['date'])[11:16]} | {s['n']:,} | {s['backend']} | {h['ours_us']:,.1f} / "
+                           f"{h['faiss_us']:,.1f} | {h['ratio']:.2f} | {st['ours_us']:,.1f} / {st['faiss_us']:,.1f} | "
+                           f"{st['ratio']:.2f} | {h['calls']:,} |")
         if perf.get("bandwidth"):
             out.append("\n| keys | bytes | streaming read GB/s | search GB/s (1 query) | share | search GB/s (64 queries) | share |")
             out.append("|---|---|---|---|---|---|---|")
