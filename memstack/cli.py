@@ -323,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     from memstack.memory.retrieval.build import add_parser as add_datastore  # light: no faiss / embedder import
 
     add_datastore(sub)
+    from memstack.cli_qa import add_parser as add_qa   # argparse only
+
+    add_qa(sub)
     return p
 
 

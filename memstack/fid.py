@@ -26,8 +26,8 @@ its own length; (d) gradient flows from the answer into the blocks' keys/values 
 encoder is trained through cross-attention) only in the layers being trained (`train_from`).
 
 `train_from`: layers below it run without gradient (frozen, cheaper); 0 trains everything,
-n_layers freezes the reader. Decoding (`greedy`) re-reads the whole answer prefix at each step
-(answers are a few tokens; the blocks, the expensive part, are encoded once).
+n_layers freezes the reader. Decoding (`greedy`) is incremental: the blocks are encoded once and
+each step runs one new token per row, the answer's own keys/values appended to the blocks'.
 """
 from __future__ import annotations
 
@@ -139,10 +139,24 @@ def encode(model, blocks: Blocks, train_from: int = 0) -> BlockKV:
     return BlockKV([tap.k[i] for i in range(n)], [tap.v[i] for i in range(n)], valid, blocks.lengths.clone())
 
 
-def read(model, kv: BlockKV, ids: Tensor, train_from: int = 0) -> Tensor:
-    """Logits (R, T, V) of tokens ids (R, T) that attend to kv's rows (R) and causally to themselves."""
-    positions = kv.start[:, None] + torch.arange(ids.shape[1], device=ids.device)
+def read(model, kv: BlockKV, ids: Tensor, train_from: int = 0, offset: int = 0) -> Tensor:
+    """Logits (R, T, V) of tokens ids (R, T) that attend to kv's rows (R) and causally to themselves;
+    they sit at positions kv.start + offset + (0..T-1)."""
+    positions = kv.start[:, None] + offset + torch.arange(ids.shape[1], device=ids.device)
     return _run(model, ids, positions, _TapState(kv, False, {}, {}), train_from, head=True)
+
+
+def _read_and_keep(model, kv: BlockKV, ids: Tensor, offset: int) -> tuple[Tensor, BlockKV]:
+    """`read` (no gradient) that also returns kv extended by these tokens' own keys/values, so the
+    next tokens attend to them without recomputing them (incremental decoding)."""
+    positions = kv.start[:, None] + offset + torch.arange(ids.shape[1], device=ids.device)
+    tap = _TapState(kv, True, {}, {})
+    logits = _run(model, ids, positions, tap, model.cfg.backbone.n_layers, head=True)
+    n = model.cfg.backbone.n_layers
+    ones = torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+    grown = BlockKV([torch.cat([kv.k[i], tap.k[i]], 2) for i in range(n)], [torch.cat([kv.v[i], tap.v[i]], 2) for i in range(n)],
+                    torch.cat([kv.valid, ones], 1), kv.start)
+    return logits, grown
 
 
 def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
@@ -173,13 +187,17 @@ def answer_logprobs(model, kv: BlockKV, prompt: list[int], answers: list[list[in
 def greedy(model, kv: BlockKV, prompt: list[int], max_new: int, stop: set[int],
            choose: Callable[[Tensor], Tensor] | None = None) -> list[list[int]]:
     """Greedy answers, one per kv row. `choose(logits (R, V)) -> tokens (R,)` lets rows share a
-    decision (RAG-Token mixes the k passages of a question); default: each row's argmax."""
+    decision (RAG-Token mixes the k passages of a question); default: each row's argmax. Each
+    step runs one token per row: the answer's own keys/values join the blocks' as it grows."""
     R = kv.valid.shape[0]
     ids = torch.tensor(prompt, dtype=torch.long, device=kv.valid.device).expand(R, len(prompt))
     out: list[list[int]] = [[] for _ in range(R)]
     done = [False] * R
+    offset = 0
     for _ in range(max_new):
-        logits = read(model, kv, ids)[:, -1]                                   # (R, V)
+        logits, kv = _read_and_keep(model, kv, ids, offset)
+        offset += ids.shape[1]
+        logits = logits[:, -1]                                                 # (R, V)
         nxt = choose(logits) if choose is not None else logits.argmax(-1)
         for r, t in enumerate(nxt.tolist()):
             if not done[r]:
@@ -189,5 +207,5 @@ def greedy(model, kv: BlockKV, prompt: list[int], max_new: int, stop: set[int],
                     out[r].append(t)
         if all(done):
             break
-        ids = torch.cat([ids, nxt[:, None]], 1)
+        ids = nxt[:, None]
     return out

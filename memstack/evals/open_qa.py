@@ -319,3 +319,48 @@ def score(items: Sequence[QAItem], preds: Sequence[str], retrieved: Sequence[Seq
 
 def config_record(cfg: OpenQAConfig) -> dict:
     return asdict(cfg)
+
+
+def run(cfg: OpenQAConfig, store: str | None = None, pretrained: str = "smollm2", train_questions: int = 64,
+        eval_split: str = "test", eval_questions: int | None = None, eval_batch: int = 4, progress: bool = False,
+        model=None, tok=None, embedder=None, datastore=None) -> dict:
+    """Train one system few-shot on the first `train_questions` training questions, evaluate it on
+    `eval_questions` of `eval_split`; returns the JSON record. `model`/`tok`/`embedder`/`datastore`
+    may be passed in (tests, benchmark loops); otherwise the pretrained backbone, its tokenizer, the
+    MiniLM embedder and the passage store at `store` are loaded."""
+    from memstack.data.wiki import wiki_articles
+    from memstack.data.wiki_qa import qa_split
+
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        from memstack.hf.pretrained import PRETRAINED, load_pretrained
+
+        model = load_pretrained(pretrained).eval()
+        if tok is None and pretrained in PRETRAINED:
+            from memstack.data.tokenizers import get_tokenizer
+
+            tok = get_tokenizer(PRETRAINED[pretrained].tokenizer)
+    if tok is None:
+        raise ValueError("a tokenizer is needed (pass tok, or a registered pretrained backbone)")
+    retriever = None
+    if cfg.retrieves:
+        from memstack.memory.retrieval.embedder import Embedder
+        from memstack.memory.retrieval.store import Datastore
+        from memstack.memory.retrieval.trainable import TrainableRetriever
+
+        embedder = embedder or Embedder()
+        if datastore is None:
+            if store is None:
+                raise ValueError(f"system {cfg.system} retrieves: give the passage store (memstack datastore build --kind rag)")
+            datastore = Datastore.open(store, expect_fingerprint=embedder.fingerprint)
+        mode = "rerank" if cfg.retriever == "rerank" else "query"
+        retriever = TrainableRetriever(datastore, embedder, mode=mode, candidates=cfg.candidates, temperature=cfg.temperature)
+    arts = wiki_articles()
+    qa = OpenQA(cfg, model, tok, lambda p: arts[p].extract, retriever)
+    train_items = qa_split("train", train_questions) if cfg.steps else []
+    hist = qa.train(train_items, progress=progress)
+    res = qa.evaluate(qa_split(eval_split, eval_questions), batch=eval_batch, progress=progress)
+    return {"config": config_record(cfg), "pretrained": pretrained, "store": store,
+            "passages": len(datastore) if datastore is not None else None, "train_questions": len(train_items),
+            "eval_split": eval_split, "history": hist, "timing": dict(qa.timing),
+            "retriever_stats": asdict(retriever.stats) if retriever is not None else None, **res}

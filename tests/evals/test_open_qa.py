@@ -22,7 +22,7 @@ from memstack.memory.retrieval import marginal
 # ------------------------------------------------------------------------------ the question set
 def test_question_set_is_pinned_and_every_answer_is_a_span_of_its_passage():
     items = wiki_qa()
-    assert qa_sha256(list(items)) == WIKI_QA_SHA256 and len(items) == 801
+    assert qa_sha256(list(items)) == WIKI_QA_SHA256 and len(items) == 1071
     arts = wiki_articles()
     for it in items:
         text = arts[it.passage].extract
@@ -31,7 +31,7 @@ def test_question_set_is_pinned_and_every_answer_is_a_span_of_its_passage():
         assert it.split == split_of(it.title)
         assert it.answers[0].lower() not in it.question.lower().split()
     by_split = {s: [it for it in items if it.split == s] for s in ("train", "validation", "test")}
-    assert {s: len(v) for s, v in by_split.items()} == {"train": 485, "validation": 125, "test": 191}
+    assert {s: len(v) for s, v in by_split.items()} == {"train": 656, "validation": 167, "test": 248}
     titles = {s: {it.title for it in v} for s, v in by_split.items()}
     assert not (titles["train"] & titles["test"]) and not (titles["validation"] & titles["test"])   # split by article
     assert [it.id for it in qa_split("test", 5)] == [it.id for it in qa_split("test")[:5]]
@@ -46,8 +46,11 @@ def test_templates_on_handwritten_sentences():
     got = {(it.template, it.question, it.answers[0]) for it in build_wiki_qa(arts)}
     assert got == {("element_number", "What is the atomic number of Argon?", "18"),
                    ("element_symbol", "What is the chemical symbol of Argon?", "Ar"),
+                   ("element_by_number", "Which chemical element has atomic number 18?", "Argon"),
+                   ("element_by_symbol", "Which chemical element has the symbol Ar?", "Argon"),
                    ("director", "Who directed the film Jaws?", "Steven Spielberg"),
-                   ("film_year", "In what year was the film Jaws released?", "1975")}
+                   ("film_year", "In what year was the film Jaws released?", "1975"),
+                   ("film_by_director", "Which 1975 film was directed by Steven Spielberg?", "Jaws")}
 
 
 def test_metrics_follow_squad_normalisation():
