@@ -386,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     from memstack.commands.migrate import add_parser as add_migrate
 
     add_migrate(sub)
+    from memstack.commands.qa import add_parser as add_qa   # argparse only
+
+    add_qa(sub)
     return p
 
 

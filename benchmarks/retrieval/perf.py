@@ -38,6 +38,26 @@ def timeit(fn, reps: int = 5, warm: int = 1) -> float:
     return float(np.median(ts))
 
 
+def paired_us(ours, peer, queries: list, calls: int = 4000, warm: int = 400) -> dict:
+    """Single-query latency of two searchers, measured call by call in alternation (ours, peer,
+    ours, peer, ...) so that load changes on the shared machine hit both alike; `queries` cycles
+    (one query repeated = hot caches; many distinct queries = a realistic stream). Medians in us."""
+    ta, tb = [], []
+    for i in range(calls + warm):
+        qq = queries[i % len(queries)]
+        t0 = time.perf_counter_ns()
+        ours(qq)
+        t1 = time.perf_counter_ns()
+        peer(qq)
+        t2 = time.perf_counter_ns()
+        if i >= warm:
+            ta.append(t1 - t0)
+            tb.append(t2 - t1)
+    a, b = np.asarray(ta) / 1e3, np.asarray(tb) / 1e3
+    return {"ours_us": float(np.median(a)), "faiss_us": float(np.median(b)), "ratio": float(np.median(a) / np.median(b)),
+            "pair_ratio_median": float(np.median(a / b)), "calls": calls}
+
+
 def bench_store(n: int, d: int, backend: str, batch: int = 20_000, nq: int = 256, k: int = 10,
                 query_batches: tuple[int, ...] = (1, 64)) -> dict:
     import faiss
@@ -80,8 +100,21 @@ def bench_store(n: int, d: int, backend: str, batch: int = 20_000, nq: int = 256
         peer_search = lambda qq: peer.index.search(qq, k)  # noqa: E731
     rec["insert_vps_faiss"] = ins_peer
     rec["insert_ratio"] = ins_ours / ins_peer
-    for qb in query_batches:
-        reps = 5 if qb == 1 else 3   # batch 64 over 1M+ keys takes seconds per call on one shared core
+    if 1 in query_batches:
+        # single queries: paired, call-by-call alternation; hot (one query repeated) and a stream
+        # of 256 distinct queries. Few calls where one search takes milliseconds (exact, flat).
+        calls = 4000 if backend in ("faiss_hnsw", "faiss_ivf") else 40
+        one = [q[i:i + 1].clone() for i in range(nq)]
+        one_np = [np.ascontiguousarray(t.numpy()) for t in one]
+        pairs = list(zip(one, one_np))
+        for name, qs in (("hot", pairs[:1]), ("stream", pairs)):
+            r = paired_us(lambda p: ours.search(p[0], k), lambda p: peer_search(p[1]), qs, calls=calls, warm=max(calls // 10, 4))
+            rec[f"single_{name}"] = r
+        rec["query_ms_batch1_ours"] = rec["single_stream"]["ours_us"] / 1e3
+        rec["query_ms_batch1_faiss"] = rec["single_stream"]["faiss_us"] / 1e3
+        rec["query_ratio_batch1"] = rec["single_stream"]["ratio"]
+    for qb in [b for b in query_batches if b != 1]:
+        reps = 3   # batch 64 over 1M+ keys takes seconds per call on one shared core
         tq = timeit(lambda: ours.search(q[:qb], k), reps=reps)
         tp = timeit(lambda: peer_search(np.ascontiguousarray(qn[:qb])), reps=reps)
         rec[f"query_ms_batch{qb}_ours"] = 1e3 * tq

@@ -104,6 +104,18 @@ def main(root="docs/benchmarks/retrieval"):
                    if "query_ms_batch64_ours" in s else "not timed | ")
             out.append(f"| {s.get('date', perf['date'])[11:16]} | {s['n']:,} | {s['d']} | {s['backend']} | {s['insert_vps_ours']:,.0f} | "
                        f"{s['insert_vps_faiss']:,.0f} | {s['insert_ratio']:.2f} | {q1} | {q64} | {s['recall_at_k']:.3f} |")
+        singles = [s for s in perf.get("store", []) if "single_hot" in s]
+        if singles:
+            out.append("\nSingle-query latency, our datastore vs the bare FAISS index, measured call by call in alternation "
+                       "(ours, FAISS, ours, ...; medians over the calls shown): *hot* repeats one query, *stream* cycles "
+                       "through 256 distinct queries. Target (issue 15): ratio <= 2.\n")
+            out.append("| measured | entries | backend | hot: ours / FAISS us | ratio | stream: ours / FAISS us | ratio | calls |")
+            out.append("|---|---|---|---|---|---|---|---|")
+            for s in singles:
+                h, st = s["single_hot"], s["single_stream"]
+                out.append(f"| {s.get('date', perf['date'])[11:16]} | {s['n']:,} | {s['backend']} | {h['ours_us']:,.1f} / "
+                           f"{h['faiss_us']:,.1f} | {h['ratio']:.2f} | {st['ours_us']:,.1f} / {st['faiss_us']:,.1f} | "
+                           f"{st['ratio']:.2f} | {h['calls']:,} |")
         if perf.get("bandwidth"):
             out.append("\n| keys | bytes | streaming read GB/s | search GB/s (1 query) | share | search GB/s (64 queries) | share |")
             out.append("|---|---|---|---|---|---|---|")
@@ -135,6 +147,8 @@ def main(root="docs/benchmarks/retrieval"):
     c = load(r / "claims_lm.json")
     if c:
         out.append(claims_tables(c, r))
+    for p in sorted(r.glob("open_qa*.json")):
+        out.append(open_qa_table(p, load(p)))
     for p in sorted(r.glob("passages*.json")):
         c = load(p)
         out.append(f"\n### passage retrieval: {p.name} ({c['date']}; {c['passages']:,} passages, {c['queries']:,} queries, "
@@ -146,6 +160,43 @@ def main(root="docs/benchmarks/retrieval"):
             out.append(f"| {m} | {t['recall@1']:.3f} | {t['recall@10']:.3f} | {t['mrr']:.3f} | {a['recall@1']:.3f} | "
                        f"{a['recall@10']:.3f} | {a['mrr']:.3f} |")
         out.append(f"\ncommand: `{c['command']}`; seconds: {json.dumps({k: round(v) for k, v in c['seconds'].items()})}")
+    return "\n".join(out)
+
+
+INVERSE = ("element_by_number", "element_by_symbol", "capital_of", "film_by_director")
+
+
+def _group_em(run: dict) -> tuple[float, float]:
+    """EM on the named templates (the title is in the question) and on the inverse ones."""
+    named, inv = [], []
+    for p in run["predictions"]:
+        (inv if p["id"].split(":")[0] in INVERSE else named).append(p["em"])
+    avg = lambda v: 100 * sum(v) / len(v) if v else float("nan")  # noqa: E731
+    return avg(named), avg(inv)
+
+
+def open_qa_table(path: Path, rec: dict) -> str:
+    runs = rec["runs"]
+    first = next(iter(runs.values()))
+    out = [f"\n### Open-domain QA: {path.name} ({rec['env']['device']}; SmolLM2-135M reader, MiniLM retriever over "
+           f"{rec['passages']:,} passages; {first['eval_split']} questions: {first['questions']}, few-shot training "
+           f"questions: {first['train_questions']})\n",
+           "| run | system | retriever | k | steps x batch | lr reader / retriever | EM | F1 | EM named | EM inverse | "
+           "gold passage in top-k | train s | eval s | re-rank s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, x in runs.items():
+        c = x["config"]
+        ret = c["retriever"] + (f" ({c['objective']})" if c["system"] == "atlas" else "")
+        rr = x.get("retriever_stats") or {}
+        named, inv = _group_em(x)
+        out.append(f"| {name} | {c['system']} | {ret if c['system'] not in ('closed_book', 'oracle') else '-'} | "
+                   f"{c['k'] if c['system'] not in ('closed_book', 'oracle') else '-'} | {c['steps']} x {c['batch']} | "
+                   f"{c['lr_reader']:g} / {c['lr_retriever']:g} | {x['em']:.1f} | {x['f1']:.1f} | {named:.1f} | {inv:.1f} | "
+                   f"{x.get('recall_at_k', float('nan')):.1f} | {x['timing']['train_s']:.0f} | {x['timing']['eval_s']:.0f} | "
+                   f"{rr.get('rerank_seconds', 0):.0f} |")
+    cmd = first["command"]
+    out.append(f"\ncommand (first run): `{cmd}`; train_layers={first['config']['train_layers']}, "
+               f"passage_tokens={first['config']['passage_tokens']}, temperature={first['config']['temperature']}")
     return "\n".join(out)
 
 

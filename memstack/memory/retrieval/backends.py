@@ -20,6 +20,7 @@ so another user's entries cannot come back (the datastore checks the namespace a
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,11 @@ class Capabilities:
     remove: str           # "native" | "tombstone"
     gpu: bool             # can search on a GPU
     needs_training: bool  # must see data before it indexes (IVF)
+    # the distances it returns are computed on the full stored vectors (Flat, IVF-Flat, HNSW-Flat
+    # all keep them), so exact re-scoring would recompute the same numbers and over-fetching
+    # candidates beyond k finds nothing better (the result set depends on nprobe / efSearch, not
+    # on how many are returned while k <= efSearch); a quantized index (PQ, SQ) would say False
+    exact_distances: bool = True
 
 
 CAPABILITIES = {
@@ -49,6 +55,17 @@ def import_faiss():
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError("FAISS backends need faiss-cpu: pip install 'memstack[retrieval]'") from e
     return faiss
+
+
+def _any_missing(I: np.ndarray) -> bool:
+    """Whether sorted FAISS results (Q, K) hold a -1 (missing ones come last); a scalar read for
+    one query (~0.1 us instead of ~1 us for a reduction)."""
+    return bool(I[0, -1] < 0) if I.shape[0] == 1 else bool((I[:, -1] < 0).any())
+
+
+@functools.cache
+def _swig_ptr():
+    return import_faiss().swig_ptr
 
 
 class FaissIndex:
@@ -139,7 +156,19 @@ class FaissIndex:
 
     # -- search ----------------------------------------------------------------------------------
     def search(self, q: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
-        """q (Q, d) float32 -> (scores (Q, K) higher = closer, rows (Q, K); -1 where empty)."""
+        """q (Q, d) float32 -> (scores (Q, K) higher = closer, sorted; rows (Q, K); -1 where empty)."""
+        if self.tail is None and K <= self.index.ntotal and q.dtype == np.float32 and q.flags.c_contiguous:
+            # one index, enough entries: FAISS's own sorted answer, without merging (the common
+            # case); search_c directly, skipping the Python wrapper's checks and copies (~3 us a call)
+            ptr = _swig_ptr()
+            n = q.shape[0]
+            D, I = np.empty((n, K), np.float32), np.empty((n, K), np.int64)
+            self.index.search_c(n, ptr(q), K, ptr(D), ptr(I))
+            if self.cfg.metric == "l2":
+                np.negative(D, out=D)
+            if _any_missing(I):              # HNSW / IVF may find fewer than K
+                D[I < 0] = -np.inf
+            return D, I
         parts = []
         if self.index.ntotal:
             parts.append(self.index.search(q, min(K, int(self.index.ntotal))))

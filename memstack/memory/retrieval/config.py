@@ -16,7 +16,8 @@ class StoreConfig(Checked):
 
     backend: exact (torch, CPU or GPU, batched) | faiss_flat | faiss_ivf | faiss_hnsw (CPU).
     Two-stage search: the backend returns `candidates` (>= k) approximate neighbours, which are
-    re-scored exactly on the stored full-precision keys (`rescore`)."""
+    re-scored exactly on the stored full-precision keys (`rescore`) -- skipped where the index's
+    distances are already exact over the stored keys (every FAISS backend here keeps full vectors)."""
 
     dim: int = 64
     metric: Literal["l2", "ip"] = "l2"
@@ -28,8 +29,8 @@ class StoreConfig(Checked):
     hnsw_m: int = 32
     ef_construction: int = 80
     ef_search: int = 64
-    rescore: bool = True            # exact re-scoring of the approximate candidates
-    candidates: int = 0             # stage-1 candidates per query; 0 = 4 * k for approximate backends
+    rescore: bool = True            # exact re-scoring of approximate candidates (where distances are approximate)
+    candidates: int = 0             # stage-1 candidates per query; 0 = k where distances are exact, else 4 * k
     compact_at: float = 0.25        # compact when this fraction of entries are tombstones (0: never)
 
     def check(self) -> list[str]:

@@ -255,3 +255,51 @@ def test_manifest_of_another_format_is_refused(tmp_path):
     mf.write_text(json.dumps(meta))
     with pytest.raises(DatastoreError, match="format 99"):
         Datastore.open(tmp_path / "st")
+
+
+# ------------------------------------------------------------------------------- the fast search path
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("backend", ["faiss_flat", "faiss_ivf", "faiss_hnsw"])
+@pytest.mark.parametrize("case", ["plain", "tombstones", "exclude", "namespaces", "float16", "candidates", "short"])
+def test_fast_search_equals_the_reference_path(backend, metric, case):
+    """`search` on one namespace takes the numpy fast path; the torch path (`_search_faiss`,
+    over-fetching 4k candidates and re-scoring them on the stored keys) is its reference."""
+    kw = {"dtype": "float16"} if case == "float16" else {}
+    s, keys = make(backend, n=60 if case == "short" else 200, metric=metric, **kw)
+    if case == "namespaces":
+        s.add(torch.randn(50, D), {"token": torch.arange(50)}, namespace="other")
+    if case == "tombstones":
+        s.delete(torch.arange(0, 200, 3))
+    q = torch.randn(7, D)
+    excl = torch.tensor([0, 3, -1, 5, 19, 2, 7]) if case == "exclude" else None
+    k = 50 if case == "short" else 5
+    cand = 13 if case == "candidates" else None
+    got = s.search(q, k, exclude_doc=excl, candidates=cand)
+    codes = torch.zeros(7, dtype=torch.long)
+    ref = s._search_faiss(q, k, codes, excl, cand)
+    assert torch.equal(got.ids, ref.ids) and torch.equal(got.rows, ref.rows)
+    torch.testing.assert_close(got.scores, ref.scores, atol=1e-4, rtol=1e-5)
+    assert got.scores.dtype == torch.float32 and got.ids.dtype == torch.int64
+    if case == "tombstones":
+        assert not bool(torch.isin(got.ids, torch.arange(0, 200, 3)).any())
+    if case == "exclude":
+        docs = s.doc[got.rows.clamp(min=0)]
+        assert not bool(((docs == excl[:, None]) & (got.rows >= 0)).any())
+
+
+def test_fast_search_falls_back_to_validation_on_bad_input():
+    s, _ = make("faiss_hnsw")
+    bad = torch.randn(2, D)
+    bad[1, 3] = float("nan")
+    with pytest.raises(DatastoreError, match="NaN"):
+        s.search(bad, 3)
+    with pytest.raises(DatastoreError, match="k must be"):
+        s.search(torch.randn(2, D), 0)
+    with pytest.raises(DatastoreError, match="exclude_doc must have shape"):
+        s.search(torch.randn(2, D), 3, exclude_doc=torch.tensor([1, 2, 3]))
+    # float64 queries and per-query namespaces take the validating torch path and agree with the fast one
+    q = torch.randn(3, D)
+    fast = s.search(q, 4)
+    assert torch.equal(s.search(q.double(), 4).ids, fast.ids)
+    assert torch.equal(s.search(q, 4, namespace=["default"] * 3).ids, fast.ids)
+    assert s.search(q, 4, namespace="nobody").ids.eq(-1).all()
