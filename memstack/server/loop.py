@@ -204,6 +204,8 @@ class EngineLoop:
             stream = self._streams.get(o.request_id)
             req = self.engine.requests.get(o.request_id)
             rows = req.logits if req is not None and record else []
+            if o.finished and o.error:           # the engine failed this request alone (isolation)
+                self.last_error = o.error
             if stream is None:                   # not ours, or its client left
                 if rows:
                     rows.clear()
