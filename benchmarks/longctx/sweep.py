@@ -9,11 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import torch
 
 from memstack.config import from_dict
+from memstack.evals.bench import git_sha
 from memstack.evals.longctx import LongContextTaskConfig
 from memstack.evals.task import build_task
 from memstack.train.run import load_for_inference
@@ -43,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         for L, n in zip(lengths, examples):
             m = task.evaluate_length(model, L, n)
             r["metrics"].update(m)
+            # the record says what was evaluated, and by which code, when
+            tc = r["config"]["task"]
+            pairs = dict(zip(tc["lengths"], tc["examples"]))
+            pairs[L] = n
+            tc["lengths"], tc["examples"] = sorted(pairs), [pairs[k] for k in sorted(pairs)]
+            r.setdefault("sweeps", []).append({"length": L, "examples": n, "git_sha": git_sha(),
+                                               "date": time.strftime("%Y-%m-%dT%H:%M:%S")})
             print(r["memory"], L, {k: round(v, 4) for k, v in m.items()}, flush=True)
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(json.dumps(x) + "\n" for x in recs))

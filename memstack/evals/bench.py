@@ -38,7 +38,7 @@ from memstack.backbone.model import build_model
 from memstack.config import BackboneConfig, Checked, MemoryConfig, ModelConfig, from_dict, to_dict
 from memstack.errors import ConfigError
 from memstack.evals.task import Task, TaskConfig, build_task
-from memstack.evals.warm import WarmStart, WarmStartConfig, load_warm, warm_start
+from memstack.evals.warm import WarmStart, WarmStartConfig, load_warm, warm_start, warm_task_config
 from memstack.registry import MEMORIES
 from memstack.train.config import TrainConfig
 from memstack.train.distributed import DistInfo, resolve_device
@@ -87,6 +87,12 @@ class SuiteConfig(Checked):
                      "records and warm starts are keyed by it")
         r += [f"warm_start: {k!r} is not a task of the suite; tasks: {', '.join(labels)}"
               for k in self.warm_start if k not in labels]
+        for t in self.tasks:
+            if self.warm_start.get(t.label) is not None and self.warm_start[t.label].task:
+                try:
+                    warm_task_config(t, self.warm_start[t.label])
+                except ConfigError as e:
+                    r += [f"warm_start.{t.label}.task: {x}" for x in e.reasons]
         names = sorted(MEMORIES.names())
         r += [f"memories: unknown memory {m!r}; valid: {', '.join(names)}" for m in self.memories if m not in names + ["all"]]
         r += [f"exclude: unknown memory {m!r}; valid: {', '.join(names)}" for m in self.exclude if m not in names]

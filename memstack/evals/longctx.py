@@ -48,7 +48,7 @@ class LongContextTaskConfig(TaskConfig):
     train_filler: Literal["austen", "moby_dick"] = "austen"
     eval_filler: Literal["austen", "moby_dick"] = "moby_dick"
     seed: int = 0
-    follow_curriculum: bool = False            # train on n_segments * seg_len tokens when asked for n segments
+    follow_curriculum: bool = False            # train on min(n_segments * seg_len, train_len) tokens when asked for n segments
     progress: bool = True
 
     @property
@@ -164,14 +164,16 @@ class LongContextTask(Task):
     def train_source(self, rows: int, seed: int, rank: int = 0, world: int = 1) -> GeneratedSource:
         c = self.cfg
 
+        segs = -(-c.train_len // self.seg_len)
+
         def make(n_segments: int, n: int, s):
-            length = n_segments * self.seg_len if c.follow_curriculum else c.train_len
+            # a curriculum's (or vary_segments') length, never beyond train_len: trained on <= 1k tokens
+            length = min(n_segments * self.seg_len, c.train_len) if c.follow_curriculum else c.train_len
             x, y = self.batch(n, length, (c.seed, *s), c.train_filler).materialize(self.seg_len)
             return x, y
 
-        segs = -(-c.train_len // self.seg_len)
         return GeneratedSource(make, rows, self.seg_len, seed=seed, pad_id=self.tokenizer.eot_id, rank=rank, world=world,
-                               segments=(lambda n: n) if c.follow_curriculum else (lambda n: segs))
+                               segments=(lambda n: min(n, segs)) if c.follow_curriculum else (lambda n: segs))
 
     @cached_property
     def _short(self) -> dict[str, LongBatch]:
@@ -193,10 +195,17 @@ class LongContextTask(Task):
         ok = stream_exact(model, self._short[check_split(split)], self.seg_len)
         return {"exact": float(ok.mean()), "exact_se": math.sqrt(ok.mean() * (1 - ok.mean()) / len(ok))}
 
-    def evaluate_length(self, model: nn.Module, length: int, n: int) -> dict[str, float]:
-        """Exact match on n streamed examples of `length` tokens (test filler, own seed)."""
+    def length_batch(self, length: int, n: int, split: str = "test") -> LongBatch:
+        """The n evaluation examples of `length` tokens of a split (test: the seeds of the records so far)."""
         c = self.cfg
-        batch = self.batch(n, length, (c.seed + 1_000_003, length), c.eval_filler)
+        salt = {"test": 1_000_003, "val": 2_000_003}[check_split(split)]
+        return self.batch(n, length, (c.seed + salt, length), c.eval_filler)
+
+    def evaluate_length(self, model: nn.Module, length: int, n: int, split: str = "test") -> dict[str, float]:
+        """Exact match on n streamed examples of `length` tokens (evaluation filler; the split's
+        own seed: choices made at a length -- lr, checkpoint, design -- use "val")."""
+        c = self.cfg
+        batch = self.length_batch(length, n, split)
         reset_peak_rss()
         t0 = time.perf_counter()
         ok = stream_exact(model, batch, self.seg_len, progress=c.progress, desc=f"{c.variant} @ {length:,}")

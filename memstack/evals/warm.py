@@ -3,6 +3,10 @@ cell of a suite, so each memory is retrofitted onto a trained model -- the way m
 added to pretrained language models -- instead of being learnt together with the backbone from
 nothing in a few hundred steps.
 
+`WarmStartConfig.task` changes fields of the task for the warm start's training only (e.g. a
+long-context suite whose cells train on 128-1,024 tokens warm-starts on 256-token examples with
+full attention over each).
+
 `WarmStartConfig.seg_len` sets the window the plain backbone trains with. Set to the length of
 a whole example (e.g. 128 for two 64-token segments), the backbone learns the task with full
 attention over everything the example holds; a cell then runs it at the suite's shorter
@@ -23,7 +27,8 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -44,9 +49,12 @@ class WarmStartConfig(Checked):
     seg_len: int | None = None     # its window; None = the suite's seg_len
     lr: float = 3e-3
     batch_size: int | None = None  # None = the suite's
+    task: dict[str, Any] = field(default_factory=dict)   # task config fields changed for the warm start only
 
     def check(self) -> list[str]:
         r = []
+        if "kind" in self.task:
+            r.append("task: the warm start trains on the suite's task; `kind` cannot be changed")
         if self.steps < 0:
             r.append(f"steps must be >= 0, got {self.steps}")
         if self.seg_len is not None and self.seg_len < 1:
@@ -77,8 +85,10 @@ def warm_key(backbone: BackboneConfig, task: Task, warm: WarmStartConfig, train:
              data_sha256: str) -> str:
     from memstack import __version__
 
+    w = to_dict(warm)
+    del w["task"]   # its changes are in the task config hashed below (the same task trains the same weights)
     doc = {"format": WARM_FORMAT, "backbone": to_dict(backbone), "task": to_dict(task.cfg), "data_sha256": data_sha256,
-           "warm": to_dict(warm), "train": to_dict(train), "seed": seed, "memstack": __version__,
+           "warm": w, "train": to_dict(train), "seed": seed, "memstack": __version__,
            "torch": torch.__version__}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -89,15 +99,32 @@ def _warm_train_config(train: TrainConfig, warm: WarmStartConfig, seed: int) -> 
                                seed=seed, progress=False, curriculum=(), vary_segments=False)
 
 
+def warm_task_config(task_cfg, warm: WarmStartConfig):
+    """The task config the warm start trains on: the suite's with `warm.task`'s fields changed
+    (validated like any config: unknown fields and bad values are refused with every reason)."""
+    from memstack.config import from_dict
+
+    if not warm.task:
+        return task_cfg
+    data = {k: v for k, v in to_dict(task_cfg).items() if k != "kind"}
+    return from_dict(type(task_cfg), {**data, **warm.task}, what=f"warm_start task for {task_cfg.label}")
+
+
 def warm_start(backbone: BackboneConfig, task_cfg, task: Task, warm: WarmStartConfig, train: TrainConfig, seed: int,
                device: torch.device, data_sha256: str, log=print, cache: bool = True) -> WarmStart:
     """The plain backbone of `backbone` trained `warm.steps` steps on the task (window
-    `warm.seg_len`), from the cache when present. `backbone.seg_len` is the suite's (cells
-    load these weights at that length); the weights do not depend on it."""
-    from memstack.checkpoint import load_backbone_weights, save_checkpoint
+    `warm.seg_len`; the task's fields changed by `warm.task`), from the cache when present.
+    `backbone.seg_len` is the suite's (cells load these weights at that length); the weights do
+    not depend on it."""
+    from memstack.checkpoint import load_backbone_weights
     from memstack.evals.task import build_task
     from memstack.memory.baseline import NoMemoryConfig
     from memstack.train.trainer import Trainer
+
+    if warm.task:
+        task_cfg = warm_task_config(task_cfg, warm)
+        task = build_task(task_cfg, task.seg_len, task.layout_seg_len)
+        data_sha256 = task.data_sha256()
 
     tcfg = _warm_train_config(train, warm, seed)
     key = warm_key(backbone, task, warm, tcfg, seed, data_sha256)

@@ -111,5 +111,24 @@ def test_task_sweep_metrics(tmp_path):
         assert test[f"n@{L}"] == n and 0 <= test[f"exact_lo@{L}"] <= test[f"exact@{L}"] <= test[f"exact_hi@{L}"] <= 1
         assert test[f"rss_mb@{L}"] > 0 and test[f"seconds@{L}"] > 0
     assert task.chance() == pytest.approx(1 / 6)
+    # choices at a length are made on validation examples: other ones than the test's, which keep their seeds
+    for L in (300, 700):
+        v, t = task.length_batch(L, 3, "val"), task.length_batch(L, 3, "test")
+        assert not np.array_equal(v.materialize(32)[0], t.materialize(32)[0])
+        assert np.array_equal(t.offsets, task.batch(3, L, (cfg.seed + 1_000_003, L), cfg.eval_filler).offsets)
+    assert set(task.evaluate_length(m, 300, 2, "val")) == {k for k in test if k.endswith("@300")}
     b = task.train_source(4, 0).next(1)
     assert tuple(b.tokens.shape) == (4, 4, 32) and int((b.targets != -100).sum()) > 0
+
+
+def test_curriculum_lengths_are_capped_at_train_len():
+    """follow_curriculum trains on n_segments * seg_len tokens, never more than train_len: a
+    vary_segments / curriculum run stays within the <= 1k tokens it is reported as trained on."""
+    cfg = LongContextTaskConfig(tokenizer="byte", train_len=300, follow_curriculum=True, n_test=2, progress=False)
+    src = build_task(cfg, 32).train_source(2, 0)
+    for n, segs, last in ((4, 4, 128), (6, 6, 192), (10, 10, 300), (16, 10, 300)):
+        b = src.next(n)
+        assert tuple(b.tokens.shape) == (2, segs, 32)
+        labelled = np.nonzero((b.targets.reshape(2, -1) != -100).numpy())[1]
+        # the answer ends the example: its last label is the last position of a `last`-token example
+        assert labelled.max() == last - 2

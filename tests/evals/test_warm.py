@@ -123,3 +123,22 @@ def test_suite_with_warm_starts_records_them_and_refuses_unknown_labels(cache, t
     assert [r["metrics"] for r in rs] == [r2["metrics"] for r2 in rs2]
     with pytest.raises(ConfigError, match="'lm' is not a task of the suite"):
         SuiteConfig(tasks=(task,), warm_start={"lm": WarmStartConfig(steps=1)})
+
+
+def test_warm_start_task_changes_train_it_on_that_task_and_are_validated(cache):
+    """`WarmStartConfig.task` trains the warm start on the task with those fields changed: the
+    same weights and key as a warm start of the changed task itself; bad changes are refused."""
+    short = dataclasses.replace(TASK, num_kv_pairs=2)
+    task = build_task(TASK, BACKBONE.seg_len)
+    via = warm_start(BACKBONE, TASK, task, WarmStartConfig(steps=3, task={"num_kv_pairs": 2}), TRAIN, 0,
+                     torch.device("cpu"), task.data_sha256(), log=lambda s: None)
+    direct = run(task_cfg=short)
+    # the same task trains the same weights, under the same key (the second one came from the cache)
+    assert via.key != run().key and via.key == direct.key and direct.meta["cached"]
+    assert all(torch.equal(via.weights[k], direct.weights[k]) for k in direct.weights)
+    assert via.meta["data_sha256"] == build_task(short, BACKBONE.seg_len).data_sha256()
+    with pytest.raises(ConfigError) as e:
+        SuiteConfig(tasks=(TASK,), warm_start={"mqar": WarmStartConfig(steps=1, task={"num_kv_pairs": "x", "nope": 1})})
+    assert "warm_start.mqar.task" in str(e.value) and "nope" in str(e.value) and "num_kv_pairs" in str(e.value)
+    with pytest.raises(ConfigError, match="kind"):
+        WarmStartConfig(task={"kind": "lm"})
