@@ -113,15 +113,25 @@ def entries(records: list[dict]) -> dict[tuple[str, str, float], Entry]:
 
 def best_entries(records: list[dict]) -> dict[tuple[str, str], Entry]:
     """(memory, task) -> the learning rate's Entry with the best validation mean. An lr where any
-    seed diverged is not chosen while another lr has every seed finite; ties keep the first lr."""
+    seed diverged on validation is not chosen while another lr has every seed finite; ties keep
+    the first lr. Only validation values decide (a test value is never looked at to choose)."""
+    def vals(e: Entry) -> list:
+        return [r.get("metrics_val", r["metrics"]).get(r["primary"], math.nan) for r in e.records]
+
+    def val_ok(e: Entry) -> list[bool]:
+        return [_finite(v) for v in vals(e)]
+
+    def val_mean(e: Entry) -> float:
+        return _mean([float(v) for v in vals(e) if _finite(v)])
+
     best: dict[tuple[str, str], Entry] = {}
     for (m, t, _), e in entries(records).items():
-        if not e.test:
+        if not any(val_ok(e)):
             continue
         cur = best.get((m, t))
-        complete, cur_complete = len(e.test) == len(e.records), cur is not None and len(cur.test) == len(cur.records)
+        complete, cur_complete = all(val_ok(e)), cur is not None and all(val_ok(cur))
         if cur is None or (complete and not cur_complete) or (
-                complete == cur_complete and e.better(e.val_mean, cur.val_mean)):
+                complete == cur_complete and e.better(val_mean(e), val_mean(cur))):
             best[(m, t)] = e
     return best
 

@@ -63,3 +63,11 @@ def test_compare_difference_z_and_spread():
     assert not compare(one, b).beyond_spread                    # one seed has no spread to be beyond
     exact = entries([rec("d", 1, 0, 0.5, 0.5)])[("d", "t", 1)]
     assert math.isnan(compare(exact, exact).z) and math.isnan(z_vs_value(exact, 0.25))   # no error to measure by
+
+
+def test_a_test_value_never_decides_the_choice():
+    """A seed finite on validation but not on test (or worse on test) does not move the choice:
+    completeness and the validation mean are read from the validation values alone."""
+    rs = [rec("m", 1e-3, 0, math.nan, 0.9), rec("m", 1e-3, 1, 0.1, 0.7),
+          rec("m", 3e-3, 0, 0.95, 0.75), rec("m", 3e-3, 1, 0.95, 0.75)]
+    assert best_entries(rs)[("m", "t")].lr == 1e-3     # val mean 0.8 (both seeds) > 0.75
