@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "and seed of the suite (optionally from a cached warm-started plain backbone), choose the learning "
                        "rate on the validation split and report the test split (mean over seeds ± standard error), then "
                        "write one JSON record per cell, leaderboard.md and PNG plots, and print the leaderboard.")
-    s.add_argument("--suite", default="quick", help="quick (CPU, ~10 min) | longctx | learned | retrieval | runtime | "
+    s.add_argument("--suite", default="quick", help="quick (CPU, ~10 min) | quick_lm | longctx | learned | retrieval | runtime | "
                    "sparse | trellis | full (GPU) | a YAML path")
     s.add_argument("--memories", help="comma-separated memory names (default: the suite's, usually all)")
     s.add_argument("--out", default="reports", help="reports directory (default: reports/)")

@@ -466,7 +466,7 @@ def test_suite_memory_list_all_exclude_and_configs():
     assert next(m for m in mems if m.kind == "xl").mem_len == 7
 
 
-@pytest.mark.parametrize("preset", ["quick", "full", "learned"])
+@pytest.mark.parametrize("preset", ["quick", "quick_lm", "longctx", "full", "learned"])
 def test_bench_presets_parse(preset):
     data = load_yaml(REPO / "configs" / "bench" / f"{preset}.yaml")
     s = from_dict(SuiteConfig, data, what=preset)
