@@ -344,10 +344,11 @@ class Retro(Memory):
 
 
 def build_retro_store(docs, vocab_size: int, cfg: RetroConfig, eot_id: int, out=None, backend: str = "exact",
-                      namespace: str = "default", progress: bool = True, batch_chunks: int = 1024):
+                      namespace: str = "default", progress: bool = True, batch_chunks: int = 1024,
+                      device: str | torch.device = "cpu"):
     """Chunk every document as the model reads it (`[<eot>] + tokens`, chunks at multiples of
     `cfg.chunk`), store key(chunk) -> chunk + continuation with the document's signature; keys
-    from the keyer `cfg.key` names (retro_keys.py), computed `batch_chunks` at a time.
+    from the keyer `cfg.key` names (retro_keys.py), computed `batch_chunks` at a time on `device`.
     Returns the Datastore (saved to `out` when given)."""
     import numpy as np
 
@@ -368,7 +369,7 @@ def build_retro_store(docs, vocab_size: int, cfg: RetroConfig, eot_id: int, out=
     def flush():
         if pending:
             ch, vals, sig = (torch.cat(x) for x in zip(*pending))
-            store.add(keyer(ch), {"tokens": vals}, doc=sig, namespace=namespace)
+            store.add(keyer(ch.to(device)).cpu(), {"tokens": vals}, doc=sig, namespace=namespace)
             pending.clear()
 
     for d in it:
