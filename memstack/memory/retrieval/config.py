@@ -133,6 +133,8 @@ class RetroConfig(MemoryConfig):
     layers: tuple[int, ...] | None = None   # CCA layers; None = every layer from the middle one on
     enc_layers: int = 1             # neighbour encoder depth
     enc_query: bool = True          # the encoder cross-attends to the query chunk's activations (paper)
+    cca_rope: bool = False          # CCA scores see relative positions (token vs neighbour token; the paper uses relative
+                                    # encodings; off by default: the measured RETRO-fit ran without them)
     share_embedding: bool = False   # the encoder embeds neighbours with the backbone's token embedding
     key: Literal["bag", "minilm"] = "bag"   # chunk key: frozen MiniLM over the chunk text (the paper's frozen
                                     # pretrained embedder) or a bag of frozen random token vectors (no model)

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memstack.backbone.layers import RMSNorm, SwiGLU
+from memstack.backbone.layers import RMSNorm, SwiGLU, apply_rope, rope_tables
 from memstack.config import BackboneConfig
 from memstack.memory.base import Memory, MemorySpec, Site, StepContext, dtype_bytes
 from memstack.memory.retrieval.config import RetroConfig
@@ -320,6 +320,12 @@ class Retro(Memory):
         Ef = E.reshape(B, U * kr, D)
         kx = x["k"](Ef).view(B, U * kr, H, -1).transpose(1, 2)                            # (B, H, S, hd)
         vx = x["v"](Ef).view(B, U * kr, H, -1).transpose(1, 2)
+        if self.cfg.cca_rope:   # relative positions: token p sits at p - u*m in the [chunk u; continuation] frame
+            hd, theta = q.shape[-1], self.backbone.rope_theta
+            aligned = pos - u.clamp(min=0) * m                                               # (B, T) in [m - 1, 2m - 2]
+            q = apply_rope(q, *rope_tables(aligned, hd, theta, q.dtype))
+            j = (torch.arange(U * kr, device=h.device) % (2 * m)).expand(B, -1)               # (B, S) position in its neighbour
+            kx = apply_rope(kx, *rope_tables(j, hd, theta, kx.dtype))
         safe = mask | ~has[..., None]                     # a token with nothing to read attends anywhere; zeroed below
         o = attention(q, kx, vx, safe).transpose(1, 2).reshape(B, T, D)
         o = x["o"](o) * has[..., None].to(o.dtype)
