@@ -29,7 +29,10 @@ Deviations from the paper:
 - the encoder has its own token + position embeddings unless `share_embedding`; 1 layer by
   default; `enc_query: false` gives the earlier encoder that reads the neighbour alone;
 - CCA layers default to the upper half of the backbone (the paper: every 3rd from layer 6 or 9);
-  attention inside CCA has no relative position bias;
+  CCA scores see no positions by default; `cca_rope` rotates each token's query by its place
+  p - u*m in the [chunk u; continuation] frame and each neighbour key by its own place, so
+  scores depend on the relative offset (the paper uses relative position encodings in CCA;
+  ours are RoPE with the backbone's theta);
 - same-document exclusion identifies a document by a hash of its first chunk (the segment
   protocol passes no document ids); with a corpus store from another split nothing is excluded.
 - `retrieval: false` withholds every neighbour: the same model and parameters without
@@ -194,7 +197,8 @@ class Retro(Memory):
     def contract_configs(cls) -> list[dict]:
         return [{"chunk": 4, "k": 2, "db_len": 8, "key_dim": 16},
                 {"chunk": 8, "k": 1, "layers": [0, 1], "db_len": 3, "key_dim": 8, "exclude_own_doc": False},
-                {"chunk": 4, "k": 1, "db_len": 4, "key_dim": 8, "enc_query": False, "share_embedding": True}]
+                {"chunk": 4, "k": 1, "db_len": 4, "key_dim": 8, "enc_query": False, "share_embedding": True,
+                 "cca_rope": True}]
 
     # -- retrieval at the first CCA layer -------------------------------------------------------
     def _retrieve(self, chunks: Tensor, q: Tensor, sig: Tensor, st: dict,
