@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memstack.backbone.layers import RMSNorm, SwiGLU, apply_rope, rope_tables
