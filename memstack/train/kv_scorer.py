@@ -29,7 +29,7 @@ from memstack.memory.base import KVBlock, StepContext
 from memstack.memory.kv.compress.learned import LearnedScorer, fit_ridge, kv_features, n_features, ridge_mse
 
 EPS = 1e-6
-LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 def future_max_attention(probs: Tensor, kv_heads: int, horizon: int, n_future: int) -> Tensor:
