@@ -11,6 +11,11 @@ tokens; StreamingLLM also 4 sinks; the learned press and H2O/SnapKV get no force
 find them). Filler: Moby Dick (the scorer was fitted on Austen, its lambda chosen on State of the
 Union addresses). Exact match of the answer, teacher-forced (= greedy decoding).
 
+Choices on validation: with several `--scorer` files and `--learned-sinks` values, each pair is
+scored on the passkey task's validation split (other keys and filler offsets than the test grid) at
+`--select-ratios`; the best mean exact match (ties: the first listed) is the learned press of the
+test curves. The heuristic presses have no free choice here (their windows are fixed above).
+
 `--engine-check N` also serves N passkey prompts through the engine with the learned press on its
 shared pool (`add_request(..., compression=...)`), decoding greedily, and reports how many answers
 agree with the kv_paged evaluation above and the blocks the press freed.
@@ -53,8 +58,8 @@ def engine_check(model, task, comp, n: int, kv_paged_model, bs: int) -> dict:
     from memstack.evals.task import example_predictions
     from memstack.generate import SamplingConfig
 
-    cell = task.grid[0]
-    x, y = cell.batch.inputs[:n], cell.batch.labels[:n]
+    x = np.concatenate([c.batch.inputs for c in task.grid])[:n]
+    y = np.concatenate([c.batch.labels for c in task.grid])[:n]
     correct, mask = example_predictions(kv_paged_model, x, y, task.seg_len)
     paged_ok = (correct | ~mask).all(1)
     eng = Engine(model, EngineConfig(block_size=bs, num_blocks=4096, max_num_batched_tokens=4096))
@@ -81,7 +86,9 @@ def engine_check(model, task, comp, n: int, kv_paged_model, bs: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scorer", required=True, help="the learned press's scorer file")
+    ap.add_argument("--scorer", required=True, help="the learned press's scorer file(s), comma-separated")
+    ap.add_argument("--learned-sinks", default="0", help="forced sink tokens of the learned press to choose from")
+    ap.add_argument("--select-ratios", default="0.5,0.75", help="ratios of the validation choice")
     ap.add_argument("--pretrained", default="smollm2")
     ap.add_argument("--length", type=int, default=384)
     ap.add_argument("--depths", default="0.25,0.5,0.75")
@@ -104,12 +111,32 @@ def main() -> None:
     model = load_pretrained(args.pretrained, [DenseKVConfig(scope="document")], seg_len=args.seg_len).eval()
     ratios = [float(r) for r in args.ratios.split(",")]
 
+    scorers, sink_opts = args.scorer.split(","), [int(x) for x in args.learned_sinks.split(",")]
+    chosen = {"scorer": scorers[0], "sinks": sink_opts[0]}
+
     def comp(policy: str, r: float) -> CompressionConfig:
         return CompressionConfig(policy=policy, keep_ratio=1 - r, recent=args.recent,
-                                 sink_tokens=4 if policy == "streaming" else 0,
-                                 scorer=args.scorer if policy == "learned" else "")
+                                 sink_tokens=4 if policy == "streaming" else chosen["sinks"] if policy == "learned" else 0,
+                                 scorer=chosen["scorer"] if policy == "learned" else "")
 
     rows = []
+    if len(scorers) * len(sink_opts) > 1:                      # the learned press's choices, on validation
+        _, pk, _ = next(tasks(args, PRETRAINED[args.pretrained].tokenizer, args.seg_len))
+        best = None
+        for sc in scorers:
+            for sk in sink_opts:
+                chosen.update(scorer=sc, sinks=sk)
+                vals = [pk.evaluate(swapped(model, PagedKVConfig(block_size=args.block_size,
+                                                                 compression=comp("learned", float(r)))), "val")["exact"]
+                        for r in args.select_ratios.split(",")]
+                rows.append({"task": "passkey (validation)", "policy": f"learned {Path(sc).name} sinks={sk}",
+                             "ratios": args.select_ratios, "val_exact": vals, "mean": float(np.mean(vals))})
+                print(rows[-1], flush=True)
+                if best is None or rows[-1]["mean"] > best[0]:
+                    best = (rows[-1]["mean"], sc, sk)
+        chosen.update(scorer=best[1], sinks=best[2])
+        print(f"chosen on validation: {chosen}", flush=True)
+    rows.append({"task": "choice", "policy": "learned", "chosen": dict(chosen)})
     for name, task, score in tasks(args, PRETRAINED[args.pretrained].tokenizer, args.seg_len):
         t0 = time.perf_counter()
         base = score(model)
@@ -143,7 +170,7 @@ def _plot(rows: list[dict], out: Path, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(dict.fromkeys(r["task"] for r in rows))
+    names = list(dict.fromkeys(r["task"] for r in rows if "score" in r))
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
     for ax, t in zip(axes[0], names):
         rs = [r for r in rows if r["task"] == t and "score" in r]

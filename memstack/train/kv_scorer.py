@@ -15,6 +15,10 @@ every press keeps anyway, will need this entry. Features are the rotation-invari
 of `kv_features`; the scorer is ridge regression per (layer, KV head), fitted in closed form from
 normal equations accumulated window by window (nothing per token is kept). The regularisation is
 chosen on the validation windows (lowest mean squared error, averaged over heads).
+
+Two targets (`--target`): "future" (above) and "reconstruct" -- KVzip's (arXiv 2505.23416): the
+window is read twice and a key's target is log(eps + the largest weight any query of the second
+reading gives it), i.e. what the model needs to reproduce its context.
 """
 from __future__ import annotations
 
@@ -46,12 +50,26 @@ def future_max_attention(probs: Tensor, kv_heads: int, horizon: int, n_future: i
     return out
 
 
-class RecordingAttention:
-    """Dense causal attention (explicit softmax) that accumulates the scorer's normal equations."""
+def reconstruct_max_attention(probs: Tensor, kv_heads: int) -> Tensor:
+    """probs (B, H, 2L, 2L) over a window read twice -> (B, Hkv, L): for each key j of the first
+    copy, the largest weight from any query of the second copy, over the query heads of its group
+    (KVzip's score: what the model needs to reproduce its context)."""
+    B, H, T, _ = probs.shape
+    L = T // 2
+    return probs[:, :, L:, :L].reshape(B, kv_heads, H // kv_heads, L, L).amax((2, 3))
 
-    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, horizon: int, n_future: int):
+
+class RecordingAttention:
+    """Dense causal attention (explicit softmax) that accumulates the scorer's normal equations.
+    target "future": log max attention from queries [j + horizon, j + horizon + n_future);
+    "reconstruct": the window is read twice, log max attention from the second reading."""
+
+    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, horizon: int, n_future: int,
+                 target: str = "future"):
+        if target not in ("future", "reconstruct"):
+            raise ValueError(f"target must be 'future' or 'reconstruct', got {target!r}")
         F = n_features(head_dim)
-        self.horizon, self.n_future = horizon, n_future
+        self.horizon, self.n_future, self.target = horizon, n_future, target
         self.xtx = torch.zeros(n_layers, kv_heads, F, F, dtype=torch.float64)
         self.xty = torch.zeros(n_layers, kv_heads, F, dtype=torch.float64)
         self.yty = torch.zeros(n_layers, kv_heads, dtype=torch.float64)
@@ -69,7 +87,10 @@ class RecordingAttention:
         s = (q.float() @ kr.float().transpose(-1, -2)) / math.sqrt(D)            # (B, H, T, T)
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         p = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
-        y = torch.log(future_max_attention(p, Hkv, self.horizon, self.n_future) + EPS)   # (B, Hkv, J)
+        if self.target == "future":
+            y = torch.log(future_max_attention(p, Hkv, self.horizon, self.n_future) + EPS)   # (B, Hkv, J)
+        else:
+            y = torch.log(reconstruct_max_attention(p, Hkv) + EPS)                           # (B, Hkv, T/2)
         J = y.shape[2]
         x = kv_features(k[:, :, :J], v[:, :, :J]).double()                       # (B, Hkv, J, F)
         self.xtx[layer] += torch.einsum("bhjf,bhjg->hfg", x, x).cpu()
@@ -89,12 +110,15 @@ class FitResult:
 
 
 def collect(model: torch.nn.Module, windows: Tensor, horizon: int, n_future: int, batch: int = 1,
-            progress: bool = False) -> RecordingAttention:
-    """Run the frozen model over windows (N, T) and return the accumulated statistics."""
+            progress: bool = False, target: str = "future") -> RecordingAttention:
+    """Run the frozen model over windows (N, T) (read twice for target "reconstruct") and return
+    the accumulated statistics."""
     from memstack.memory.base import Step
 
     b = model.cfg.backbone
-    rec = RecordingAttention(b.n_layers, b.kv_heads, b.head_dim, horizon, n_future)
+    rec = RecordingAttention(b.n_layers, b.kv_heads, b.head_dim, horizon, n_future, target)
+    if target == "reconstruct":
+        windows = torch.cat([windows, windows], 1)
     it = range(0, windows.shape[0], batch)
     if progress:
         from tqdm import tqdm
@@ -118,7 +142,9 @@ def fit(train: RecordingAttention, val: RecordingAttention, meta: dict | None = 
     n_val = val.xtx[..., -1, -1]
     mean = val.xty[..., -1] / n_val
     var = float((val.yty / n_val - mean ** 2).mean())
-    m = dict(meta or {}, lam=best, horizon=train.horizon, n_future=train.n_future, val_mse=mses[best], val_var=var)
+    m = dict(meta or {}, lam=best, target=train.target, val_mse=mses[best], val_var=var)
+    if train.target == "future":
+        m.update(horizon=train.horizon, n_future=train.n_future)
     return FitResult(LearnedScorer(fit_ridge(train.xtx, train.xty, best), m), best, mses, var,
                      int(train.xtx[0, 0, -1, -1]), int(n_val[0, 0]))
 
@@ -142,22 +168,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--val-windows", type=int, default=12)
     ap.add_argument("--horizon", type=int, default=16, help="queries closer than this are ignored (the recent window)")
     ap.add_argument("--n-future", type=int, default=256, help="queries per key window")
+    ap.add_argument("--target", choices=("future", "reconstruct"), default="future",
+                    help="future: attention from later queries; reconstruct: from a second reading of the window (KVzip)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    if a.length < a.horizon + a.n_future:
+    if a.target == "future" and a.length < a.horizon + a.n_future:
         ap.error(f"--length {a.length} must be >= --horizon + --n-future ({a.horizon + a.n_future})")
     torch.set_num_threads(a.threads)
     from memstack.data import corpora
     from memstack.data.tokenizers import get_tokenizer
     from memstack.hf.pretrained import PRETRAINED, load_pretrained
 
-    model = load_pretrained(a.pretrained, [], seg_len=a.length).eval()
+    model = load_pretrained(a.pretrained, [], seg_len=2 * a.length if a.target == "reconstruct" else a.length).eval()
     tok = get_tokenizer(PRETRAINED[a.pretrained].tokenizer)
     train = collect(model, text_windows(tok, corpora.austen(), a.length, a.train_windows, a.seed), a.horizon,
-                    a.n_future, progress=True)
+                    a.n_future, progress=True, target=a.target)
     val = collect(model, text_windows(tok, corpora.sotu("all"), a.length, a.val_windows, a.seed + 1), a.horizon,
-                  a.n_future, progress=True)
+                  a.n_future, progress=True, target=a.target)
     res = fit(train, val, {"backbone": a.pretrained, "train": f"austen, {a.train_windows} x {a.length}",
                            "val": f"sotu, {a.val_windows} x {a.length}"})
     res.scorer.save(a.out)

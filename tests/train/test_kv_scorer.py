@@ -12,7 +12,8 @@ from memstack.config import BackboneConfig
 from memstack.errors import IntegrityError
 from memstack.memory.base import Step
 from memstack.memory.kv.compress.learned import LearnedScorer, fit_ridge, kv_features, ridge_mse
-from memstack.train.kv_scorer import RecordingAttention, collect, fit, future_max_attention
+from memstack.train.kv_scorer import (RecordingAttention, collect, fit, future_max_attention,
+                                      reconstruct_max_attention)
 
 
 def tiny(seed=0):
@@ -31,6 +32,20 @@ def test_future_max_attention_equals_definition():
             for j in range(got.shape[2]):
                 want = max(float(p[b, qh, i, j]) for qh in (2 * h, 2 * h + 1) for i in range(j + 3, j + 8))
                 assert float(got[b, h, j]) == pytest.approx(want)
+
+
+def test_reconstruct_target_equals_definition_and_reads_twice():
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(1, 4, 10, 10), -1)
+    got = reconstruct_max_attention(p, 2)
+    for h in range(2):
+        for j in range(5):
+            want = max(float(p[0, qh, i, j]) for qh in (2 * h, 2 * h + 1) for i in range(5, 10))
+            assert float(got[0, h, j]) == pytest.approx(want)
+    rec = collect(tiny(), torch.randint(0, 64, (2, 12)), 0, 0, target="reconstruct")    # 24 tokens a window
+    assert torch.equal(rec.xtx[..., -1, -1], torch.full((2, 2), 24.0, dtype=torch.float64))   # 2 x 12 keys
+    with pytest.raises(ValueError, match="target must be"):
+        RecordingAttention(2, 2, 8, 1, 1, target="kvzip")
 
 
 def test_recording_backend_attends_like_the_model_and_accumulates_rows():
