@@ -65,11 +65,12 @@ class RecordingAttention:
     "reconstruct": the window is read twice, log max attention from the second reading."""
 
     def __init__(self, n_layers: int, kv_heads: int, head_dim: int, horizon: int, n_future: int,
-                 target: str = "future"):
+                 target: str = "future", low_pairs: int = 0):
         if target not in ("future", "reconstruct"):
             raise ValueError(f"target must be 'future' or 'reconstruct', got {target!r}")
-        F = n_features(head_dim)
-        self.horizon, self.n_future, self.target = horizon, n_future, target
+        F = n_features(head_dim, low_pairs)
+        self.horizon, self.n_future, self.target, self.low_pairs = horizon, n_future, target, low_pairs
+        self.head_dim = head_dim
         self.xtx = torch.zeros(n_layers, kv_heads, F, F, dtype=torch.float64)
         self.xty = torch.zeros(n_layers, kv_heads, F, dtype=torch.float64)
         self.yty = torch.zeros(n_layers, kv_heads, dtype=torch.float64)
@@ -92,7 +93,7 @@ class RecordingAttention:
         else:
             y = torch.log(reconstruct_max_attention(p, Hkv) + EPS)                           # (B, Hkv, T/2)
         J = y.shape[2]
-        x = kv_features(k[:, :, :J], v[:, :, :J]).double()                       # (B, Hkv, J, F)
+        x = kv_features(k[:, :, :J], v[:, :, :J], self.low_pairs).double()                       # (B, Hkv, J, F)
         self.xtx[layer] += torch.einsum("bhjf,bhjg->hfg", x, x).cpu()
         self.xty[layer] += torch.einsum("bhjf,bhj->hf", x, y.double()).cpu()
         self.yty[layer] += (y.double() ** 2).sum((0, 2)).cpu()
@@ -110,13 +111,13 @@ class FitResult:
 
 
 def collect(model: torch.nn.Module, windows: Tensor, horizon: int, n_future: int, batch: int = 1,
-            progress: bool = False, target: str = "future") -> RecordingAttention:
+            progress: bool = False, target: str = "future", low_pairs: int = 0) -> RecordingAttention:
     """Run the frozen model over windows (N, T) (read twice for target "reconstruct") and return
     the accumulated statistics."""
     from memstack.memory.base import Step
 
     b = model.cfg.backbone
-    rec = RecordingAttention(b.n_layers, b.kv_heads, b.head_dim, horizon, n_future, target)
+    rec = RecordingAttention(b.n_layers, b.kv_heads, b.head_dim, horizon, n_future, target, low_pairs)
     if target == "reconstruct":
         windows = torch.cat([windows, windows], 1)
     it = range(0, windows.shape[0], batch)
@@ -145,7 +146,7 @@ def fit(train: RecordingAttention, val: RecordingAttention, meta: dict | None = 
     m = dict(meta or {}, lam=best, target=train.target, val_mse=mses[best], val_var=var)
     if train.target == "future":
         m.update(horizon=train.horizon, n_future=train.n_future)
-    return FitResult(LearnedScorer(fit_ridge(train.xtx, train.xty, best), m), best, mses, var,
+    return FitResult(LearnedScorer(fit_ridge(train.xtx, train.xty, best), m, train.head_dim, train.low_pairs), best, mses, var,
                      int(train.xtx[0, 0, -1, -1]), int(n_val[0, 0]))
 
 
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-future", type=int, default=256, help="queries per key window")
     ap.add_argument("--target", choices=("future", "reconstruct"), default="future",
                     help="future: attention from later queries; reconstruct: from a second reading of the window (KVzip)")
+    ap.add_argument("--low-pairs", type=int, default=0, help="also the raw lowest-frequency rotary pairs of k (direction)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
@@ -183,9 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     model = load_pretrained(a.pretrained, [], seg_len=2 * a.length if a.target == "reconstruct" else a.length).eval()
     tok = get_tokenizer(PRETRAINED[a.pretrained].tokenizer)
     train = collect(model, text_windows(tok, corpora.austen(), a.length, a.train_windows, a.seed), a.horizon,
-                    a.n_future, progress=True, target=a.target)
+                    a.n_future, progress=True, target=a.target, low_pairs=a.low_pairs)
     val = collect(model, text_windows(tok, corpora.sotu("all"), a.length, a.val_windows, a.seed + 1), a.horizon,
-                  a.n_future, progress=True, target=a.target)
+                  a.n_future, progress=True, target=a.target, low_pairs=a.low_pairs)
     res = fit(train, val, {"backbone": a.pretrained, "train": f"austen, {a.train_windows} x {a.length}",
                            "val": f"sotu, {a.val_windows} x {a.length}"})
     res.scorer.save(a.out)

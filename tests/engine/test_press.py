@@ -49,6 +49,20 @@ def test_scores_equal_the_per_slot_reference():
     torch.testing.assert_close(sc.scores(rot), sc.scores(kv), rtol=1e-5, atol=1e-5)
 
 
+def test_scorer_with_low_pairs_equals_reference_and_round_trips(tmp_path):
+    from memstack.memory.kv.compress.learned import kv_features
+
+    g = torch.Generator().manual_seed(2)
+    sc = LearnedScorer(torch.randn(2, 2, n_features(8, 2), generator=g), {"x": 1}, head_dim=8, low_pairs=2)
+    kv = torch.randn(2, 2, 2, 5, 8, generator=g)
+    torch.testing.assert_close(sc.scores(kv), sc.scores_reference(kv), rtol=1e-5, atol=1e-5)
+    f = kv_features(kv[0, 0], kv[0, 1], 2)                                    # (Hkv, S, 4 + 8 + 4 + 1)
+    assert f.shape[-1] == 17 and torch.equal(f[..., 12:14], kv[0, 0][..., 2:4]) and torch.equal(f[..., 14:16], kv[0, 0][..., 6:8])
+    back = LearnedScorer.load(sc.save(tmp_path / "low.safetensors"))
+    assert (back.head_dim, back.low_pairs, back.shape) == (8, 2, (2, 2, 8)) and torch.equal(back.weight, sc.weight)
+    assert back.check_fits(2, 2, 8) == [] and back.check_fits(2, 2, 10)
+
+
 @pytest.mark.parametrize("start,n_slots,k,recent,sinks", [(0, 23, 9, 3, 2), (3, 17, 5, 5, 0), (0, 8, 8, 2, 1)])
 def test_compaction_equals_reference(start, n_slots, k, recent, sinks):
     spec = KVSpec(n_layers=2, kv_heads=3, head_dim=4, block_size=4, dtype=torch.float32)

@@ -40,28 +40,44 @@ FORMAT = 1
 FEATURES = "rope_pair_norms(k)+v+bias"
 
 
-def n_features(head_dim: int) -> int:
-    return head_dim // 2 + head_dim + 1
+def n_features(head_dim: int, low_pairs: int = 0) -> int:
+    return head_dim // 2 + head_dim + 1 + 2 * low_pairs
 
 
-def kv_features(k: Tensor, v: Tensor) -> Tensor:
-    """k, v (..., S, D) post-RoPE keys and values -> (..., S, D/2 + D + 1) fp32 features that do not
-    depend on the key's position: a rotation turns each pair (k[i], k[i + D/2]) within its plane."""
+def features_name(low_pairs: int) -> str:
+    return FEATURES if not low_pairs else f"{FEATURES}+raw_low_pairs(k,{low_pairs})"
+
+
+def kv_features(k: Tensor, v: Tensor, low_pairs: int = 0) -> Tensor:
+    """k, v (..., S, D) post-RoPE keys and values -> (..., S, D/2 + D + 1 + 2 low_pairs) fp32 features
+    that do not depend on the key's position: a rotation turns each pair (k[i], k[i + D/2]) within
+    its plane, so its norm stays. With low_pairs > 0, also the raw components of the `low_pairs`
+    lowest-frequency pairs (the last indices of each half), which hold the key's direction and turn
+    by only position x frequency (SmolLM2, theta 1e5: < 0.05 rad over 256 tokens for the last 8)."""
     k, v = k.float(), v.float()
     half = k.shape[-1] // 2
     pair = torch.sqrt(k[..., :half] ** 2 + k[..., half:] ** 2)                   # (..., S, D/2)
-    return torch.cat([pair, v, torch.ones_like(v[..., :1])], -1)
+    parts = [pair, v]
+    if low_pairs:
+        parts += [k[..., half - low_pairs:half], k[..., 2 * half - low_pairs:]]   # (..., S, 2 low_pairs)
+    return torch.cat(parts + [torch.ones_like(v[..., :1])], -1)
 
 
 @dataclass
 class LearnedScorer:
     weight: Tensor                          # (L, Hkv, F) fp32
     meta: dict = field(default_factory=dict)
+    head_dim: int = 0                       # 0: inferred from F with low_pairs = 0
+    low_pairs: int = 0
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = (self.weight.shape[-1] - 1 - 2 * self.low_pairs) * 2 // 3
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        L, H, F = self.weight.shape
-        return L, H, (F - 1) * 2 // 3
+        L, H, _ = self.weight.shape
+        return L, H, self.head_dim
 
     def check_fits(self, n_layers: int, kv_heads: int, head_dim: int) -> list[str]:
         L, H, D = self.shape
@@ -73,7 +89,7 @@ class LearnedScorer:
 
     def scores(self, kv: Tensor) -> Tensor:
         """kv (..., L, 2, Hkv, S, D) -> predicted log-attention (..., L, Hkv, S) fp32, all at once."""
-        f = kv_features(kv[..., 0, :, :, :], kv[..., 1, :, :, :])                # (..., L, Hkv, S, F)
+        f = kv_features(kv[..., 0, :, :, :], kv[..., 1, :, :, :], self.low_pairs)   # (..., L, Hkv, S, F)
         w = self.weight.to(f.device)
         return torch.einsum("...lhsf,lhf->...lhs", f, w)
 
@@ -86,7 +102,9 @@ class LearnedScorer:
                 for s in range(S):
                     k, v = kv[l, 0, h, s].double(), kv[l, 1, h, s].double()
                     feats = [float(torch.hypot(k[i], k[i + D // 2])) for i in range(D // 2)]
-                    feats += [float(x) for x in v] + [1.0]
+                    feats += [float(x) for x in v]
+                    n = self.low_pairs
+                    feats += [float(x) for x in k[D // 2 - n:D // 2]] + [float(x) for x in k[D - n:]] + [1.0]
                     out[l, h, s] = sum(a * float(b) for a, b in zip(feats, self.weight[l, h].double()))
         return out
 
@@ -94,7 +112,8 @@ class LearnedScorer:
     def _digest(self) -> str:
         body = json.dumps(self.meta, sort_keys=True).encode()
         w = self.weight.float().contiguous()
-        return hashlib.sha256(body + str(tuple(w.shape)).encode() + w.numpy().tobytes()).hexdigest()
+        head = f"{tuple(w.shape)};{self.head_dim};{self.low_pairs}" if self.low_pairs else str(tuple(w.shape))
+        return hashlib.sha256(body + head.encode() + w.numpy().tobytes()).hexdigest()
 
     def save(self, path: str | Path) -> Path:
         from memstack.atomic import save_safetensors
@@ -102,7 +121,8 @@ class LearnedScorer:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_safetensors({"weight": self.weight.float().contiguous()}, path,
-                         metadata={"format": str(FORMAT), "features": FEATURES, "meta": json.dumps(self.meta, sort_keys=True),
+                         metadata={"format": str(FORMAT), "features": features_name(self.low_pairs),
+                                   "head_dim": str(self.head_dim), "meta": json.dumps(self.meta, sort_keys=True),
                                    "sha256": self._digest()})
         return path
 
@@ -123,15 +143,23 @@ class LearnedScorer:
         reasons = []
         if md.get("format") != str(FORMAT):
             reasons.append(f"format {md.get('format')!r}, expected {FORMAT}")
-        if md.get("features") != FEATURES:
-            reasons.append(f"features {md.get('features')!r}, expected {FEATURES!r}")
+        feats = md.get("features", "")
+        low = 0
+        pre = FEATURES + "+raw_low_pairs(k,"
+        if feats.startswith(pre) and feats.endswith(")") and feats[len(pre):-1].isdigit():
+            low = int(feats[len(pre):-1])
+        elif feats != FEATURES:
+            reasons.append(f"features {feats!r}, expected {FEATURES!r} (optionally +raw_low_pairs(k,N))")
         try:
             meta = json.loads(md.get("meta", ""))
         except json.JSONDecodeError:
             meta, _ = {}, reasons.append("its metadata is not JSON")
-        if weight.dim() != 3 or (weight.shape[2] - 1) % 3 or weight.shape[2] < 4:
-            reasons.append(f"weight shape {tuple(weight.shape)} is not (layers, KV heads, 3 D/2 + 1)")
-        out = cls(weight.float(), meta)
+        hd = int(md["head_dim"]) if md.get("head_dim", "").isdigit() else (weight.shape[-1] - 1) * 2 // 3
+        if weight.dim() != 3 or weight.shape[2] != n_features(hd, low) or hd < 2 or low > hd // 2:
+            reasons.append(f"weight shape {tuple(weight.shape)} is not (layers, KV heads, 3 D/2 + 1 + 2 x {low}) "
+                           f"for head dim {hd}")
+            hd = 0
+        out = cls(weight.float(), meta, hd, low)
         if not reasons and md.get("sha256") != out._digest():
             reasons.append("checksum mismatch: the file is corrupted or was modified")
         if reasons:
