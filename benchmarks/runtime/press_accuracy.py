@@ -48,7 +48,7 @@ def tasks(args, tokenizer_name: str, seg_len: int):
         cfg = LongContextTaskConfig(variant="niah_multikey", n_facts=args.n_facts, tokenizer=tokenizer_name,
                                     lengths=(args.length,), examples=(args.ruler_examples,), progress=False)
         nk = LongContextTask(cfg, seg_len)
-        yield f"niah_multikey ({args.n_facts} keys)", nk, \
+        yield f"niah_multikey ({args.n_facts} key{'s' if args.n_facts > 1 else ''})", nk, \
             lambda m: nk.evaluate_length(m, args.length, args.ruler_examples)[f"exact@{args.length}"]
 
 
@@ -94,7 +94,8 @@ def main() -> None:
     ap.add_argument("--depths", default="0.25,0.5,0.75")
     ap.add_argument("--per-cell", type=int, default=4, help="passkey examples per depth")
     ap.add_argument("--ruler-examples", type=int, default=12, help="multi-key needle examples (0: skip)")
-    ap.add_argument("--n-facts", type=int, default=2)
+    ap.add_argument("--n-facts", type=int, default=1)
+    ap.add_argument("--ruler-ratios", default="0.5,0.75", help="ratios for the multi-key needle (each costs minutes)")
     ap.add_argument("--ratios", default=",".join(map(str, RATIOS)))
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--seg-len", type=int, default=64)
@@ -143,7 +144,7 @@ def main() -> None:
         rows.append({"task": name, "policy": "none", "ratio": 0.0, "score": base, "s": time.perf_counter() - t0})
         print(rows[-1], flush=True)
         for policy in args.policies.split(","):
-            for r in ratios:
+            for r in (ratios if name == "passkey" else [float(x) for x in args.ruler_ratios.split(",")]):
                 t0 = time.perf_counter()
                 m = swapped(model, PagedKVConfig(block_size=args.block_size, compression=comp(policy, r)))
                 rows.append({"task": name, "policy": policy, "ratio": r, "score": score(m),
