@@ -10,16 +10,18 @@ K/V held in the pool to one predicted log-attention per (layer, KV head, slot); 
 selection (`keep_indices`) keeps the top-k of each (layer, KV head) plus sinks and the recent
 window. How it is trained (memstack/train/kv_scorer.py): the frozen model reads real text; the
 target of a key is log(max attention it receives from any query at least `horizon` tokens later,
-over the query heads of its group); ridge regression, closed form, regularisation and features
-chosen on held-out text.
+over the query heads of its group), or KVzip's (the window read twice: from the second reading);
+ridge regression, closed form, regularisation chosen on held-out text.
 
 Deviations from KVzap, each for a reason:
 - Inputs are the K/V at rest in the pool, not the layer's hidden state: the press then runs on
   any paged pool after the fact (the engine's shared pool, `kv_paged`), with no hook in the
   forward pass. Keys are stored after RoPE, so the features are rotation-invariant: the norm of
   each rotary pair (k[i], k[i + D/2]) (D/2 values), the value vector (D values) and a bias.
-- The target is future-query attention in natural text, not KVzip's copy-and-paste pass (one
-  forward over the text instead of two); KVzip+'s value-norm weighting is not applied.
+- KVzip's target is approximated by reading the window twice with no "repeat" instruction in
+  between; the alternative target is future-query attention in natural text; KVzip+'s value-norm
+  weighting is not applied. With `low_pairs`, raw components of the slowest rotary pairs are
+  features too: nearly, not exactly, position-invariant.
 - Eviction keeps a budget (keep_ratio of tokens seen, the kvpress protocol shared with H2O /
   SnapKV / StreamingLLM here), not KVzap's fixed score threshold, so ratios are equal across
   presses.
