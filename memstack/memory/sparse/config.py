@@ -30,6 +30,12 @@ class EngramConfig(MemoryConfig):
     gate_sqrt: bool = False                 # the demo's signed square root of the gate score (not in the paper)
     table_init_std: float = 0.02
     seed: int = 0                           # hash multipliers
+    # per-namespace rows (the converged system): each `user:<id>` / `task:<id>` namespace that has
+    # learned gets its own hashed table of ~user_rows_per_head rows per head (same hashes, its own
+    # primes), read by the rows of a forward call that belong to it and added to the knowledge
+    # rows; 0: none. user_write_quota: rows one online update may write in such a table.
+    user_rows_per_head: int = 0
+    user_write_quota: int | None = None
 
     @property
     def d_mem(self) -> int:
@@ -42,6 +48,12 @@ class EngramConfig(MemoryConfig):
         for name in ("heads", "head_dim", "rows_per_head", "kernel_size"):
             if getattr(self, name) < 1:
                 r.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not isinstance(self.user_rows_per_head, int) or isinstance(self.user_rows_per_head, bool) \
+                or self.user_rows_per_head < 0:
+            r.append(f"user_rows_per_head must be an integer >= 0 (0: no per-user rows), got {self.user_rows_per_head!r}")
+        if self.user_write_quota is not None and (not isinstance(self.user_write_quota, int)
+                                                  or isinstance(self.user_write_quota, bool) or self.user_write_quota < 1):
+            r.append(f"user_write_quota must be a positive integer or null, got {self.user_write_quota!r}")
         if not self.layers:
             r.append("layers must name at least one layer")
         if self.table_init_std <= 0:
