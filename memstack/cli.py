@@ -141,6 +141,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     path = _preset(args.suite, "bench")
     data = _load(path, args.overrides)
+    if data.get("kind") == "converged":                 # per-user memory on a frozen model (docs/converged.md)
+        from memstack.commands.converged import cmd_converged
+
+        return cmd_converged(args, data)
     if args.memories:
         data["memories"] = args.memories.split(",")
     if args.device:
@@ -312,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "rate on the validation split and report the test split (mean over seeds ± standard error), then "
                        "write one JSON record per cell, leaderboard.md and PNG plots, and print the leaderboard.")
     s.add_argument("--suite", default="quick", help="quick (CPU, ~10 min) | longctx | learned | retrieval | runtime | "
-                   "sparse | trellis | full (GPU) | a YAML path")
+                   "sparse | trellis | converged | converged_cpu (per-user memory, docs/converged.md) | full (GPU) | "
+                   "a YAML path")
     s.add_argument("--memories", help="comma-separated memory names (default: the suite's, usually all)")
     s.add_argument("--out", default="reports", help="reports directory (default: reports/)")
     s.add_argument("--device")

@@ -36,6 +36,10 @@ class EngramConfig(MemoryConfig):
     # rows; 0: none. user_write_quota: rows one online update may write in such a table.
     user_rows_per_head: int = 0
     user_write_quota: int | None = None
+    # std of W_V's init; None: init_std / sqrt(2 n_layers) (a fresh Engram barely touches the
+    # residual stream). Retrofitting user rows onto a frozen pretrained model without training
+    # W_V first needs a larger one (the converged preset), or the rows' reads are too faint to learn.
+    value_init_std: float | None = None
 
     @property
     def d_mem(self) -> int:
@@ -56,6 +60,9 @@ class EngramConfig(MemoryConfig):
             r.append(f"user_write_quota must be a positive integer or null, got {self.user_write_quota!r}")
         if not self.layers:
             r.append("layers must name at least one layer")
+        if self.value_init_std is not None and not (isinstance(self.value_init_std, (int, float))
+                                                    and 0 < self.value_init_std < float("inf")):
+            r.append(f"value_init_std must be a finite number > 0 or null, got {self.value_init_std!r}")
         if self.table_init_std <= 0:
             r.append(f"table_init_std must be > 0, got {self.table_init_std}")
         if self.seed < 0:

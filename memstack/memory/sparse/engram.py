@@ -37,7 +37,8 @@ Deviations from the paper:
   exactly as DeepSeek's demo (the paper's text suggests independent hashes);
 - `gate_sqrt` (off by default) adds the demo's signed square root of the gate score;
 - W_V starts at std init_std / sqrt(2 n_layers) (like the backbone's output projections) so
-  a fresh Engram perturbs the residual stream as little as a fresh block does; the conv is
+  a fresh Engram perturbs the residual stream as little as a fresh block does (`value_init_std`
+  sets another std: user rows on a frozen pretrained model without a trained W_V need it); the conv is
   zero-initialised as in the paper;
 - N-grams and conv history continue across segments of a document (the paper trains on whole
   4k-token sequences; here a document may span many segments) and restart at a document start,
@@ -107,8 +108,9 @@ class Engram(Memory):
         with torch.no_grad():
             for lin in self.w_k:
                 nn.init.normal_(lin.weight, 0.0, std)
+            v_std = cfg.value_init_std if cfg.value_init_std is not None else std / math.sqrt(2 * backbone.n_layers)
             for lin in self.w_v:
-                nn.init.normal_(lin.weight, 0.0, std / math.sqrt(2 * backbone.n_layers))
+                nn.init.normal_(lin.weight, 0.0, v_std)
             if not cfg.conv_zero_init:
                 for w in self.conv:
                     nn.init.normal_(w, 0.0, std)
