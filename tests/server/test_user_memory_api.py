@@ -162,3 +162,28 @@ def test_bad_learn_requests_are_refused_whole_with_every_reason(tmp_path):
         assert codes[-1] == 429                                          # the rate limit (3 per minute)
     finally:
         s.stop()
+
+
+def test_other_users_are_served_while_one_learns(tmp_path):
+    import threading
+
+    s = serve(tmp_path, steps=400)                                  # a long update (seconds)
+    try:
+        base = logprobs(s, "bob")
+        done = {}
+
+        def learn():
+            done["r"] = http(s, "POST", "/v1/memory/learn", json={"user": "alice", "facts": ["my dog is called Rex."]})
+            done["t"] = time.perf_counter()
+        th = threading.Thread(target=learn)
+        th.start()
+        time.sleep(0.3)
+        served = []
+        while th.is_alive() and len(served) < 3:
+            served.append((logprobs(s, "bob"), time.perf_counter()))
+        th.join()
+        assert done["r"].status_code == 200
+        assert served and all(t < done["t"] for _, t in served)       # answered while alice's update ran
+        assert all(lp == base for lp, _ in served)                     # and never saw a half-written table
+    finally:
+        s.stop()
