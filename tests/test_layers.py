@@ -3,7 +3,8 @@ module level or inside a function -- goes to the same layer or a lower one:
 
     cli, commands                      5
     engine, server, evals, train       4
-    generate, checkpoint, hf           3
+    generate, checkpoint, hf, fid,
+    adapters, adapter_init             3
     backbone                           2
     memory (and backbone/layers.py)    1   the backbone's layer primitives are shared building blocks
     ops, data, config, errors, atomic, registry   0
@@ -19,7 +20,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "memstack"
 RANK = {"cli": 5, "commands": 5, "__main__": 5, "engine": 4, "server": 4, "evals": 4, "train": 4, "generate": 3, "checkpoint": 3,
         "hf": 3, "backbone": 2, "memory": 1, "backbone.layers": 1, "ops": 0, "data": 0, "config": 0, "errors": 0,
-        "atomic": 0, "registry": 0, "adapters": 3, "adapter_init": 3}
+        "atomic": 0, "registry": 0, "adapters": 3, "adapter_init": 3, "fid": 3}
 KNOWN = {
     # RAG's end-to-end answer pipeline generates with the model (memory/retrieval/rag.py is the
     # retrieval-system issue's file; its generation step belongs one layer up)

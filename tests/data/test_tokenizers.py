@@ -29,7 +29,7 @@ def bpe512() -> BPETokenizer:
 def test_registry_names():
     assert isinstance(get_tokenizer("byte"), ByteTokenizer)
     for bad in ["foo", "bpe", "bpe257", "bpe65537", "bpe-512", "gpt-2", "BPE512"]:
-        with pytest.raises(UnknownNameError, match=r"valid tokenizer names: bpe<N>, byte, gpt2"):
+        with pytest.raises(UnknownNameError, match=r"valid tokenizer names: a local Hugging Face tokenizer directory \(path\), bpe<N>, byte, gpt2, smollm2"):
             get_tokenizer(bad)
     assert get_tokenizer("bpe512") is get_tokenizer("bpe512")          # built once
 

@@ -29,6 +29,9 @@ def test_learned_suite_validates_and_names_task_variants_apart():
 
 
 def test_quick_suite_configures_the_learned_memories():
+    # Infini-attention left quick (at chance on slot_recall at its budget; quick.yaml says so): the learned suite has it
     suite = from_dict(SuiteConfig, load_yaml(REPO / "configs" / "bench" / "quick.yaml"))
-    assert {"rmt", "armt", "infini", "hmt"} <= set(suite.memory_configs)
-    assert {"rmt", "armt", "infini", "hmt"} <= {m.kind for m in suite.memory_list()}
+    assert {"rmt", "armt", "hmt", "lm2"} <= set(suite.memory_configs)
+    assert {"rmt", "armt", "hmt", "lm2"} <= {m.kind for m in suite.memory_list()}
+    learned = from_dict(SuiteConfig, load_yaml(REPO / "configs" / "bench" / "learned.yaml"))
+    assert {"rmt", "armt", "infini", "hmt"} <= {m.kind for m in learned.memory_list()}
