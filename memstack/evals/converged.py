@@ -11,6 +11,8 @@ the same stream and the same frozen backbone:
     tables       sparse user tables: Engram's hashed N-gram rows in the user's namespace, learned
                  online by the serving code path (engine/user_memory.py: policy, commit, drift guard)
     tables_rag   both
+    lora         a peft LoRA adapter per user on the same backbone (evals/converged_lora.py), trained on
+                 the same texts with the same number of updates per mention
 
 Measured (never asserted): recall after 1 and after `mentions` mentions; leakage (user B asked A's
 facts, and the differential test: B's logits with every other user's rows installed minus with
@@ -36,7 +38,7 @@ from memstack.config import Checked
 from memstack.evals.personal_facts import KNOWN, Fact, heldout_texts, user_facts
 from memstack.memory.base import Step
 
-APPROACHES = ("base", "in_context", "rag", "tables", "tables_rag")
+APPROACHES = ("base", "in_context", "rag", "tables", "tables_rag", "lora")
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,9 @@ class ConvergedConfig(Checked):
     heldout_tokens: int = 128
     latency_requests: int = 3
     latency_new_tokens: int = 8
-    approaches: tuple[str, ...] = APPROACHES
+    approaches: tuple[str, ...] = APPROACHES[:5]
+    lora_r: int = 8
+    lora_lr: float = 1e-3
 
     def check(self) -> list[str]:
         r = []
@@ -126,6 +130,11 @@ class Harness:
         self.rag = None
         if "rag" in cfg.approaches or "tables_rag" in cfg.approaches:
             self.rag = UserFactsRAG()
+        self.lora = None
+        if "lora" in cfg.approaches:
+            from memstack.evals.converged_lora import LoRAUsers
+
+            self.lora = LoRAUsers(self.plain, cfg.lora_r, cfg.lora_lr, cfg.steps)
 
     def _trunc(self, text: str) -> list[int]:
         return self.tok.encode(text)[: self.cfg.heldout_tokens]
@@ -148,6 +157,13 @@ class Harness:
             return self.model, self.ns(u)
         return self.plain, None
 
+    def forward_fn(self, approach: str, u: int):
+        """ids -> (T, V) logits of a request of user u under `approach`."""
+        if approach == "lora":
+            return lambda ids: self.lora.logits(f"u{u}", ids)
+        model, ns = self.reader(approach, u)
+        return lambda ids: self.logits(model, ids, ns)
+
     @torch.no_grad()
     def logits(self, model, ids: list[int], ns: str | None) -> torch.Tensor:
         out, _ = model(torch.tensor([ids]), None, Step(), namespaces=None if ns is None else (ns,))
@@ -160,10 +176,10 @@ class Harness:
 
     def recalled(self, approach: str, u: int, cue: str, answer: str) -> bool:
         """Greedy decoding after the cue reproduces the answer (teacher-forced argmax = greedy)."""
-        model, ns = self.reader(approach, u)
+        fwd = self.forward_fn(approach, u)
         c, a = self.answer_ids(cue, answer)
         ids = [self.eot] + self.prefix(approach, u, cue) + c
-        lg = self.logits(model, ids + a[:-1], ns)
+        lg = fwd(ids + a[:-1])
         pred = lg[len(ids) - 1:].argmax(-1).tolist()
         return pred == a
 
@@ -172,11 +188,11 @@ class Harness:
         return sum(hits) / len(hits)
 
     def bpb(self, approach: str, u: int) -> float:
-        model, ns = self.reader(approach, u)
+        fwd = self.forward_fn(approach, u)
         nll, nbytes = 0.0, 0
         for ids in self.heldout:
             pre = [self.eot] + self.prefix(approach, u, self.tok.decode(ids[:48]))
-            lg = self.logits(model, pre + ids[:-1], ns)[len(pre) - 1:]
+            lg = fwd(pre + ids[:-1])[len(pre) - 1:]
             nll += float(F.cross_entropy(lg, torch.tensor(ids), reduction="sum"))
             nbytes += len(self.tok.decode(ids).encode())
         return nll / nbytes / math.log(2)
@@ -192,6 +208,10 @@ class Harness:
             t0 = time.perf_counter()
             self.rag.add(self.ns(u), [f.text for f in self.users[u]])
             out["rag_s"] = time.perf_counter() - t0
+        if self.lora is not None:
+            t0 = time.perf_counter()
+            self.lora.learn(f"u{u}", [[self.eot] + self.tok.encode(f.text) for f in self.users[u]])
+            out["lora_s"] = time.perf_counter() - t0
         return out
 
     # -- leakage: the differential test --------------------------------------------------------------
@@ -302,7 +322,7 @@ def run_converged(cfg: ConvergedConfig, out: Path, progress: bool = True) -> dic
         known = [(c, a) for c, a in KNOWN if h.recalled("base", 0, c, a)] if cfg.backbone != "tiny" else []
         res: dict = {a: {} for a in ap}
         base_bpb = h.bpb("base", 0)
-        learn_s, rag_s, rolled, rows_written = [], [], 0, []
+        learn_s, rag_s, lora_s, rolled, rows_written = [], [], [], 0, []
         for m in range(1, cfg.mentions + 1):
             for u in range(cfg.users):
                 t = h.teach(u)
@@ -312,6 +332,8 @@ def run_converged(cfg: ConvergedConfig, out: Path, progress: bool = True) -> dic
                     rows_written.append(t["tables"]["rows_written"])
                 if "rag_s" in t:
                     rag_s.append(t["rag_s"])
+                if "lora_s" in t:
+                    lora_s.append(t["lora_s"])
             if m in (1, cfg.mentions):
                 for a in ap:
                     res[a][f"recall@{m}"] = h.recall(a)
@@ -338,16 +360,19 @@ def run_converged(cfg: ConvergedConfig, out: Path, progress: bool = True) -> dic
                     b += h.rag.nbytes(h.ns(u)) + len(h.prefix("rag", u, h.users[u][0].cue)) * kvb
                 if a in ("tables", "tables_rag"):
                     b += int(h.memory.export(h.ns(u))["rows"]) * h.memory.rows.dim * 4
+                if a == "lora":
+                    b = h.lora.nbytes(f"u{u}")
                 per.append(b)
             res[a]["bytes_per_user"] = statistics.mean(per)
         res.get("tables", {})["update_s"] = statistics.mean(learn_s) if learn_s else None
         res.get("tables_rag", {})["update_s"] = statistics.mean(learn_s) if learn_s else None
         res.get("rag", {})["update_s"] = statistics.mean(rag_s) if rag_s else None
         res.get("in_context", {})["update_s"] = 0.0
-        lat = served_latency(h, ap)
+        res.get("lora", {})["update_s"] = statistics.mean(lora_s) if lora_s else None
+        lat = served_latency(h, [a for a in ap if a != "lora"])    # adapters do not run in the engine
         for a in ap:
-            res[a]["request_s"] = lat[a]
-            res[a]["request_overhead"] = lat[a] / lat["base"] - 1 if "base" in lat else None
+            res[a]["request_s"] = lat.get(a)
+            res[a]["request_overhead"] = lat[a] / lat["base"] - 1 if "base" in lat and a in lat else None
         say("  latency measured")
         forget = verify_forget(h, 0)
     rec = {"kind": "converged", "config": asdict(cfg), "results": res, "rolled_back_updates": rolled,
