@@ -29,6 +29,8 @@ heldout: 1
 heldout_tokens: 32
 latency_requests: 1
 latency_new_tokens: 2
+approaches: [base, in_context, rag, tables, tables_rag, lora]
+lora_lr: 0.01
 """
 
 
@@ -38,12 +40,14 @@ def test_converged_suite_on_a_tiny_backbone(tmp_path):
     (rec_path,) = (tmp_path / "r" / "converged_tiny").glob("*/record.json")
     rec = json.loads(rec_path.read_text())
     res = rec["results"]
-    assert set(res) == {"base", "in_context", "rag", "tables", "tables_rag"}
+    assert set(res) == {"base", "in_context", "rag", "tables", "tables_rag", "lora"}
     assert res["tables"]["differential_max_abs"] == 0.0            # other users' rows: exactly no effect
     assert res["tables"]["leak_recall"] == res["base"]["leak_recall"] == 0.0
     assert res["tables"]["recall@2"] > res["base"]["recall@2"]     # the user's rows learned its fact
     assert res["base"]["bytes_per_user"] == 0 and res["tables"]["bytes_per_user"] > 0
     assert res["tables"]["update_s"] > 0 and res["base"]["request_overhead"] == 0.0
+    # a rank-8 adapter on q (64 -> 64) and v (64 -> 32) of 2 layers: 2 * 8 * (64 + 64 + 64 + 32) fp32 values
+    assert res["lora"]["bytes_per_user"] == 2 * 8 * (64 + 64 + 64 + 32) * 4 and res["lora"]["request_s"] is None
     f = rec["forget_user0"]
     assert f == {"changed_before": True, "equal_to_fresh_after": True, "store_exists": False, "tables_dropped": 1,
                  "datastore_entries_removed": 1, "datastore_entries_left": 0}
@@ -60,6 +64,6 @@ def test_facts_are_distinct_real_names_and_configs_are_checked():
         for f in fs:
             assert f.text == f"{f.cue}{f.answer}." and f.answer[1:2].isupper()
     with pytest.raises(ConfigError) as e:
-        ConvergedConfig(users=1, steps=0, approaches=("tables", "lora"))
+        ConvergedConfig(users=1, steps=0, approaches=("tables", "full_ft"))
     msg = str(e.value)
-    assert "users must be >= 2" in msg and "steps" in msg and "lora" in msg
+    assert "users must be >= 2" in msg and "steps" in msg and "full_ft" in msg
