@@ -50,7 +50,12 @@ class ConvergedConfig(Checked):
     facts_per_user: int = 2
     mentions: int = 3
     seed: int = 0
-    layers: tuple[int, ...] = (27,)      # Engram after these blocks (user rows read there)
+    layers: tuple[int, ...] = (27,)      # the memory after these blocks (user rows read there)
+    # how user memory is addressed: "hashed" (Engram: N-gram hashes into the user's rows) or
+    # "product_key" (PKM: a learned-query top-k over product keys, the user's own value rows)
+    addressing: str = "hashed"
+    n_keys: int = 32                     # product_key: n_keys**2 value rows
+    knn: int = 8
     orders: tuple[int, ...] = (2, 3)
     heads: int = 4
     head_dim: int = 16
@@ -79,6 +84,8 @@ class ConvergedConfig(Checked):
                 r.append(f"{f} must be a positive integer, got {v!r}")
         if isinstance(self.users, int) and self.users < 2:
             r.append("users must be >= 2 (leakage is measured between users)")
+        if self.addressing not in ("hashed", "product_key"):
+            r.append(f"addressing must be 'hashed' or 'product_key', got {self.addressing!r}")
         if bad := [a for a in self.approaches if a not in APPROACHES]:
             r.append(f"approaches {bad} are not among {list(APPROACHES)}")
         return r
@@ -88,11 +95,16 @@ class ConvergedConfig(Checked):
 def build(cfg: ConvergedConfig):
     """(tables model, plain backbone sharing its weights, tokenizer)."""
     from memstack.data.tokenizers import get_tokenizer
-    from memstack.memory.sparse.config import EngramConfig
+    from memstack.memory.sparse.config import EngramConfig, PKMConfig
 
     eng = dict(layers=cfg.layers, orders=cfg.orders, heads=cfg.heads, head_dim=cfg.head_dim,
                rows_per_head=cfg.rows_per_head, user_rows_per_head=cfg.user_rows_per_head,
                value_init_std=cfg.value_init_std, table_init_std=cfg.table_init_std)
+    pkm = dict(layers=cfg.layers, n_keys=cfg.n_keys, k_dim=32, heads=cfg.heads, knn=cfg.knn, memory_plus=False,
+               user_values=True, out_init_std=cfg.value_init_std, value_init_std=cfg.table_init_std)
+
+    def memory(tokenizer=None):
+        return EngramConfig(**eng, tokenizer=tokenizer) if cfg.addressing == "hashed" else PKMConfig(**pkm)
     torch.manual_seed(cfg.seed)
     if cfg.backbone == "tiny":
         from memstack.backbone.model import build_model
@@ -101,13 +113,12 @@ def build(cfg: ConvergedConfig):
         tok = get_tokenizer("byte")
         b = BackboneConfig(vocab_size=tok.vocab_size, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                            seg_len=cfg.seg_len, init_std=0.3)
-        model = build_model(ModelConfig(b, (EngramConfig(**eng),)))
+        model = build_model(ModelConfig(b, (memory(),)))
     else:
         from memstack.hf.pretrained import PRETRAINED, load_pretrained
 
         tok = get_tokenizer(PRETRAINED[cfg.backbone].tokenizer)
-        model = load_pretrained(cfg.backbone, [EngramConfig(**eng, tokenizer=PRETRAINED[cfg.backbone].tokenizer)],
-                                seg_len=cfg.seg_len)
+        model = load_pretrained(cfg.backbone, [memory(PRETRAINED[cfg.backbone].tokenizer)], seg_len=cfg.seg_len)
     model = model.eval()
     return model, model.without_memories([0]).eval(), tok
 

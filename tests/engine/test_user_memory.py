@@ -19,7 +19,7 @@ from memstack.engine import Engine, EngineConfig
 from memstack.engine.user_memory import LearnConfig, MemoryRefused, UserMemory
 from memstack.errors import ConfigError
 from memstack.generate import SamplingConfig
-from memstack.memory.sparse.config import EngramConfig
+from memstack.memory.sparse.config import EngramConfig, PKMConfig
 from memstack.memory.sparse.table import namespace_reasons
 
 V = 256
@@ -30,6 +30,13 @@ def model(seed: int = 0, **kw):
     torch.manual_seed(seed)
     b = BackboneConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, seg_len=64, init_std=0.3)
     cfg = EngramConfig(layers=(0,), heads=2, head_dim=8, rows_per_head=31, user_rows_per_head=13, **kw)
+    return build_model(ModelConfig(b, (cfg,))).eval()
+
+
+def pkm_model(seed: int = 0):
+    torch.manual_seed(seed)
+    b = BackboneConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, seg_len=64, init_std=0.3)
+    cfg = PKMConfig(layers=(1,), n_keys=8, k_dim=8, heads=2, knn=4, user_values=True, out_init_std=0.3)
     return build_model(ModelConfig(b, (cfg,))).eval()
 
 
@@ -55,9 +62,14 @@ def run_step_logits(eng, prompts, names):
     return rows
 
 
-@pytest.fixture
-def engine():
-    eng = Engine(model(), EngineConfig(block_size=4, num_blocks=64))
+@pytest.fixture(params=["engram", "pkm"])
+def engine(request):
+    """Hashed N-gram user rows (Engram) and user value rows under product keys (PKM): the engine
+    and the learner name neither."""
+    # no prefix cache: a repeated prompt would reuse its own K/V (another computation path, equal
+    # only to rounding); the cache is checked per namespace in its own test below
+    eng = Engine(model() if request.param == "engram" else pkm_model(),
+                 EngineConfig(block_size=4, num_blocks=64, enable_prefix_caching=False))
     real = eng.runner.call
     eng.calls = []
 
@@ -90,6 +102,21 @@ def test_one_users_rows_change_exactly_that_users_logits_in_a_packed_step(engine
     rex = [0] + list(b"my dog is called R")
     lp = run_step_logits(engine, [rex, rex], [A, B])
     assert lp[0].log_softmax(-1)[ord("e")] > lp[1].log_softmax(-1)[ord("e")]
+
+
+def test_cached_prefixes_are_never_shared_across_namespaces():
+    eng = Engine(pkm_model(), EngineConfig(block_size=4, num_blocks=64))     # stateless: prefix caching on
+    assert eng.prefix_caching
+    p = [0] + list(b"my dog is called Rex and")
+    hits = {}
+    for who in (A, A, B, None, None):
+        rid = eng.add_request(p, SamplingConfig(max_new_tokens=1), namespace=who)
+        while not eng.requests[rid].finished:
+            eng.step()
+        hits.setdefault(who, []).append(eng.requests.pop(rid).cached_tokens)
+    assert hits[A][0] == 0 and hits[A][1] > 0          # alice reuses her own K/V ...
+    assert hits[B] == [0] and hits[None][0] == 0        # ... and nobody else does
+    assert hits[None][1] > 0
 
 
 def test_policy_refusal_changes_nothing(tmp_path):

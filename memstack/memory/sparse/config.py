@@ -102,9 +102,21 @@ class PKMConfig(MemoryConfig):
     memory_plus: bool = True                # SiLU-gated output (Memory+) instead of the plain read
     shared_values: bool = True              # one value pool for all layers (Memory+); else one per layer
     value_init_std: float = 0.02
+    # per-namespace value rows (the converged system): each `user:<id>` / `task:<id>` namespace that
+    # has learned owns a value pool of its own, read at the same product-key addresses and added to
+    # the shared values; off by default. out_init_std: W_o's init (None: zero, so a fresh memory is
+    # the identity -- but then no gradient reaches user values on a frozen model).
+    user_values: bool = False
+    user_write_quota: int | None = None
+    out_init_std: float | None = None
 
     def check(self) -> list[str]:
         r = []
+        if self.out_init_std is not None and not (isinstance(self.out_init_std, (int, float)) and self.out_init_std > 0):
+            r.append(f"out_init_std must be a number > 0 or null, got {self.out_init_std!r}")
+        if self.user_write_quota is not None and (not isinstance(self.user_write_quota, int)
+                                                  or isinstance(self.user_write_quota, bool) or self.user_write_quota < 1):
+            r.append(f"user_write_quota must be a positive integer or null, got {self.user_write_quota!r}")
         for name in ("n_keys", "k_dim", "heads", "knn"):
             if getattr(self, name) < 1:
                 r.append(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -198,10 +198,8 @@ class Engram(Memory):
         pre = fut.result()[j] if fut is not None else None             # (B, T, heads_total, head_dim)
         e = self.table.namespace("knowledge").gather(rows[j], prefetched=pre)  # (B, T, heads_total, head_dim)
         user = self._user_rows(state, ctx)
-        if user is not None:                                           # each row's own namespace, zeros elsewhere
-            add = self.user_rows.gather(user[0], user[1][j])           # (B, T, heads_total, head_dim) | None
-            if add is not None:
-                e = e + add.to(e.dtype)
+        if user is not None:                                           # each row's own namespace; others untouched
+            e = self.user_rows.add_to(e, user[0], user[1][j])          # (B, T, heads_total, head_dim)
         return e.flatten(2)                                            # (B, T, d_mem)
 
     def _user_rows(self, state: EngramState, ctx: StepContext) -> tuple[list, Tensor] | None:

@@ -60,22 +60,20 @@ class NamespaceRows:
     def names(self) -> list[str]:
         return sorted(self._tables)
 
-    def gather(self, names: list[str | None], local: Tensor) -> Tensor | None:
-        """Rows (B, ..., dim) of each batch row's own namespace at local rows `local` (B, ...);
-        zeros for rows whose namespace has no table. None when no row has one (nothing to add)."""
+    def add_to(self, base: Tensor, names: list[str | None], local: Tensor) -> Tensor:
+        """`base` (B, ..., dim) plus, for each batch row whose namespace has a table, that table's
+        rows at local rows `local` (B, ...). Rows of other namespaces are left exactly as they
+        are -- values and memory layout (an out-of-place index_put keeps the strides), so every
+        later kernel computes them bit for bit as without any user rows."""
         groups: dict[str, list[int]] = {}
         for b, n in enumerate(names):
             if self.table(n) is not None:
                 groups.setdefault(n, []).append(b)
-        if not groups:
-            return None
-        out = None
+        out = base
         for n, idx in groups.items():
             at = torch.tensor(idx, device=local.device)
             vals = self.table(n).namespace(n).gather(local[at])                # (b, ..., dim), sparse grad
-            if out is None:
-                out = vals.new_zeros(local.shape + (self.dim,))
-            out = out.index_put((at,), vals)                                  # out of place: autograd-safe
+            out = out.index_put((at,), out[at] + vals.to(out.dtype))          # out of place: autograd-safe
         return out
 
     # -- writing (the engine thread, or a learner on its own copy) ------------------------------
