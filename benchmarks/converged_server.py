@@ -44,7 +44,8 @@ def main() -> int:
     key = "sk-bench-0123456789abcdef"
     tenants = Tenants([(hashlib.sha256(key.encode()).digest(), Tenant("bench", users=tuple(f"u{i}" for i in range(64))))])
     canary = [[tok.eot_id] + tok.encode("the quick brown fox jumps over the lazy dog")]
-    mem = UserMemory(eng.serving, Path(tempfile.mkdtemp()) / "users", LearnConfig(steps=a.steps, rate_per_min=1000), canary)
+    tmp = tempfile.TemporaryDirectory()
+    mem = UserMemory(eng.serving, Path(tmp.name) / "users", LearnConfig(steps=a.steps, rate_per_min=1000), canary)
     srv = Server(eng, tok, ServerConfig(port=0, log_level="warning", access_log=False), tenants, mem).start()
 
     def post(path, body):
@@ -76,6 +77,7 @@ def main() -> int:
         print(json.dumps(rec))
     finally:
         srv.stop()
+        tmp.cleanup()
     return 0
 
 

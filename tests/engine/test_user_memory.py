@@ -128,6 +128,17 @@ def test_policy_refusal_changes_nothing(tmp_path):
     assert mem.rows.table(A) is None and not mem.store(A).exists     # nothing installed, nothing stored
 
 
+def test_per_user_write_quota_refuses_the_whole_update(tmp_path):
+    m = model(user_write_quota=5)                          # rows one update may write in a user's table
+    mem = memory(m, tmp_path)
+    with pytest.raises(MemoryRefused) as e:
+        mem.learn(A, [FACT], mem.rows.install)
+    assert any("write quota of 5" in r and A in r for r in e.value.reasons)
+    assert mem.rows.table(A) is None and not mem.store(A).exists
+    out = memory(model(user_write_quota=10_000), tmp_path / "big").learn(A, [FACT], lambda ns, t: None)
+    assert 5 < out["rows_written"] <= 10_000
+
+
 def test_bad_texts_and_rate_limit_are_refused_with_every_reason(tmp_path):
     m = model()
     mem = memory(m, tmp_path, rate_per_min=2, max_tokens=30, max_texts=2)
