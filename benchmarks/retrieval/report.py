@@ -149,6 +149,8 @@ def main(root="docs/benchmarks/retrieval"):
         out.append(claims_tables(c, r))
     for p in sorted(r.glob("open_qa*.json")):
         out.append(open_qa_table(p, load(p)))
+    for p in sorted(r.glob("retrofit*.json")):
+        out.append(retrofit_table(p, load(p)))
     for p in sorted(r.glob("passages*.json")):
         c = load(p)
         out.append(f"\n### passage retrieval: {p.name} ({c['date']}; {c['passages']:,} passages, {c['queries']:,} queries, "
@@ -175,15 +177,19 @@ def _group_em(run: dict) -> tuple[float, float]:
     return avg(named), avg(inv)
 
 
+def _selection(run: dict) -> str:
+    return ", ".join(f"{v['lr']:g}: {v['val_em']:.1f}" for v in run.get("lr_selection", [])) or "-"
+
+
 def open_qa_table(path: Path, rec: dict) -> str:
     runs = rec["runs"]
     first = next(iter(runs.values()))
     out = [f"\n### Open-domain QA: {path.name} ({rec['env']['device']}; SmolLM2-135M reader, MiniLM retriever over "
            f"{rec['passages']:,} passages; {first['eval_split']} questions: {first['questions']}, few-shot training "
            f"questions: {first['train_questions']})\n",
-           "| run | system | retriever | k | steps x batch | lr reader / retriever | EM | F1 | EM named | EM inverse | "
-           "gold passage in top-k | train s | eval s | re-rank s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| run | system | retriever | k | steps x batch | lr reader / retriever | validation EM per lr | EM | F1 | EM named | "
+           "EM inverse | gold passage in top-k | train s | eval s | re-rank s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, x in runs.items():
         c = x["config"]
         ret = c["retriever"] + (f" ({c['objective']})" if c["system"] == "atlas" else "")
@@ -191,12 +197,42 @@ def open_qa_table(path: Path, rec: dict) -> str:
         named, inv = _group_em(x)
         out.append(f"| {name} | {c['system']} | {ret if c['system'] not in ('closed_book', 'oracle') else '-'} | "
                    f"{c['k'] if c['system'] not in ('closed_book', 'oracle') else '-'} | {c['steps']} x {c['batch']} | "
-                   f"{c['lr_reader']:g} / {c['lr_retriever']:g} | {x['em']:.1f} | {x['f1']:.1f} | {named:.1f} | {inv:.1f} | "
+                   f"{c['lr_reader']:g} / {c['lr_retriever']:g} | "
+                   f"{_selection(x)} | {x['em']:.1f} | {x['f1']:.1f} | {named:.1f} | {inv:.1f} | "
                    f"{x.get('recall_at_k', float('nan')):.1f} | {x['timing']['train_s']:.0f} | {x['timing']['eval_s']:.0f} | "
                    f"{rr.get('rerank_seconds', 0):.0f} |")
     cmd = first["command"]
+    sel = first.get("lr_selection") or []
+    if sel:
+        out.append(f"\nlearning rate (reader and retriever) chosen per run on the first {sel[0]['val_questions']} validation "
+                   "questions (best EM, then F1), then trained again from the same weights and seed and scored on the test questions.")
     out.append(f"\ncommand (first run): `{cmd}`; train_layers={first['config']['train_layers']}, "
                f"passage_tokens={first['config']['passage_tokens']}, temperature={first['config']['temperature']}")
+    return "\n".join(out)
+
+
+def retrofit_table(path: Path, rec: dict) -> str:
+    a = rec["args"]
+    fz = rec["frozen"]
+    rows = [("frozen SmolLM2 (= RETRO[OFF]: the CCA layers add exactly zero)", fz)]
+    rows += [(f"RETRO-fit, {k}", v) for k, v in rec["ablation"].items()]
+    if "random_control" in rec:
+        rows += [(f"control trained on random neighbours, evaluated on {k}", rec["random_control"][k])
+                 for k in ("random neighbours", "true neighbours")]
+    trained = rec["runs"][0]["params"] - 134_515_008
+    out = [f"\n### RETRO-fitting SmolLM2-135M: {path.name} ({rec['date']}, {rec['env']['device']})\n",
+           f"Frozen backbone; CCA at layers {a['layers']} (0-based), {a['enc_layers']}-layer neighbour encoder attending to "
+           f"the query chunk, on the backbone's embedding ({trained:,} trained parameters); chunk {a['chunk']}, k={a['k']}; "
+           f"store: {rec['store']['chunks']:,} chunks of the SOTU train split keyed by MiniLM ({rec['store']['fingerprint']}); "
+           f"{a['steps']} steps x {a['batch']} rows x {a['seg_len']} tokens "
+           f"({a['steps'] * a['batch'] * a['seg_len']:,} tokens); lr chosen on val: "
+           + ", ".join(f"{r['lr']:g} -> val bpb {r['val_bpb']:.4f}" for r in rec["runs"]) + f" (chose {rec['chosen_lr']:g}); "
+           f"evaluated on the first {a['eval_tokens']:,} tokens of each split.\n",
+           "| model | val bpb | test bpb | test ppl | test change vs frozen |", "|---|---|---|---|---|"]
+    for name, v in rows:
+        out.append(f"| {name} | {v['val_bpb']:.4f} | {v['test_bpb']:.4f} ± {v['test_bpb_se']:.4f} | {v['test_ppl']:.2f} | "
+                   f"{100 * (v['test_bpb'] / fz['test_bpb'] - 1):+.2f}% |")
+    out.append(f"\ncommand: `{rec['command']}`")
     return "\n".join(out)
 
 

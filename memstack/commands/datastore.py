@@ -27,7 +27,10 @@ def add_parser(sub) -> None:
     s.add_argument("--split", default="train", choices=["train", "val", "test"])
     s.add_argument("--tokenizer", default="bpe512", help="retro: tokenizer (its vocabulary sizes the key table)")
     s.add_argument("--chunk", type=int, default=64, help="retro: chunk length")
-    s.add_argument("--key-dim", type=int, default=64, help="retro: chunk key dimension")
+    s.add_argument("--key", default="bag", choices=["bag", "minilm"],
+                   help="retro: chunk keys from the frozen MiniLM over the chunk's text (the paper's frozen embedder) "
+                        "or a bag of frozen random token vectors")
+    s.add_argument("--key-dim", type=int, default=64, help="retro: chunk key dimension (bag keys)")
     s.add_argument("--key-seed", type=int, default=1234, help="retro: seed of the frozen key table")
     s.add_argument("--backend", default="exact", choices=list(BACKENDS))
     s.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored key precision")
@@ -77,7 +80,8 @@ def cmd_datastore(args: argparse.Namespace) -> int:
 
         tok = get_tokenizer(args.tokenizer)
         docs = [tok.encode(t) for t in corpus_split(args.corpus, args.split)]
-        cfg = RetroConfig(chunk=args.chunk, key_dim=args.key_dim, key_seed=args.key_seed)
+        cfg = RetroConfig(chunk=args.chunk, key_dim=args.key_dim, key_seed=args.key_seed, key=args.key,
+                          tokenizer=args.tokenizer)
         store = build_retro_store(docs, len(tok.token_bytes()), cfg, tok.eot_id, args.out, backend=args.backend,
                                   progress=progress)
     else:

@@ -61,7 +61,62 @@ def hf_tokenizer_vocab(name: str) -> int:
     return max(ids) + 1 if ids else 0
 
 
-class HFTokenizerDir:
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (used by byte-level BPE vocabularies)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class HFTokenizer:
+    """memstack's Tokenizer interface over a `tokenizers.Tokenizer` (`self._tok`): subclasses load it
+    and set `name`, `vocab_size`, `eot_id` and `_fp`, and say how many bytes a piece stands for."""
+
+    name: str
+    vocab_size: int
+    eot_id: int
+    _fp: str
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if bad := [i for i in ids if not 0 <= i < self.vocab_size]:
+            raise ValueError(f"{self.name}: token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_bytes(self) -> np.ndarray:
+        return self._token_bytes.copy()
+
+    def fingerprint(self) -> str:
+        return self._fp
+
+    @functools.cached_property
+    def _token_bytes(self) -> np.ndarray:
+        """Bytes each id stands for (0 for special tokens)."""
+        inv = {c: b for b, c in bytes_to_unicode().items()}
+        specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for tok, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if tok not in specials:
+                out[i] = self._piece_bytes(i, tok, inv)
+        return out
+
+    def _piece_bytes(self, i: int, tok: str, inv: dict[str, int]) -> int:
+        raise NotImplementedError
+
+
+class HFTokenizerDir(HFTokenizer):
     """memstack's Tokenizer interface over a local tokenizer.json."""
 
     def __init__(self, name: str):
@@ -89,41 +144,12 @@ class HFTokenizerDir:
     def __repr__(self) -> str:
         return f"HFTokenizerDir({self.name!r}, vocab_size={self.vocab_size})"
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_many(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
-        if bad := [i for i in ids if not 0 <= i < self.vocab_size]:
-            raise ValueError(f"{self.name}: token ids out of range [0, {self.vocab_size}): {bad[:5]}")
-        return self._tok.decode(ids, skip_special_tokens=True)
-
-    def token_bytes(self) -> np.ndarray:
-        return self._token_bytes.copy()
-
-    def fingerprint(self) -> str:
-        return self._fp
-
-    @functools.cached_property
-    def _token_bytes(self) -> np.ndarray:
-        from memstack.data.smollm2 import _bytes_to_unicode
-
-        inv = {c: b for b, c in _bytes_to_unicode().items()}
-        specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
-        out = np.zeros(self.vocab_size, dtype=np.int64)
-        for tok, i in self._tok.get_vocab(with_added_tokens=True).items():
-            if tok in specials:
-                continue
-            if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
-                out[i] = 1                                     # SentencePiece byte fallback
-            elif self._byte_level and all(ch in inv for ch in tok):
-                out[i] = len(tok)                              # byte-level BPE: one symbol per byte
-            else:
-                out[i] = len(tok.replace("▁", " ").encode("utf-8"))
-        return out
+    def _piece_bytes(self, i: int, tok: str, inv: dict[str, int]) -> int:
+        if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+            return 1                                           # SentencePiece byte fallback
+        if self._byte_level and all(ch in inv for ch in tok):
+            return len(tok)                                    # byte-level BPE: one symbol per byte
+        return len(tok.replace("▁", " ").encode("utf-8"))
 
 
 def _eos_from_config(folder: Path) -> str | None:

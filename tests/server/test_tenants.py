@@ -162,20 +162,23 @@ def test_request_quotas(mt):
         c.completions.create(model="tiny", prompt="x" * 30, max_tokens=40)
     assert "quota of 12" in e.value.body["message"]
     run = mt.loop.engine.runner.run
+    running, release = threading.Event(), threading.Event()
 
-    def slow(items):                                                         # keep the first request in flight
-        time.sleep(0.02)
+    def held(items):                         # keep the first request in flight until the second was refused
+        running.set()
+        release.wait(60)
         return run(items)
 
     first = threading.Thread(target=lambda: c.completions.create(model="tiny", prompt="slow one", max_tokens=30))
-    mt.loop.engine.runner.run = slow
+    mt.loop.engine.runner.run = held
     try:
         first.start()
-        time.sleep(0.3)
+        assert running.wait(60)              # admitted and in the engine (no timing guess on a loaded machine)
         with pytest.raises(openai.RateLimitError) as e:                      # max_concurrent: 1
             c.completions.create(model="tiny", prompt="second", max_tokens=2)
         assert e.value.body["code"] == "rate_limit_exceeded"
     finally:
+        release.set()
         first.join()
         mt.loop.engine.runner.run = run
     assert c.completions.create(model="tiny", prompt="second", max_tokens=2).choices[0].finish_reason

@@ -132,17 +132,29 @@ class RetroConfig(MemoryConfig):
     k: int = 2                      # neighbours per chunk (paper: 2 in training)
     layers: tuple[int, ...] | None = None   # CCA layers; None = every layer from the middle one on
     enc_layers: int = 1             # neighbour encoder depth
-    key_dim: int = 64               # frozen chunk-key dimension (bag of frozen random token vectors)
-    key_seed: int = 1234            # seed of the frozen token vectors (the "frozen BERT" stand-in)
+    enc_query: bool = True          # the encoder cross-attends to the query chunk's activations (paper)
+    cca_rope: bool = False          # CCA scores see relative positions (token vs neighbour token; the paper uses relative
+                                    # encodings; off by default: the measured RETRO-fit ran without them)
+    share_embedding: bool = False   # the encoder embeds neighbours with the backbone's token embedding
+    key: Literal["bag", "minilm"] = "bag"   # chunk key: frozen MiniLM over the chunk text (the paper's frozen
+                                    # pretrained embedder) or a bag of frozen random token vectors (no model)
+    tokenizer: str = "bpe512"       # key=minilm: the model's tokenizer (decodes a chunk to text)
+    key_dim: int = 64               # key=bag: chunk-key dimension (minilm: 384)
+    key_seed: int = 1234            # key=bag: seed of the frozen token vectors
     db_len: int = 64                # document mode: past chunks kept per document
     exclude_own_doc: bool = True    # never retrieve chunks of the document being read (paper: training)
     retrieval: bool = True          # False: same model, neighbours withheld (the RETRO[OFF] baseline)
+    random_neighbours: bool = False  # ablation: k store entries picked by a hash of the chunk, not by its key
 
     def check(self) -> list[str]:
         r = []
         for name in ("chunk", "k", "enc_layers", "key_dim", "db_len"):
             if getattr(self, name) < 1:
                 r.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.key not in ("bag", "minilm"):
+            r.append(f"key must be 'bag' or 'minilm', got {self.key!r}")
+        if self.random_neighbours and self.store is None:
+            r.append("random_neighbours needs a corpus store (store: DIR)")
         return r
 
     def check_with(self, backbone: BackboneConfig) -> list[str]:

@@ -36,12 +36,12 @@ def _docs(n=6, length=40, seed=0):
     return [g.integers(1, 40, size=length) for _ in range(n)]
 
 
-@pytest.mark.parametrize("mode", ["document", "store"])
+@pytest.mark.parametrize("mode", ["document", "store", "store-rope"])
 def test_no_position_sees_retrieval_from_its_future(mode, tmp_path):
-    kw = {}
-    if mode == "store":
+    kw = {"cca_rope": True} if mode == "store-rope" else {}
+    if mode.startswith("store"):
         build_retro_store(_docs(), 40, RetroConfig(chunk=M, k=2, key_dim=16), eot_id=0, out=tmp_path / "s", progress=False)
-        kw = {"store": str(tmp_path / "s")}
+        kw["store"] = str(tmp_path / "s")
     model = _model(**kw)
     tokens = torch.randint(1, 40, (1, 32))
     variants = tokens.repeat(33, 1)                               # row j+1: token j changed; row 0: original
