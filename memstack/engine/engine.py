@@ -43,6 +43,7 @@ from memstack.engine.scheduler import Scheduler
 from memstack.errors import MemstackError
 from memstack.generate import SamplingConfig, sample
 from memstack.memory.kv.block_pool import BlockPool
+from memstack.memory.kv.compress import budget
 from memstack.memory.kv.config import CompressionConfig
 from memstack.memory.kv.hashing import CacheNamespace, model_fingerprint
 from memstack.memory.kv.manager import KVCacheManager
@@ -113,14 +114,17 @@ class Engine:
 
     def check_request(self, prompt: list[int], params: SamplingConfig, compression=None) -> list[str]:
         r = []
-        if compression is not None and compression.policy not in ("none", "streaming"):
-            r.append(f"the engine compresses with policy 'streaming' (whole blocks); {compression.policy!r} runs "
-                     "through the kv_paged memory (memory interface)")
-        if compression is not None and compression.policy == "streaming" and not self.policy.unbounded:
-            r.append("streaming compression needs a document-scope model without a window")
-        if compression is not None and compression.policy == "streaming" and self.stateful:
-            r.append("streaming compression drops K/V blocks counted in tokens; this model's memories carry state or "
+        pol = compression.policy if compression is not None else "none"
+        if pol not in ("none", "streaming", "learned"):
+            r.append(f"the engine's pool runs the presses 'streaming' (whole blocks) and 'learned' (a trained scorer, "
+                     f"slots compacted); {pol!r} runs through the kv_paged memory (memory interface)")
+        if pol in ("streaming", "learned") and not self.policy.unbounded:
+            r.append(f"{pol} compression needs a document-scope model without a window")
+        if pol in ("streaming", "learned") and self.stateful:
+            r.append(f"{pol} compression drops K/V slots counted in tokens; this model's memories carry state or "
                      "add tokens, so it is offered for stateless models only")
+        if pol == "learned":
+            r += self._scorer_reasons(compression)
         if not prompt:
             r.append("the prompt is empty (give at least one token)")
         bad = [t for t in prompt if not 0 <= t < self.vocab]
@@ -131,9 +135,11 @@ class Engine:
             r.append(f"prompt ({len(prompt)}) + max_new_tokens ({params.max_new_tokens}) = {total} tokens exceeds "
                      f"max_model_len {self.cfg.max_model_len}")
         need = self.max_blocks(total)
-        if compression is not None and compression.policy == "streaming":
+        if pol == "streaming":
             chunk = self.spec.blocks_for(min(len(prompt), self.cfg.max_num_batched_tokens))
             need = min(need, self._stream_budget(compression, total) + chunk + 1)
+        elif pol == "learned":                      # compacted at every segment end: one segment on top
+            need = min(need, self.spec.blocks_for(budget(total, compression.keep_ratio) + self.policy.seg_len) + 1)
         if need > self.num_blocks:
             r.append(f"needs up to {need} KV blocks of {self.cfg.block_size} tokens, the pool has {self.num_blocks} "
                      f"(raise num_blocks / kv_memory_mb or shorten the request)")
@@ -144,7 +150,10 @@ class Engine:
                     namespace: str | None = None, session: tuple[str, str] | None = None) -> str:
         """Queue a request. `compression` (StreamingLLM, policy="streaming") bounds its KV: after
         every step, whole blocks between the sink blocks and the most recent ones are freed so the
-        request holds at most max(ceil(keep_ratio * tokens), sinks + 2 blocks) blocks.
+        request holds at most max(ceil(keep_ratio * tokens), sinks + 2 blocks) blocks. With
+        policy="learned" (a trained scorer, `compression.scorer`), at each segment end every
+        (layer, KV head) keeps its ceil(keep_ratio * tokens) best-scored slots, compacted; the
+        freed blocks go back to the pool (engine/press.py).
         `namespace`: the datastore namespace its retrieval memories read (None: their configured one).
         `session`: (tenant, session id) of a memory session (memory_sessions.py): the prompt is
         appended to the session's document and decoding continues from its memory state and K/V."""
@@ -195,14 +204,38 @@ class Engine:
             self.memory_sessions.finish(req, ok)
         self.scheduler.finish(req)
 
+    def _scorer_reasons(self, c: CompressionConfig) -> list[str]:
+        from memstack.memory.kv.compress.learned import load_scorer
+
+        try:
+            scorer = load_scorer(c.scorer)
+        except MemstackError as e:
+            return [str(e)]
+        b = self.model.cfg.backbone
+        return scorer.check_fits(b.n_layers, b.kv_heads, b.head_dim)
+
     def _stream_budget(self, c: CompressionConfig, n_tokens: int) -> int:
         bs = self.cfg.block_size
         sinks = -(-c.sink_tokens // bs)
         return max(-(-math.ceil(c.keep_ratio * n_tokens) // bs), sinks + 2)
 
     def _compress(self, req: Request) -> None:
-        """StreamingLLM on blocks: keep the sink blocks and the most recent ones, free the rest."""
+        """StreamingLLM on blocks: keep the sink blocks and the most recent ones, free the rest.
+        A token press (learned): at each segment end, keep budget(tokens seen) slots of every
+        (layer, KV head), compacted into the first blocks; the rest are freed (engine/press.py)."""
         seq, c = req.seq, req.compression
+        if c.policy == "learned":
+            k = budget(seq.n_tokens, c.keep_ratio)
+            if seq.n_tokens % self.policy.seg_len or seq.n_slots - seq.start <= k:
+                return
+            from memstack.engine.press import compact, held
+            from memstack.memory.kv.compress.learned import load_scorer
+
+            recent = min(c.recent, k)
+            scores = load_scorer(c.scorer).scores(held(self.cache, seq.block_ids, seq.start, seq.n_slots))
+            compact(self.cache, seq.block_ids, seq.start, seq.n_slots, scores, k, recent, min(c.sink_tokens, k - recent))
+            self.manager.truncate(seq, k)
+            return
         sinks = -(-c.sink_tokens // self.cfg.block_size)
         keep = self._stream_budget(c, seq.n_tokens)
         n = len(seq.blocks)
@@ -224,7 +257,8 @@ class Engine:
             self.memory_sessions.start(req)
             return True
         seq = self.manager.new_seq(self.namespace.root(req.salt))
-        if not self.prefix_caching:
+        if not self.prefix_caching or (req.compression is not None and req.compression.policy == "learned"):
+            # (a token press rewrites its blocks in place: they must be its own, never cached ones)
             seq.cacheable = False                    # its blocks are never keyed (memory state, or caching off)
             req.seq, req.seg_slot0 = seq, 0
             return True

@@ -55,28 +55,35 @@ class CompressionConfig(Checked):
     """How a paged KV cache shrinks the past at each segment end (memory/kv/compress/).
 
     policy:      none | streaming (StreamingLLM sinks + recent window) | h2o (heavy hitters +
-                 recent) | snapkv (observation-window scores, pooled, + the window) | kivi
-                 (2/4-bit quantization of blocks older than a full-precision residual window)
+                 recent) | snapkv (observation-window scores, pooled, + the window) | learned (a
+                 trained scorer's predicted future attention, + sinks and the recent window) |
+                 kivi (2/4-bit quantization of blocks older than a full-precision residual window)
     keep_ratio:  token policies keep ceil(keep_ratio * tokens seen); 1.0 = no compression.
                  kvpress' "compression ratio" is 1 - keep_ratio.
-    sink_tokens: streaming: first tokens always kept (attention sinks)
-    recent:      h2o/snapkv: the most recent tokens always kept (snapkv's observation window);
+    sink_tokens: streaming, learned: first tokens always kept (attention sinks)
+    recent:      h2o/snapkv/learned: the most recent tokens always kept (snapkv's observation window);
                  kivi: the full-precision residual window
     pool_kernel: snapkv: width of the average pooling over key positions
     bits:        kivi: 2 or 4
+    scorer:      learned: the scorer file (safetensors, checksummed; python -m memstack.train.kv_scorer)
     """
 
-    policy: Literal["none", "streaming", "h2o", "snapkv", "kivi"] = "none"
+    policy: Literal["none", "streaming", "h2o", "snapkv", "learned", "kivi"] = "none"
     keep_ratio: float = 1.0
     sink_tokens: int = 4
     recent: int = 8
     pool_kernel: int = 7
     bits: int = 2
+    scorer: str = ""
 
     def check(self) -> list[str]:
         r = []
-        if self.policy not in ("none", "streaming", "h2o", "snapkv", "kivi"):
-            r.append(f"policy must be none, streaming, h2o, snapkv or kivi, got {self.policy!r}")
+        if self.policy not in ("none", "streaming", "h2o", "snapkv", "learned", "kivi"):
+            r.append(f"policy must be none, streaming, h2o, snapkv, learned or kivi, got {self.policy!r}")
+        if not isinstance(self.scorer, str):
+            r.append(f"scorer must be a path (string), got {type(self.scorer).__name__}")
+        elif self.policy == "learned" and not self.scorer:
+            r.append("policy 'learned' needs scorer= the scorer file (python -m memstack.train.kv_scorer)")
         if not 0 < self.keep_ratio <= 1:
             r.append(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
         if self.sink_tokens < 0:

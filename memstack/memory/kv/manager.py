@@ -144,6 +144,17 @@ class KVCacheManager:
         seq.cacheable = False
         self.pool.release(reversed(old))
 
+    def truncate(self, seq: SeqKV, n_slots: int) -> int:
+        """Keep slots [0, n_slots) (a press compacted the kept K/V there) and free every block after
+        them; the sequence stops caching. Returns the number of blocks freed."""
+        if seq.start or n_slots > seq.n_slots or any(b.ref_cnt > 1 for b in seq.blocks):
+            raise ValueError("truncate needs a sequence whose blocks it owns alone, visible from slot 0")
+        nb = -(-n_slots // self.block_size)
+        freed = seq.blocks[nb:]
+        self.pool.release(reversed(freed))
+        seq.blocks, seq.n_slots, seq.cacheable = seq.blocks[:nb], n_slots, False
+        return len(freed)
+
     def drop_blocks(self, seq: SeqKV, idx: list[int]) -> None:
         """Free the blocks at table positions `idx` (whole blocks: StreamingLLM eviction). Later
         blocks are then computed over a context with holes, so the sequence stops caching."""

@@ -64,6 +64,15 @@ class PagedKV(Memory):
         self.last_layer = backbone.n_layers - 1
         self.bs = cfg.block_size
         self.policy = cfg.compression.policy
+        self.scorer = None
+        if self.policy == "learned":
+            from memstack.errors import ConfigError
+            from memstack.memory.kv.compress.learned import load_scorer
+
+            self.scorer = load_scorer(cfg.compression.scorer)
+            reasons = self.scorer.check_fits(backbone.n_layers, backbone.kv_heads, backbone.head_dim)
+            if reasons:
+                raise ConfigError(reasons, "kv_paged learned compression")
 
     # -- state ---------------------------------------------------------------------------------
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> PagedKVState:
@@ -273,14 +282,17 @@ class PagedKV(Memory):
         if S <= k:
             return
         B, L, H = s.kv.shape[0], self.backbone.n_layers, self.backbone.kv_heads
-        if self.policy == "streaming":
-            scores, recent, sinks = streaming_scores(B, L, H, S, s.kv.device), max(k - c.sink_tokens, 0), c.sink_tokens
-        else:
-            scores, recent, sinks = s.score[..., :S], min(c.recent, k), 0
-        idx = keep_indices(scores, s.valid[:, :S], k, recent, sinks)             # (B, L, Hkv, k)
         x = s.kv[self._rows(s), s.table]                                         # (B, NB, L, 2, Hkv, bs, hd)
         NB, hd = x.shape[1], x.shape[-1]
         x = x.permute(0, 2, 3, 4, 1, 5, 6).reshape(B, L, 2, H, NB * self.bs, hd)
+        if self.policy == "streaming":
+            scores, recent, sinks = streaming_scores(B, L, H, S, s.kv.device), max(k - c.sink_tokens, 0), c.sink_tokens
+        elif self.policy == "learned":
+            recent = min(c.recent, k)
+            scores, sinks = self.scorer.scores(x[..., :S, :]), min(c.sink_tokens, k - recent)
+        else:
+            scores, recent, sinks = s.score[..., :S], min(c.recent, k), 0
+        idx = keep_indices(scores, s.valid[:, :S], k, recent, sinks)             # (B, L, Hkv, k)
         kept = x.gather(4, idx[:, :, None, :, :, None].expand(B, L, 2, H, k, hd))  # (B, L, 2, Hkv, k, hd)
         nbk = -(-k // self.bs)
         pad = kept.new_zeros(B, L, 2, H, nbk * self.bs - k, hd)

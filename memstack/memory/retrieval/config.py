@@ -99,6 +99,8 @@ class MemorizingConfig(MemoryConfig):
     k: int = 32                             # retrieved entries per query (paper: 32)
     evict: Literal["fifo", "lru"] = "fifo"  # what goes when the memory is full
     gate_init: float = 0.0                  # initial gate bias b_g: g = sigmoid(b_g) (0.5)
+    store: Literal["memory", "mmap"] = "memory"   # mmap: keys/values in memory-mapped files (64k+ entries)
+    mmap_dir: str = ""                      # mmap: directory of the (unlinked) files; "" = the system temp dir
 
     @property
     def holds_context(self) -> bool:
@@ -106,6 +108,13 @@ class MemorizingConfig(MemoryConfig):
 
     def check(self) -> list[str]:
         r = []
+        if self.store not in ("memory", "mmap"):
+            r.append(f"store must be 'memory' or 'mmap', got {self.store!r}")
+        elif self.store == "mmap" and self.evict != "fifo":
+            r.append("store='mmap' keeps evict='fifo' (LRU ties depend on slot order, so its read would not equal "
+                     "the in-memory store's)")
+        if not isinstance(self.mmap_dir, str):
+            r.append(f"mmap_dir must be a string, got {type(self.mmap_dir).__name__}")
         if self.mem_len < 1:
             r.append(f"mem_len must be >= 1, got {self.mem_len}")
         if self.k < 1:

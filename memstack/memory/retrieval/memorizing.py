@@ -24,6 +24,9 @@ Deviations from the paper:
   staleness); exact top-k instead of approximate (the paper finds ~90% recall as good);
 - with GQA, one memory per KV head (the paper is multi-head: one per head);
 - the paper pairs memory with a Transformer-XL cache: stack `xl` with this memory for that.
+
+`store="mmap"` keeps the keys/values in preallocated memory-mapped files written in place (the
+paper's 65k+ entries per document; memory/retrieval/mapped.py), with the same read.
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ class MemorizingState:
     pv: tuple[Tensor, ...]
     ppos: Tensor                # (B, Tp) positions of the pending entries
     pvalid: Tensor              # (B, Tp) bool: rows out of step hold segments of different lengths
+    live: Tensor | None = None  # store="mmap": (1,) int64 shared by the states over the same files
+    gen: int = 0                # store="mmap": the `live` value this state was returned with
 
 
 def unrotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
@@ -78,13 +83,39 @@ class MemorizingTransformer(Memory):
         kv = lambda: torch.zeros(batch, b.kv_heads, 0, b.head_dim, device=device, dtype=dtype)  # noqa: E731
         z = torch.zeros(batch, 0, dtype=torch.long, device=device)
         L = len(self.mem_layers)
+        if self.cfg.store == "mmap":                                       # preallocated, written in place
+            from memstack.memory.retrieval.mapped import mapped_zeros
+
+            C, shape = self.cfg.mem_len, (batch, b.kv_heads, self.cfg.mem_len, b.head_dim)
+            mk = tuple(mapped_zeros(shape, dtype, self.cfg.mmap_dir) for _ in range(L))
+            mv = tuple(mapped_zeros(shape, dtype, self.cfg.mmap_dir) for _ in range(L))
+            zc = torch.zeros(batch, C, dtype=torch.long, device=device)
+            return MemorizingState(mk, mv, tuple(zc.bool() for _ in range(L)), tuple(zc for _ in range(L)),
+                                   tuple(kv() for _ in range(L)), tuple(kv() for _ in range(L)), z, z.bool(),
+                                   torch.zeros(1, dtype=torch.long), 0)
         return MemorizingState(tuple(kv() for _ in range(L)), tuple(kv() for _ in range(L)), tuple(z.bool() for _ in range(L)),
                                tuple(z for _ in range(L)), tuple(kv() for _ in range(L)), tuple(kv() for _ in range(L)), z,
                                z.bool())
 
     def reset(self, state: MemorizingState, mask: Tensor) -> MemorizingState:
         return MemorizingState(state.mk, state.mv, tuple(v & ~mask[:, None] for v in state.valid), state.stamp,
-                               state.pk, state.pv, state.ppos, state.pvalid & ~mask[:, None])
+                               state.pk, state.pv, state.ppos, state.pvalid & ~mask[:, None], state.live, state.gen)
+
+    def _check_live(self, state: MemorizingState) -> None:
+        if state.live is not None and int(state.live[0]) != state.gen:
+            raise RuntimeError("this memory-mapped Memorizing state was already consumed: a later call wrote its "
+                               "files in place (store='mmap' states cannot be replayed; use store='memory')")
+
+    def take_rows(self, state: MemorizingState, idx: Tensor) -> MemorizingState:
+        if self.cfg.store == "mmap":
+            raise ValueError("memorizing with store='mmap' keeps each row's memory in place in its files; its rows "
+                             "cannot be split or regrouped (serve it with store='memory')")
+        return super().take_rows(state, idx)
+
+    def cat_rows(self, states: list[MemorizingState]) -> MemorizingState:
+        if self.cfg.store == "mmap":
+            self.take_rows(states[0], torch.zeros(0, dtype=torch.long))         # the same refusal
+        return super().cat_rows(states)
 
     def _bytes_per_token(self, dtype: torch.dtype) -> int:
         b = self.backbone
@@ -108,6 +139,8 @@ class MemorizingTransformer(Memory):
     # -- write: this chunk's keys wait for the end of the segment --------------------------------
     def attn(self, io: AttnIO, state: MemorizingState, ctx: StepContext) -> tuple[KVBlock | None, MemorizingState]:
         j = self.slot[io.layer]
+        if j == 0:
+            self._check_live(state)
         pos = ctx.positions[:, ctx.real]                                                  # (B, T)
         k = unrotate(io.k[:, :, ctx.real].detach(), pos, self.backbone.rope_theta)        # (B, Hkv, T, hd)
         v = io.v[:, :, ctx.real].detach()
@@ -119,14 +152,23 @@ class MemorizingTransformer(Memory):
         ppos, pvalid = state.ppos, state.pvalid
         if j == 0:  # shared by all kNN layers: extended once
             ppos, pvalid = segment_so_far(state.ppos, pos, ctx, 1, before)
-        return None, MemorizingState(state.mk, state.mv, state.valid, state.stamp, tuple(pk), tuple(pv), ppos, pvalid)
+        return None, MemorizingState(state.mk, state.mv, state.valid, state.stamp, tuple(pk), tuple(pv), ppos, pvalid,
+                                     state.live, state.gen)
 
     # -- read: top-k over the memory, gated with local attention --------------------------------
     def attn_out(self, layer: int, q: Tensor, out: Tensor, state: MemorizingState, ctx: StepContext) -> tuple[Tensor, MemorizingState]:
         j = self.slot[layer]
         mk, mv, valid, stamp = state.mk[j], state.mv[j], state.valid[j], state.stamp[j]
         qr = unrotate(q, ctx.positions, self.backbone.rope_theta)                         # (B, H, T', hd)
-        vm, has, idx = topk_attention(qr, mk, mv, valid, self.cfg.k)                      # (B, H, T', hd)
+        if self.cfg.store == "mmap":                   # select over the mapped arrays; recompute over the k rows
+            from memstack.memory.retrieval.mapped import read_gathered
+
+            self._check_live(state)
+            with torch.no_grad():
+                _, has, idx = topk_attention(qr.detach(), mk, mv, valid, self.cfg.k)
+            vm = read_gathered(qr, mk, mv, idx)                                           # (B, H, T', hd)
+        else:
+            vm, has, idx = topk_attention(qr, mk, mv, valid, self.cfg.k)                  # (B, H, T', hd)
         g = torch.sigmoid(self.gate[j]).to(out.dtype)[None, :, None, None]                # (1, H, 1, 1)
         out = torch.where(has[..., None], g * vm.to(out.dtype) + (1 - g) * out, out)
         if self.cfg.evict == "lru" and mk.shape[2]:
@@ -155,12 +197,23 @@ class MemorizingTransformer(Memory):
                 ppos, pvalid = gather_entries(state.ppos, idx), ok
         else:
             stamps[j] = stamp
-        return out, MemorizingState(tuple(mks), tuple(mvs), tuple(vals), tuple(stamps), tuple(pk), tuple(pv), ppos, pvalid)
+        gen = state.gen
+        if state.live is not None and ctx.any_end and j == len(self.mem_layers) - 1:
+            state.live += 1                                                   # every state before this one is consumed
+            gen = int(state.live[0])
+        return out, MemorizingState(tuple(mks), tuple(mvs), tuple(vals), tuple(stamps), tuple(pk), tuple(pv), ppos, pvalid,
+                                    state.live, gen)
 
     def _merge(self, mk: Tensor, mv: Tensor, valid: Tensor, stamp: Tensor, pk: Tensor, pv: Tensor, ppos: Tensor,
                pvalid: Tensor):
         """Append the segment's (valid) entries; if that overflows mem_len, evict the slots with
-        the oldest stamps (invalid slots first). Never a reset."""
+        the oldest stamps (invalid slots first). Never a reset. (store="mmap": the same set, kept
+        in place in the preallocated files: mapped.merge_in_place.)"""
+        if self.cfg.store == "mmap":
+            from memstack.memory.retrieval.mapped import merge_in_place
+
+            valid, stamp = merge_in_place(mk, mv, valid, stamp, pk, pv, ppos, pvalid)
+            return mk, mv, valid, stamp
         k, v = torch.cat([mk, pk], 2), torch.cat([mv, pv], 2)                             # (B, Hkv, M+P, hd)
         ok = torch.cat([valid, pvalid], 1)                                                # (B, M+P)
         st = torch.cat([stamp, ppos], 1)
