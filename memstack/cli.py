@@ -141,6 +141,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     path = _preset(args.suite, "bench")
     data = _load(path, args.overrides)
+    if data.get("kind") == "converged":                 # per-user memory on a frozen model (docs/converged.md)
+        from memstack.commands.converged import cmd_converged
+
+        return cmd_converged(args, data)
     if args.memories:
         data["memories"] = args.memories.split(",")
     if args.device:
@@ -237,7 +241,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         if args.pretrained not in PRETRAINED:
             raise MemstackError(f"unknown pretrained backbone {args.pretrained!r}; valid: {', '.join(PRETRAINED)}")
-        model = load_pretrained(args.pretrained, [DenseKVConfig()])       # full attention over the document
+        mems = [DenseKVConfig()]                                         # full attention over the document
+        if args.user_memory:                                             # + per-user rows (docs/converged.md)
+            from memstack.memory.sparse.config import EngramConfig
+
+            n = PRETRAINED[args.pretrained].backbone.n_layers
+            mems.append(EngramConfig(layers=(max(0, n - 3),), heads=4, head_dim=16, user_rows_per_head=257,
+                                     value_init_std=0.1, table_init_std=1e-4, tokenizer=PRETRAINED[args.pretrained].tokenizer))
+        model = load_pretrained(args.pretrained, mems)
         tok = get_tokenizer(PRETRAINED[args.pretrained].tokenizer)
     else:
         from memstack.train.run import load_for_inference
@@ -248,7 +259,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                        disk_cache_dir=args.disk_cache_dir, device=args.device or "auto")
     tok_id = f"{tok.name}:{tok.fingerprint()}" if tok is not None else ""
     engine = Engine(model, cfg, tokenizer=tok_id)
-    server = Server(engine, tok, scfg, tenants)
+    memory = None
+    if args.user_memory:
+        from memstack.engine.user_memory import LearnConfig, UserMemory
+        from memstack.evals.personal_facts import heldout_texts
+
+        if tok is None:
+            raise MemstackError("--user-memory needs a model with a tokenizer (it learns from text)")
+        canary = [[tok.eot_id] + tok.encode(t)[:128] for t in heldout_texts(2, set())]
+        memory = UserMemory(engine.serving, args.user_memory, LearnConfig(), canary)
+    server = Server(engine, tok, scfg, tenants, memory)
     who = f"{len(tenants.names)} tenant(s)" if tenants.required else "no API keys (loopback only)" \
         if not scfg.allow_unauthenticated else "NO AUTHENTICATION"
     print(f"memstack serve: {scfg.model_name} on {server.url} ({engine.num_blocks} KV blocks of {cfg.block_size} "
@@ -311,8 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "and seed of the suite (optionally from a cached warm-started plain backbone), choose the learning "
                        "rate on the validation split and report the test split (mean over seeds ± standard error), then "
                        "write one JSON record per cell, leaderboard.md and PNG plots, and print the leaderboard.")
-    s.add_argument("--suite", default="quick", help="quick (CPU, ~10 min) | quick_lm | longctx | learned | retrieval | runtime | "
-                   "sparse | trellis | full (GPU) | a YAML path")
+    s.add_argument("--suite", default="quick", help="quick (CPU, ~10 min) | quick_lm | longctx | learned | retrieval | "
+                   "runtime | sparse | trellis | converged | converged_cpu (per-user memory, docs/converged.md) | "
+                   "full (GPU) | a YAML path")
     s.add_argument("--memories", help="comma-separated memory names (default: the suite's, usually all)")
     s.add_argument("--out", default="reports", help="reports directory (default: reports/)")
     s.add_argument("--device")
@@ -363,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-size", type=int, default=16)
     s.add_argument("--kv-memory-mb", type=float, default=64.0)
     s.add_argument("--max-model-len", type=int, default=None)
+    s.add_argument("--user-memory", metavar="DIR",
+                   help="learn per-user memory while serving (POST /v1/memory/...; users from --api-keys), stored "
+                   "in DIR: the model needs a memory with per-user rows (with --pretrained one is added; docs/converged.md)")
     s.add_argument("--max-num-seqs", type=int, default=64)
     s.add_argument("--host-cache-blocks", type=int, default=0, help="KV blocks kept in host memory (0: off)")
     s.add_argument("--disk-cache-dir", default=None, help="persistent prefix cache directory (reused across restarts)")

@@ -178,6 +178,8 @@ class Engine:
         if reasons:
             raise EngineError(reasons)
         gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.temperature > 0 else None
+        if namespace is not None:    # K/V computed under one namespace's memory is never reused under another's
+            salt = f"{salt or ''}\x00namespace:{namespace}"
         req = Request(rid, prompt, params, salt, generator=gen,
                       compression=compression if compression is not None and compression.policy != "none" else None,
                       namespace=namespace, session=sess)

@@ -349,6 +349,19 @@ class Memory(nn.Module):
         paper's recipe); `TrainConfig.groups` overrides them."""
         return {}
 
+    def namespace_rows(self) -> Any:
+        """The per-namespace rows this memory reads beside its shared ones (`user:<id>` /
+        `task:<id>` tables, memory/sparse/namespace_rows.py's `NamespaceRows`), or None (the
+        default). A row of a forward call reads the rows of its own namespace
+        (`StepContext.namespace_of`) and no other; a server learns into them per user."""
+        return None
+
+    def forget(self, namespace: str) -> int:
+        """Remove everything this memory holds for `namespace` (its table rows, datastore
+        entries); returns how many rows/entries were removed. Default: nothing is held."""
+        rows = self.namespace_rows()
+        return int(rows.drop(namespace)) if rows is not None else 0
+
     def applies_to(self, layer: int) -> bool:
         """ATTN / BLOCK memories: whether this layer is touched. Default: config `layers`, else all."""
         layers = getattr(self.cfg, "layers", None)

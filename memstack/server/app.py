@@ -8,6 +8,7 @@
     GET    /v1/prefixes                  memstack: this tenant's pinned prefixes
     GET    /v1/prefixes/{id}             memstack: one of them
     DELETE /v1/prefixes/{id}             memstack: unpin it
+    POST   /v1/memory/{learn,rollback,export,import,forget}, GET /v1/memory/log   user memory (memory_api.py)
 
 Order of the outer layers: `Auth` (a /v1 request without a valid key is refused before its body
 is read; the connection is then closed) -> `BodyLimits` (limits.py) -> FastAPI (pydantic
@@ -30,6 +31,7 @@ from memstack.server.config import ServerConfig
 from memstack.server.errors import error_bytes
 from memstack.server.limits import BodyLimits
 from memstack.server.loop import EngineLoop
+from memstack.server.memory_api import router as memory_router
 from memstack.server.openai_api import _encode, router, state_of, tenant_of
 from memstack.server.pins import Pins, Quotas
 from memstack.server.schemas import PrefixCreate
@@ -50,6 +52,7 @@ class State:
     quotas: Quotas
     pins: Pins
     started: float
+    memory: object = None          # engine/user_memory.py's UserMemory: per-user rows learned while serving
 
 
 class Auth:
@@ -74,7 +77,8 @@ class Auth:
         await self.app(scope, receive, send)
 
 
-def create_app(loop: EngineLoop, tokenizer, config: ServerConfig = ServerConfig(), tenants: Tenants | None = None) -> FastAPI:
+def create_app(loop: EngineLoop, tokenizer, config: ServerConfig = ServerConfig(), tenants: Tenants | None = None,
+               memory=None) -> FastAPI:
     tenants = tenants if tenants is not None else Tenants()
     engine = loop.engine
     pinned_cap = int(engine.num_blocks * config.pinned_share)
@@ -82,7 +86,7 @@ def create_app(loop: EngineLoop, tokenizer, config: ServerConfig = ServerConfig(
     state = State(config, loop, tokenizer, tenants, template,
                   stop_ids(tokenizer, template) if tokenizer is not None else (), Quotas(engine, pinned_cap),
                   Pins(loop, pinned_cap, max(0, pinned_cap // 2), config.pin_ttl_default_s, config.pin_ttl_max_s),
-                  time.time())
+                  time.time(), memory)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -97,6 +101,7 @@ def create_app(loop: EngineLoop, tokenizer, config: ServerConfig = ServerConfig(
     app.state.memstack = state
     errors.install(app)
     app.include_router(router)
+    app.include_router(memory_router)
 
     @app.get("/health")
     async def health():

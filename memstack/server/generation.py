@@ -62,8 +62,9 @@ def sampling(req, max_tokens: int, stop_ids: tuple[int, ...], index: int, seed: 
 
 class Generation:
     def __init__(self, state, tenant: Tenant, prompts: list[list[int]], req, max_tokens: list[int],
-                 stop_ids: tuple[int, ...], top_logprobs: int | None):
+                 stop_ids: tuple[int, ...], top_logprobs: int | None, namespace: str | None = None):
         self.state, self.tenant, self.prompts, self.req = state, tenant, prompts, req
+        self.namespace = namespace               # the request's user memory (the tenant's own user), or None
         self.max_tokens, self.stop_ids, self.top_logprobs = max_tokens, stop_ids, top_logprobs
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices: list[Choice] = []
@@ -94,7 +95,8 @@ class Generation:
         items = []
         for c, sp in zip(self.choices, params):
             stream = Stream(aloop, self.top_logprobs, queue=self.queue, tag=c.index)
-            items.append((c.rid, self.prompts[c.prompt_index], sp, self.tenant.salt, stream))
+            salt = self.tenant.salt if self.namespace is None else self.namespace   # a user's cached K/V is its own
+            items.append((c.rid, self.prompts[c.prompt_index], sp, salt, stream, self.namespace))
         try:
             await st.loop.call(st.loop.submit_all, items)
         except EngineError as e:

@@ -64,7 +64,7 @@ async def completions(body: CompletionRequest, request: Request, tenant: Tenant 
     prompts, texts = await _completion_prompts(st, body.prompt)
     max_tokens = [body.max_tokens or 16] * len(prompts)            # OpenAI's default for completions
     stops = (st.tokenizer.eot_id,) if st.tokenizer is not None and not body.ignore_eos else ()
-    gen = Generation(st, tenant, prompts, body, max_tokens, stops, body.logprobs)
+    gen = Generation(st, tenant, prompts, body, max_tokens, stops, body.logprobs, user_namespace(st, tenant, body.user))
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": st.config.model_name}
     echo = [texts[c.prompt_index] if body.echo else "" for c in gen.choices]
@@ -136,7 +136,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tenant
         if limit < 1:
             raise APIError(400, f"the prompt ({len(ids)} tokens) leaves no room in max_model_len {room}", "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    gen = Generation(st, tenant, [ids], body, [limit], () if body.ignore_eos else st.chat_stop_ids, top)
+    gen = Generation(st, tenant, [ids], body, [limit], () if body.ignore_eos else st.chat_stop_ids, top,
+                     user_namespace(st, tenant, body.user))
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": st.config.model_name}
     if body.stream:
@@ -156,6 +157,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tenant
 
 
 # -- shared --------------------------------------------------------------------------------------------
+def user_namespace(st, tenant: Tenant, user: str | None) -> str | None:
+    """The memory namespace a request's `user` selects: one of its tenant's declared users, on a
+    server with user memory (otherwise `user` is only an opaque tag, as in OpenAI's API). Another
+    tenant's user and an unknown one get the same 404."""
+    if user is None or getattr(st, "memory", None) is None:
+        return None
+    ns = tenant.user_namespace(user)
+    if ns is None:
+        raise APIError(404, f"no user {user!r} in this tenant", "user", code="user_not_found")
+    return ns
+
+
 def _check_common(st, body) -> None:
     if body.model is not None and body.model != st.config.model_name:
         raise APIError(404, f"the model {body.model!r} does not exist (this server serves {st.config.model_name!r})",

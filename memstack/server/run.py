@@ -35,13 +35,18 @@ def check_exposure(config: ServerConfig, tenants: Tenants) -> list[str]:
 
 
 class Server:
-    def __init__(self, engine, tokenizer=None, config: ServerConfig = ServerConfig(), tenants: Tenants | None = None):
+    def __init__(self, engine, tokenizer=None, config: ServerConfig = ServerConfig(), tenants: Tenants | None = None,
+                 memory=None):
+        """`memory`: a UserMemory (engine/user_memory.py) over the engine's model: per-user rows,
+        learned while serving (/v1/memory/...); what it committed before is installed at start."""
         tenants = tenants if tenants is not None else Tenants()
         if reasons := check_exposure(config, tenants):
             raise ConfigError(reasons, what="server")
         self.config, self.tenants = config, tenants
         self.loop = EngineLoop(engine)
-        self.app = create_app(self.loop, tokenizer, config, tenants)
+        if memory is not None:
+            memory.restore(lambda ns, table: self.loop.post(memory.rows.install, ns, table).result(timeout=60))
+        self.app = create_app(self.loop, tokenizer, config, tenants, memory)
         self.sock = socket.create_server((config.host, config.port), family=_family(config.host),
                                          backlog=config.backlog, reuse_port=False)
         self.port = self.sock.getsockname()[1]

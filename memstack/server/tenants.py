@@ -15,6 +15,7 @@ Keys come from a YAML/JSON file and/or the environment variable ``MEMSTACK_API_K
         pin_quota_blocks: 64                     # KV blocks its pinned prefixes may hold
         kv_quota_blocks: 2048                    # KV blocks its requests in flight may reserve
         max_concurrent: 64                       # requests in flight
+        users: [alice, bob]                      # its users: each has its own memory (user:<id> rows)
 
 Only SHA-256 digests of keys are kept in memory; a presented key is hashed and compared with every
 digest in constant time (`hmac.compare_digest`, no early exit), and keys are never logged.
@@ -34,6 +35,7 @@ from memstack.errors import ConfigError
 ENV_VAR = "MEMSTACK_API_KEYS"
 MIN_KEY_LEN = 16
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+USER_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")     # a user id (memory namespaces `user:<id>`)
 ANONYMOUS = "default"          # the single tenant of a server without keys
 
 
@@ -43,6 +45,7 @@ class Tenant:
     pin_quota_blocks: int | None = None      # None: the server's default (a share of the pool)
     kv_quota_blocks: int | None = None       # None: the whole pool
     max_concurrent: int | None = None        # None: no per-tenant limit
+    users: tuple[str, ...] = ()              # declared users (their memory namespaces); none: no user memory
 
     @property
     def salt(self) -> str:
@@ -52,6 +55,11 @@ class Tenant:
     def namespace(self, kind: str, ident: str) -> str:
         """A memory/session namespace of this tenant (`user:<id>`, `task:<id>`, `session:<id>`)."""
         return f"tenant:{self.name}/{kind}:{ident}"
+
+    def user_namespace(self, user: str) -> str | None:
+        """The memory namespace of one of this tenant's declared users; None for any other name
+        (undeclared, or another tenant's: the same answer, so nothing leaks across tenants)."""
+        return self.namespace("user", user) if isinstance(user, str) and user in self.users else None
 
 
 class Tenants:
@@ -150,7 +158,7 @@ def _read_env(value: str, reasons: list[str]) -> list[dict]:
 
 
 def _tenant(spec: dict, where: str, reasons: list[str]) -> tuple[Tenant | None, list[bytes]]:
-    known = {"name", "keys", "key_sha256", "pin_quota_blocks", "kv_quota_blocks", "max_concurrent"}
+    known = {"name", "keys", "key_sha256", "pin_quota_blocks", "kv_quota_blocks", "max_concurrent", "users"}
     n0 = len(reasons)
     if unknown := sorted(set(spec) - known):
         reasons.append(f"{where}: unknown field(s) {unknown}; valid: {sorted(known)}")
@@ -180,9 +188,14 @@ def _tenant(spec: dict, where: str, reasons: list[str]) -> tuple[Tenant | None, 
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (0 if f == "pin_quota_blocks" else 1)):
             reasons.append(f"{where}: {f} must be an integer >= {0 if f == 'pin_quota_blocks' else 1} or null, got {v!r}")
         quotas[f] = v
+    users = spec.get("users") or []
+    if not isinstance(users, list) or any(not isinstance(u, str) or not USER_RE.fullmatch(u) for u in users):
+        reasons.append(f"{where}: users must be a list of ids matching {USER_RE.pattern}, got {users!r}")
+    elif len(set(users)) != len(users):
+        reasons.append(f"{where}: users lists a user twice")
     if len(reasons) > n0:
         return None, []
-    return Tenant(name, **quotas), digests
+    return Tenant(name, **quotas, users=tuple(users)), digests
 
 
 __all__ = ["Tenant", "Tenants", "ENV_VAR", "ANONYMOUS"]

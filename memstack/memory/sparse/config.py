@@ -30,6 +30,16 @@ class EngramConfig(MemoryConfig):
     gate_sqrt: bool = False                 # the demo's signed square root of the gate score (not in the paper)
     table_init_std: float = 0.02
     seed: int = 0                           # hash multipliers
+    # per-namespace rows (the converged system): each `user:<id>` / `task:<id>` namespace that has
+    # learned gets its own hashed table of ~user_rows_per_head rows per head (same hashes, its own
+    # primes), read by the rows of a forward call that belong to it and added to the knowledge
+    # rows; 0: none. user_write_quota: rows one online update may write in such a table.
+    user_rows_per_head: int = 0
+    user_write_quota: int | None = None
+    # std of W_V's init; None: init_std / sqrt(2 n_layers) (a fresh Engram barely touches the
+    # residual stream). Retrofitting user rows onto a frozen pretrained model without training
+    # W_V first needs a larger one (the converged preset), or the rows' reads are too faint to learn.
+    value_init_std: float | None = None
 
     @property
     def d_mem(self) -> int:
@@ -42,8 +52,17 @@ class EngramConfig(MemoryConfig):
         for name in ("heads", "head_dim", "rows_per_head", "kernel_size"):
             if getattr(self, name) < 1:
                 r.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not isinstance(self.user_rows_per_head, int) or isinstance(self.user_rows_per_head, bool) \
+                or self.user_rows_per_head < 0:
+            r.append(f"user_rows_per_head must be an integer >= 0 (0: no per-user rows), got {self.user_rows_per_head!r}")
+        if self.user_write_quota is not None and (not isinstance(self.user_write_quota, int)
+                                                  or isinstance(self.user_write_quota, bool) or self.user_write_quota < 1):
+            r.append(f"user_write_quota must be a positive integer or null, got {self.user_write_quota!r}")
         if not self.layers:
             r.append("layers must name at least one layer")
+        if self.value_init_std is not None and not (isinstance(self.value_init_std, (int, float))
+                                                    and 0 < self.value_init_std < float("inf")):
+            r.append(f"value_init_std must be a finite number > 0 or null, got {self.value_init_std!r}")
         if self.table_init_std <= 0:
             r.append(f"table_init_std must be > 0, got {self.table_init_std}")
         if self.seed < 0:
@@ -83,9 +102,21 @@ class PKMConfig(MemoryConfig):
     memory_plus: bool = True                # SiLU-gated output (Memory+) instead of the plain read
     shared_values: bool = True              # one value pool for all layers (Memory+); else one per layer
     value_init_std: float = 0.02
+    # per-namespace value rows (the converged system): each `user:<id>` / `task:<id>` namespace that
+    # has learned owns a value pool of its own, read at the same product-key addresses and added to
+    # the shared values; off by default. out_init_std: W_o's init (None: zero, so a fresh memory is
+    # the identity -- but then no gradient reaches user values on a frozen model).
+    user_values: bool = False
+    user_write_quota: int | None = None
+    out_init_std: float | None = None
 
     def check(self) -> list[str]:
         r = []
+        if self.out_init_std is not None and not (isinstance(self.out_init_std, (int, float)) and self.out_init_std > 0):
+            r.append(f"out_init_std must be a number > 0 or null, got {self.out_init_std!r}")
+        if self.user_write_quota is not None and (not isinstance(self.user_write_quota, int)
+                                                  or isinstance(self.user_write_quota, bool) or self.user_write_quota < 1):
+            r.append(f"user_write_quota must be a positive integer or null, got {self.user_write_quota!r}")
         for name in ("n_keys", "k_dim", "heads", "knn"):
             if getattr(self, name) < 1:
                 r.append(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -19,6 +19,12 @@ Write: only by training (sparse row gradients through ops/gather; the table is i
 group `engram_tables`, by default Adam at 5x the base learning rate without weight decay, as the
 paper) or by the online updater (memory/sparse/online.py).
 
+Per-namespace rows (the converged system, `user_rows_per_head` > 0): a `user:<id>` / `task:<id>`
+namespace that has learned owns a table with the same hashing and its own primes
+(memory/sparse/namespace_rows.py); a row of the call whose namespace (StepContext.namespace_of,
+the serving engine's per-request one) has a table reads E_ns[hash_k(g_{t,n})] there and adds it
+to e_t. Rows of other namespaces add nothing -- they compute exactly the knowledge-only read.
+
 Because the rows depend only on token ids, `prepare` computes them before the first block runs
 and, when the table is offloaded (host memory or a memory-mapped file), starts gathering them
 in the background (memory/sparse/offload.py); the layer picks them up when it runs.
@@ -31,7 +37,8 @@ Deviations from the paper:
   exactly as DeepSeek's demo (the paper's text suggests independent hashes);
 - `gate_sqrt` (off by default) adds the demo's signed square root of the gate score;
 - W_V starts at std init_std / sqrt(2 n_layers) (like the backbone's output projections) so
-  a fresh Engram perturbs the residual stream as little as a fresh block does; the conv is
+  a fresh Engram perturbs the residual stream as little as a fresh block does (`value_init_std`
+  sets another std: user rows on a frozen pretrained model without a trained W_V need it); the conv is
   zero-initialised as in the paper;
 - N-grams and conv history continue across segments of a document (the paper trains on whole
   4k-token sequences; here a document may span many segments) and restart at a document start,
@@ -52,6 +59,7 @@ from memstack.config import BackboneConfig
 from memstack.memory.base import Memory, MemorySpec, Site, StepContext, dtype_bytes
 from memstack.memory.sparse.config import EngramConfig
 from memstack.memory.sparse.hashing import HashLayout, build_layout, ngram_rows
+from memstack.memory.sparse.namespace_rows import NamespaceRows
 from memstack.memory.sparse.table import NamespaceSpec, SparseTable
 
 TABLE_GROUP = "engram_tables"
@@ -83,6 +91,11 @@ class Engram(Memory):
         D, L = backbone.d_model, len(self.engram_layers)
         self.table = SparseTable([NamespaceSpec("knowledge", layout.total_rows, "hashed")], cfg.head_dim,
                                  init_std=cfg.table_init_std)
+        self.user_rows = None          # per-namespace rows (user / task tables): not parameters
+        if cfg.user_rows_per_head:
+            self._user_layout = build_layout(backbone.vocab_size, len(self.engram_layers), cfg.orders, cfg.heads,
+                                             cfg.user_rows_per_head, cfg.seed, tok, cfg.compress)
+            self.user_rows = NamespaceRows(self._user_layout.total_rows, cfg.head_dim, "hashed", cfg.user_write_quota)
         self.dilation = max(cfg.orders)
         self.hist = (cfg.kernel_size - 1) * self.dilation
         std = backbone.init_std
@@ -95,8 +108,9 @@ class Engram(Memory):
         with torch.no_grad():
             for lin in self.w_k:
                 nn.init.normal_(lin.weight, 0.0, std)
+            v_std = cfg.value_init_std if cfg.value_init_std is not None else std / math.sqrt(2 * backbone.n_layers)
             for lin in self.w_v:
-                nn.init.normal_(lin.weight, 0.0, std / math.sqrt(2 * backbone.n_layers))
+                nn.init.normal_(lin.weight, 0.0, v_std)
             if not cfg.conv_zero_init:
                 for w in self.conv:
                     nn.init.normal_(w, 0.0, std)
@@ -131,6 +145,13 @@ class Engram(Memory):
                 r.append(f"hash layout differs in {what}: the table rows would be read at the wrong places; "
                          f"refusing to load (this model derives layout {self._layout.fingerprint()})")
         return r
+
+    def namespace_rows(self) -> NamespaceRows | None:
+        return self.user_rows
+
+    def user_layout_fingerprint(self) -> str | None:
+        """What decides which user row an N-gram reads (a store of user rows records it)."""
+        return self._user_layout.fingerprint() if self.user_rows is not None else None
 
     def make_identity(self) -> bool:
         with torch.no_grad():
@@ -176,7 +197,26 @@ class Engram(Memory):
         fut = ctx.scratch.get((id(self), "prefetch"))
         pre = fut.result()[j] if fut is not None else None             # (B, T, heads_total, head_dim)
         e = self.table.namespace("knowledge").gather(rows[j], prefetched=pre)  # (B, T, heads_total, head_dim)
+        user = self._user_rows(state, ctx)
+        if user is not None:                                           # each row's own namespace; others untouched
+            e = self.user_rows.add_to(e, user[0], user[1][j])          # (B, T, heads_total, head_dim)
         return e.flatten(2)                                            # (B, T, d_mem)
+
+    def _user_rows(self, state: EngramState, ctx: StepContext) -> tuple[list, Tensor] | None:
+        """(each row's namespace, user-layout rows (L, B, T, heads_total)) when a row of this call
+        belongs to a namespace with rows; None otherwise (computed once per call)."""
+        if self.user_rows is None or ctx.namespaces is None:
+            return None
+        key = (id(self), "user_rows")
+        if key not in ctx.scratch:
+            names = list(ctx.namespaces)
+            got = None
+            if self.user_rows.any_for(names):
+                lay = self._user_layout
+                comp = torch.cat([state.history, lay.compress(ctx.tokens)], dim=1)   # (B, H + T)
+                got = (names, torch.stack([ngram_rows(lay, j, comp) for j in range(len(self.engram_layers))]))
+            ctx.scratch[key] = got
+        return ctx.scratch[key]
 
     def block(self, layer: int, h: Tensor, state: EngramState, ctx: StepContext) -> tuple[Tensor, EngramState]:
         j = self.slot[layer]

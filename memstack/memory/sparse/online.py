@@ -170,8 +170,9 @@ class OnlineUpdater:
         for p in model.parameters():   # a frozen backbone: only the table rows get gradient
             p.requires_grad_(p is table.weight)
 
-    def _loss(self, tokens: Tensor, targets: Tensor) -> Tensor:
-        out, _ = self.model(tokens, None, Step())
+    def _loss(self, tokens: Tensor, targets: Tensor, namespace: str | None = None) -> Tensor:
+        names = None if namespace is None else (namespace,) * tokens.shape[0]
+        out, _ = self.model(tokens, None, Step(), namespaces=names)
         logits = out.logits
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
@@ -194,15 +195,17 @@ class OnlineUpdater:
             names.add(ns)
         return names
 
-    def step(self, tokens: Tensor, targets: Tensor, *, into: Sequence[str | WriteGrant] = (SHARED,)) -> UpdateResult:
+    def step(self, tokens: Tensor, targets: Tensor, *, into: Sequence[str | WriteGrant] = (SHARED,),
+             namespace: str | None = None) -> UpdateResult:
         """One update from a batch (B, T) of tokens and next-token targets (-100: no loss), writing
-        only rows of the namespaces `into` opens ("knowledge", and user/task grants)."""
+        only rows of the namespaces `into` opens ("knowledge", and user/task grants). `namespace`:
+        the per-row namespace the forward reads as (a user's own rows, memory/sparse/namespace_rows.py)."""
         writable = self._writable(into)
         self.model.eval()
         w = self.table.weight
         w.grad = None
         with record_accesses(self.table) as rec:
-            loss = self._loss(tokens, targets)
+            loss = self._loss(tokens, targets, namespace)
         loss.backward()
         g = w.grad.coalesce() if w.grad is not None and w.grad.is_sparse else None
         w.grad = None

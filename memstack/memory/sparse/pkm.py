@@ -24,7 +24,9 @@ Deviations from the papers:
 - the memory is added after a block (BLOCK site) instead of replacing the block's FFN;
 - values are read by gather + weighted sum (ops/gather) rather than a fused EmbeddingBag
   kernel, and column sharding of values is not implemented (row sharding is, memory/sparse/shard.py);
-- W_o is zero-initialised, so a fresh memory leaves the backbone unchanged.
+- W_o is zero-initialised, so a fresh memory leaves the backbone unchanged (`out_init_std`: random);
+- `user_values` (the converged system): a namespace's own value pool, read at the same product-key
+  addresses and added to the shared values, for the rows of a call in that namespace only.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ from memstack.backbone.layers import RMSNorm
 from memstack.config import BackboneConfig
 from memstack.memory.base import Memory, Site, StepContext
 from memstack.memory.sparse.config import PKMConfig
+from memstack.memory.sparse.namespace_rows import NamespaceRows
 from memstack.memory.sparse.table import NamespaceSpec, SparseTable
 
 VALUES_GROUP = "pkm_values"
@@ -72,6 +75,8 @@ class ProductKeyMemory(Memory):
         pools = 1 if cfg.shared_values else L
         self.values = SparseTable([NamespaceSpec("knowledge", pools * self.pool_rows, "product_key")], self.value_dim,
                                   init_std=cfg.value_init_std)
+        self.user_rows = NamespaceRows(pools * self.pool_rows, self.value_dim, "product_key", cfg.user_write_quota) \
+            if cfg.user_values else None    # per-namespace value pools (not parameters)
         std = backbone.init_std
         self.norm_x = nn.ModuleList(RMSNorm(D, backbone.norm_eps) for _ in range(L))
         self.w_q = nn.ModuleList(nn.Linear(D, cfg.heads * cfg.k_dim, bias=False) for _ in range(L))
@@ -85,7 +90,10 @@ class ProductKeyMemory(Memory):
             for lin in self.w_q:
                 nn.init.normal_(lin.weight, 0.0, std)
             for lin in self.w_o:
-                lin.weight.zero_()
+                if cfg.out_init_std is None:
+                    lin.weight.zero_()
+                else:
+                    nn.init.normal_(lin.weight, 0.0, cfg.out_init_std)
             for lin in self.w_g or []:
                 nn.init.normal_(lin.weight, 0.0, std)
 
@@ -98,6 +106,9 @@ class ProductKeyMemory(Memory):
         from memstack.config import GroupConfig
 
         return {VALUES_GROUP: GroupConfig(optimizer="adam", lr_scale=10.0, weight_decay=0.0)}
+
+    def namespace_rows(self) -> NamespaceRows | None:
+        return self.user_rows
 
     def make_identity(self) -> bool:
         with torch.no_grad():
@@ -118,6 +129,8 @@ class ProductKeyMemory(Memory):
         x = self.norm_x[j](h)                                                # (B, T', D)
         w, rows = self.lookup(j, x)                                          # (B, T', heads, knn)
         vals = self.values.namespace("knowledge").gather(rows).to(x.dtype)   # (B, T', heads, knn, Dv)
+        if self.user_rows is not None and ctx.namespaces is not None:    # each row's own values, same addresses
+            vals = self.user_rows.add_to(vals, list(ctx.namespaces), rows)  # (B, T', heads, knn, Dv)
         read = (w[..., None] * vals).sum(dim=(-3, -2))                       # (B, T', Dv)
         if self.w_g is not None:
             read = read * F.silu(self.w_g[j](x))

@@ -35,12 +35,15 @@ from memstack.ops.gather import gather_rows
 
 Addressing = Literal["hashed", "product_key", "identity"]
 ADDRESSING = ("hashed", "product_key", "identity")
-NAMESPACE_RE = re.compile(r"knowledge|(user|task):[A-Za-z0-9_.\-]{1,64}")
+# a user / task namespace may be scoped by its tenant (`tenant:<name>/user:<id>`, what a server's
+# Tenant.namespace derives): the same string then selects a request's table rows and datastore entries
+NAMESPACE_RE = re.compile(r"knowledge|(tenant:[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}/)?(user|task):[A-Za-z0-9_.\-]{1,64}")
 
 
 def namespace_reasons(name: str) -> list[str]:
     if not isinstance(name, str) or not NAMESPACE_RE.fullmatch(name):
-        return [f"namespace {name!r} is not 'knowledge', 'user:<id>' or 'task:<id>' (id: 1-64 of A-Z a-z 0-9 _ . -)"]
+        return [f"namespace {name!r} is not 'knowledge', '[tenant:<name>/]user:<id>' or '[tenant:<name>/]task:<id>' "
+                "(id: 1-64 of A-Z a-z 0-9 _ . -)"]
     return []
 
 

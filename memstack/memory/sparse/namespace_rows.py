@@ -1,0 +1,131 @@
+"""Per-namespace rows: the `user:<id>` / `task:<id>` tables a memory reads beside its `knowledge` table.
+
+A memory with per-namespace rows (Engram: hashed N-gram rows in the user's namespace; PKM: user
+value rows under the same product keys) owns one `NamespaceRows`. It holds, per namespace that
+has learned something, a small `SparseTable` with that one namespace (same addressing as the
+memory's knowledge rows, its own, smaller layout). A forward call reads, for each row of the
+batch, the table of that row's namespace (`StepContext.namespace_of`, set by a serving engine
+from the request's tenant and user) -- nothing else selects it -- and adds it to what the
+knowledge rows give. A namespace without a table reads nothing: its rows see exactly the
+knowledge-only model, so one user's rows cannot change another user's logits (tested to exact
+equality in a packed step).
+
+The tables are not parameters of the model (they are per-user data, created and forgotten
+while serving); `state_dict` never holds them. They are written only by an online update
+(memory/sparse/online.py) through the namespace's `WriteGrant`, and persisted per namespace by a
+`TableStore` (the server's memory service, memstack/server/memory_api.py).
+
+Concurrency: a serving engine reads `table(name)` from its thread; a learner computes a new
+table on a copy, reads it through `staged(name, table)` (a context variable: visible only to the
+learner's own thread), and the engine thread `install`s it between two steps -- the next
+request of that namespace reads the new version, and no forward ever sees a half-written table.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from memstack.memory.sparse.table import NamespaceError, NamespaceSpec, SparseTable, namespace_reasons
+
+
+class NamespaceRows:
+    """namespace -> SparseTable of `rows` rows of width `dim` (see the module docstring)."""
+
+    def __init__(self, rows: int, dim: int, addressing: str = "hashed", write_quota: int | None = None):
+        if rows < 1 or dim < 1:
+            raise ValueError(f"per-namespace rows need rows >= 1 and dim >= 1, got ({rows}, {dim})")
+        self.rows, self.dim, self.addressing, self.write_quota = rows, dim, addressing, write_quota
+        self._tables: dict[str, SparseTable] = {}
+        self._staged: contextvars.ContextVar[dict[str, SparseTable]] = contextvars.ContextVar(
+            f"staged_rows_{id(self)}", default={})
+
+    # -- reading (any thread) --------------------------------------------------------------------
+    def table(self, name: str | None) -> SparseTable | None:
+        """The table a row of namespace `name` reads (a staged one first), or None."""
+        if name is None:
+            return None
+        staged = self._staged.get()
+        if name in staged:
+            return staged[name]
+        return self._tables.get(name)
+
+    def any_for(self, names: list[str | None]) -> bool:
+        return any(self.table(n) is not None for n in names)
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._tables)
+
+    def add_to(self, base: Tensor, names: list[str | None], local: Tensor) -> Tensor:
+        """`base` (B, ..., dim) plus, for each batch row whose namespace has a table, that table's
+        rows at local rows `local` (B, ...). Rows of other namespaces are left exactly as they
+        are -- values and memory layout (an out-of-place index_put keeps the strides), so every
+        later kernel computes them bit for bit as without any user rows."""
+        groups: dict[str, list[int]] = {}
+        for b, n in enumerate(names):
+            if self.table(n) is not None:
+                groups.setdefault(n, []).append(b)
+        out = base
+        for n, idx in groups.items():
+            at = torch.tensor(idx, device=local.device)
+            vals = self.table(n).namespace(n).gather(local[at])                # (b, ..., dim), sparse grad
+            out = out.index_put((at,), out[at] + vals.to(out.dtype))          # out of place: autograd-safe
+        return out
+
+    # -- writing (the engine thread, or a learner on its own copy) ------------------------------
+    def new_table(self, name: str) -> SparseTable:
+        """A fresh, all-zero table for namespace `name` (reads as nothing until it learns)."""
+        if reasons := namespace_reasons(name):
+            raise NamespaceError("; ".join(reasons))
+        if name == "knowledge":
+            raise NamespaceError("'knowledge' rows are the memory's own table, not a per-namespace one")
+        t = SparseTable([NamespaceSpec(name, self.rows, self.addressing, self.write_quota)], self.dim)
+        with torch.no_grad():
+            t.weight.zero_()
+        return t
+
+    def copy_of(self, name: str) -> SparseTable:
+        """A private copy of `name`'s current table (a fresh zero table if it has none)."""
+        t = self.new_table(name)
+        cur = self._tables.get(name)
+        if cur is not None:
+            with torch.no_grad():
+                t.weight.copy_(cur.weight.detach().to(t.weight.device))
+        return t
+
+    def install(self, name: str, table: SparseTable | Tensor) -> None:
+        """Make `table` (or a weight tensor) what rows of `name` read from now on."""
+        if isinstance(table, Tensor):
+            w, table = table, self.new_table(name)
+            if tuple(w.shape) != (self.rows, self.dim):
+                raise NamespaceError(f"a table of {name!r} is ({self.rows}, {self.dim}), got {tuple(w.shape)}")
+            with torch.no_grad():
+                table.weight.copy_(w)
+        if table.specs[0].name != name or table.n_rows != self.rows or table.dim != self.dim:
+            raise NamespaceError(f"that table is not one of {name!r} ({self.rows}, {self.dim})")
+        table.weight.requires_grad_(False)
+        self._tables[name] = table
+
+    def drop(self, name: str) -> bool:
+        """Forget `name`'s rows; True if it had any."""
+        return self._tables.pop(name, None) is not None
+
+    @contextlib.contextmanager
+    def staged(self, name: str, table: SparseTable) -> Iterator[SparseTable]:
+        """Within the block, in this thread only, rows of `name` read `table`."""
+        token = self._staged.set({**self._staged.get(), name: table})
+        try:
+            yield table
+        finally:
+            self._staged.reset(token)
+
+    def nbytes(self, name: str | None = None) -> int:
+        """Bytes of one namespace's table (or of a table of this layout when it has none yet)."""
+        return self.rows * self.dim * 4
+
+
+__all__ = ["NamespaceRows"]
