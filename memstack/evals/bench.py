@@ -140,6 +140,19 @@ def environment(device: torch.device) -> dict:
             "numpy": numpy.__version__, "memstack": __version__, "git_sha": git_sha(), "platform": platform.platform()}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MiB): VmHWM on Linux, getrusage elsewhere."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class PeakMemory:
     """Peak memory of a block of work: CUDA allocator peak, or the process's peak RSS on CPU
     (Linux: the high-water mark is reset through /proc/self/clear_refs)."""
@@ -164,15 +177,7 @@ class PeakMemory:
     def read(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        try:
-            for line in open("/proc/self/status"):
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak_rss_mb()
 
 
 # ------------------------------------------------------------------------------------ cells

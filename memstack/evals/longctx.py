@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from memstack.data.synthetic.longctx import VARIANTS, LongBatch, long_batch
+from memstack.evals.bench import peak_rss_mb
 from memstack.evals.task import GeneratedSource, Task, TaskConfig, check_split, tokenizer_reasons, tokenizer_vocab
 from memstack.memory.base import Step
 
@@ -87,18 +88,6 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     c = (p + z * z / (2 * n)) / d
     h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return max(0.0, c - h), min(1.0, c + h)
-
-
-def peak_rss_mb() -> float:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def reset_peak_rss() -> None:
