@@ -8,6 +8,7 @@
     GET    /v1/prefixes                  memstack: this tenant's pinned prefixes
     GET    /v1/prefixes/{id}             memstack: one of them
     DELETE /v1/prefixes/{id}             memstack: unpin it
+    POST/GET/DELETE /v1/sessions[/{id}]  memstack: memory sessions (server/sessions_api.py); "session" on requests
     POST   /v1/memory/{learn,rollback,export,import,forget}, GET /v1/memory/log   user memory (memory_api.py)
 
 Order of the outer layers: `Auth` (a /v1 request without a valid key is refused before its body
@@ -32,6 +33,7 @@ from memstack.server.errors import error_bytes
 from memstack.server.limits import BodyLimits
 from memstack.server.loop import EngineLoop
 from memstack.server.memory_api import router as memory_router
+from memstack.server.sessions_api import router as sessions_router
 from memstack.server.openai_api import _encode, router, state_of, tenant_of
 from memstack.server.pins import Pins, Quotas
 from memstack.server.schemas import PrefixCreate
@@ -102,6 +104,7 @@ def create_app(loop: EngineLoop, tokenizer, config: ServerConfig = ServerConfig(
     errors.install(app)
     app.include_router(router)
     app.include_router(memory_router)
+    app.include_router(sessions_router)
 
     @app.get("/health")
     async def health():

@@ -96,7 +96,8 @@ class Generation:
         for c, sp in zip(self.choices, params):
             stream = Stream(aloop, self.top_logprobs, queue=self.queue, tag=c.index)
             salt = self.tenant.salt if self.namespace is None else self.namespace   # a user's cached K/V is its own
-            items.append((c.rid, self.prompts[c.prompt_index], sp, salt, stream, self.namespace))
+            session = (self.tenant.name, self.req.session) if getattr(self.req, "session", None) else None
+            items.append((c.rid, self.prompts[c.prompt_index], sp, salt, stream, self.namespace, session))
         try:
             await st.loop.call(st.loop.submit_all, items)
         except EngineError as e:

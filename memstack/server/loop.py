@@ -120,8 +120,9 @@ class EngineLoop:
         """Queue several requests, all or none: if the engine refuses one, none stays queued."""
         done: list[str] = []
         try:
-            for rid, prompt, params, salt, stream, *ns in items:      # (..., namespace): a user's memory
-                self.engine.add_request(prompt, params, salt=salt, request_id=rid, namespace=ns[0] if ns else None)
+            for rid, prompt, params, salt, stream, *more in items:    # (..., namespace, session)
+                ns, session = (list(more) + [None, None])[:2]
+                self.engine.add_request(prompt, params, salt=salt, request_id=rid, namespace=ns, session=session)
                 self._streams[rid] = stream
                 done.append(rid)
         except Exception:

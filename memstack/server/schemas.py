@@ -38,6 +38,9 @@ class StreamOptions(Model):
     include_usage: Bool = False
 
 
+SESSION_ID = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
 class SamplingFields(Model):
     """What completions and chat completions share."""
 
@@ -55,6 +58,8 @@ class SamplingFields(Model):
     presence_penalty: Float(ge=-2, le=2) = 0.0
     logit_bias: dict[str, Float(ge=-100, le=100)] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
+    session: Annotated[str, Field(pattern=SESSION_ID)] | None = Field(
+        None, description="extension: continue this memory session (POST /v1/sessions); n must be 1")
     return_token_ids: Bool = Field(False, description="extension: add each choice's generated ids (token_ids)")
     ignore_eos: Bool = Field(False, description="extension: do not stop at end-of-text (benchmarks)")
 
@@ -69,6 +74,8 @@ class SamplingFields(Model):
             reasons.append("logit_bias: not supported (only empty)")
         if self.stream_options is not None and not self.stream:
             reasons.append("stream_options: only allowed with stream=true")
+        if self.session is not None and self.n != 1:
+            reasons.append("n: a session runs one request at a time (n must be 1 with session)")
         if reasons:
             raise ValueError("; ".join(reasons))
         return self
