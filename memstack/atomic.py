@@ -308,13 +308,13 @@ class StoreLock:
         self.release()
 
 
-def tidy(directory: Path, named: Callable[[], dict[str, str]]) -> list[Path]:
+def tidy(directory: Path, named: Callable[[], dict[str, str]], *, legacy: bool = False) -> list[Path]:
     """What opening a single-manifest artefact (saved state, checkpoint, KV export) cleans, when no
     writer holds the directory's lock: temporaries of dead writers and, for each stem -> the file
     its manifest names (`named()`, which reads and verifies the manifests), that stem's other
     content-named files (a crash between the tensor file and the manifest). A manifest that fails
     its checks leaves every data file in place. Returns what was removed; never raises for a
-    read-only directory."""
+    read-only directory. `legacy`: also older versions' temporary names (`clean_temporaries`)."""
     lock = StoreLock(directory)
     try:
         if not lock.acquire(blocking=False):
@@ -322,7 +322,7 @@ def tidy(directory: Path, named: Callable[[], dict[str, str]]) -> list[Path]:
     except OSError:
         return []
     try:
-        removed = clean_temporaries(directory)
+        removed = clean_temporaries(directory, legacy=legacy)
         try:
             keep = named()
         except (IntegrityError, OSError):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import memstack.memory.retrieval.store as store_mod
+import memstack.memory.retrieval.store_io as store_io
 from memstack.memory.retrieval.config import StoreConfig
 from memstack.memory.retrieval.store import Datastore, DatastoreError
 from memstack.ops.knn import knn_search_ref
@@ -182,7 +182,7 @@ def test_crash_mid_save_keeps_last_good_version(tmp_path, monkeypatch):
     def crash(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(store_mod, "write_sealed", crash)
+    monkeypatch.setattr(store_io, "write_sealed", crash)
     with pytest.raises(OSError):
         s.save(tmp_path / "st")
     t = Datastore.open(tmp_path / "st")
