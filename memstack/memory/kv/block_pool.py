@@ -169,15 +169,15 @@ class BlockPool:
                 n += 1
         return n
 
-    def uncache(self, match: Callable[[Any], bool]) -> int:
+    def uncache(self, match: Callable[[Any], bool]) -> list[Block]:
         """Drop the prefix key of every cached block whose tag `match`es (forgetting a user: its
-        blocks are never found again; free ones are reused first-come like any free block, blocks
-        still referenced are freed by their holder as usual). Others' blocks keep theirs.
-        Returns how many were dropped."""
+        blocks are never found again; free ones are reused like any free block, blocks still
+        referenced are freed by their holder as usual). Others' blocks keep theirs. Returns the
+        blocks it dropped."""
         gone = [b for b in self.cached.values() if match(b.tag)]
         for b in gone:
             self._evict(b)
-        return len(gone)
+        return gone
 
     def check(self) -> None:
         """Invariants (tests call this): queue = exactly the ref_cnt 0 blocks; map consistent."""
