@@ -29,7 +29,8 @@ from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from memstack.engine.user_memory import MemoryRefused
 from memstack.server.errors import APIError
@@ -48,11 +49,24 @@ class UserBody(Model):
     user: UserId | None = None
     task: UserId | None = None
 
-    @model_validator(mode="after")
-    def _target(self):
-        if reasons := self.reasons():
-            raise ValueError("; ".join(reasons))              # every reason at once
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _target(cls, data, handler):
+        """Every reason at once: the body-level ones (`reasons`) beside the fields' own errors."""
+        try:
+            body = handler(data)
+        except ValidationError as e:
+            errors = [{"type": x["type"], "loc": x["loc"], "input": x.get("input"), "ctx": x.get("ctx") or {}}
+                      for x in e.errors()]
+            try:                                      # the raw body: its fields may be anything here
+                early = cls.model_construct(**data).reasons() if isinstance(data, dict) else []
+            except Exception:  # noqa: BLE001 -- a field too broken to judge: its own error says so
+                early = []
+            errors += [{"type": PydanticCustomError("body", r), "loc": (), "input": data} for r in early]
+            raise ValidationError.from_exception_data(e.title, errors) from None
+        if reasons := body.reasons():
+            raise ValueError("; ".join(reasons))
+        return body
 
     def reasons(self) -> list[str]:
         return ["give exactly one of user or task (whose memory this is)"] if (self.user is None) == (
