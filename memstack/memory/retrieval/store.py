@@ -60,6 +60,7 @@ from memstack.ops.knn import knn_search
 
 STORE_FORMAT = 2
 KIND = "memstack-datastore"
+FORGOTTEN = "\x00forgotten:"     # the name a forgotten namespace's code keeps (no request can name it)
 _MANIFEST_FIELDS = {"config": dict, "fingerprint": str, "namespaces": list, "next_id": int, "rows": int,
                     "tombstones": int, "schema": dict, "text": bool, "tensors": str, "sha256": str}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
@@ -219,8 +220,8 @@ class Datastore:
             doc = torch.as_tensor(doc)
             if doc.shape != (n,) or doc.is_floating_point():
                 r.append(f"doc must be {n} integer ids, got shape {tuple(doc.shape)} dtype {doc.dtype}")
-        if not isinstance(namespace, str) or not namespace:
-            r.append(f"namespace must be a non-empty string, got {namespace!r}")
+        if not isinstance(namespace, str) or not namespace or namespace.startswith(FORGOTTEN):
+            r.append(f"namespace must be a non-empty string (not a forgotten one's), got {namespace!r}")
         if self.has_text:
             if texts is None or len(texts) != n or not all(isinstance(s, str) for s in texts):
                 r.append(f"texts: this store keeps text; pass {n} strings")
@@ -348,7 +349,7 @@ class Datastore:
                 self._texts[r] = ""
         self._index.pop(code, None)
         # the name is gone (a request naming it finds nothing); its code stays, pointing at dead rows
-        self.namespaces[code] = f"\x00forgotten:{code}"
+        self.namespaces[code] = f"{FORGOTTEN}{code}"
         self._ns_code[self.namespaces[code]] = code
         return live
 

@@ -4,9 +4,9 @@ A memory with per-namespace rows (Engram: hashed N-gram rows in the user's names
 value rows under the same product keys) owns one `NamespaceRows`. It holds, per namespace that
 has learned something, a small `SparseTable` with that one namespace (same addressing as the
 memory's knowledge rows, its own, smaller layout). A forward call reads, for each row of the
-batch, the table of that row's namespace (`StepContext.namespace_of`, set by a serving engine
-from the request's tenant and user) -- nothing else selects it -- and adds it to what the
-knowledge rows give. A namespace without a table reads nothing: its rows see exactly the
+batch, the tables of that row's namespaces (`StepContext.namespaces`, set by a serving engine
+from the request's tenant, user and task: one name, or a (user, task) tuple whose tables are both
+added) -- nothing else selects them -- and adds them to what the knowledge rows give. A namespace without a table reads nothing: its rows see exactly the
 knowledge-only model, so one user's rows cannot change another user's logits (tested to exact
 equality in a packed step).
 

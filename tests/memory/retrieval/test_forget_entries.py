@@ -53,6 +53,8 @@ def test_forget_removes_a_namespace_for_good_and_nobody_else_moves(backend, tmp_
         assert not (back.keys == k).all(-1).any()
     assert not any(A in back.text(i) for i in range(back.n_rows))
     assert st.forget(A) == 0                                    # nothing left to forget
+    with pytest.raises(ValueError, match="forgotten"):
+        st.add(torch.ones(1, D), {"token": torch.tensor([3])}, namespace=st.namespaces[0], texts=["x"])
     new = st.add(torch.ones(1, D), {"token": torch.tensor([3])}, namespace=A, texts=["again"])
     assert st.search(torch.ones(1, D), 3, A).ids[0].tolist() == [int(new[0]), -1, -1]   # a fresh namespace
 
