@@ -76,6 +76,14 @@ def test_a_request_reads_its_users_and_its_tasks_rows(srv):
     assert r.status_code == 200, r.text
     alice, both = lp(srv, "alice"), lp(srv, "alice", "support")
     assert len({tuple(base), tuple(alice), tuple(task_only), tuple(both)}) == 4    # each reads what it names
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key=KEYS["acme"], max_retries=0)
+
+    def chat(task):
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "my dog is called"}],
+                                      max_tokens=3, temperature=0, logprobs=True, user="alice",
+                                      extra_body={"task": task} if task else None)
+        return [t.logprob for t in r.choices[0].logprobs.content]
+    assert chat("support") != chat(None) and chat("support") == chat("support")   # chat reads the task too
     assert lp(srv, "bob", "support") == task_only and lp(srv, "bob") == base        # bob: exactly unchanged
     # the task's versions: log, rollback, export into another task, forget
     log = http(srv, "GET", "/v1/memory/log", params={"task": "support"}).json()
