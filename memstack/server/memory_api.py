@@ -175,7 +175,11 @@ async def forget(body: UserBody, request: Request, tenant: Tenant = Depends(tena
     engine = st.loop.engine
 
     def drop(name: str) -> dict:                    # in the engine thread, between two steps
-        return st.loop.post(engine.forget, name).result(timeout=600)
+        try:
+            return st.loop.post(engine.forget, name).result(timeout=600)
+        except Exception as e:  # noqa: BLE001 -- e.g. a datastore that could not be written back
+            raise MemoryRefused(f"forget did not finish ({type(e).__name__}: {e}); what it removed stays removed, "
+                                "the stored versions are kept: retry the forget", status=500) from None
     out = await _run(st.memory.forget, ns, drop)
     return {"object": "memory.forget", **body.who, **{k: v for k, v in out.items() if k != "namespace"}}
 

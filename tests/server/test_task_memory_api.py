@@ -153,3 +153,25 @@ def test_broken_bodies_are_400_with_the_fields_named(srv):
     r = http(srv, "POST", "/v1/memory/rollback", json={"version": 0})
     msg = r.json()["error"]["message"]
     assert r.status_code == 400 and "version" in msg and "exactly one of user or task" in msg
+
+
+def test_a_forget_that_fails_part_way_says_so_and_a_retry_finishes_it(tmp_path, monkeypatch):
+    import memstack.memory.retrieval.store_io as io
+
+    s = serve(tmp_path, knn=True)
+    try:
+        never = lp(s, "mallory")
+        real = io.save_tensors_versioned
+
+        def crash(*a, **k):
+            raise OSError("disk full")
+        monkeypatch.setattr(io, "save_tensors_versioned", crash)
+        r = http(s, "POST", "/v1/memory/forget", json={"user": "alice"})
+        assert r.status_code == 500 and "retry the forget" in r.json()["error"]["message"]
+        assert Datastore.open(tmp_path / "store").count(ALICE) == 48          # the last good version on disk
+        monkeypatch.setattr(io, "save_tensors_versioned", real)
+        f = http(s, "POST", "/v1/memory/forget", json={"user": "alice"}).json()
+        assert f["left"]["memory_entries"] == 0 and Datastore.open(tmp_path / "store").count(ALICE) == 0
+        assert lp(s, "alice") == never
+    finally:
+        s.stop()
