@@ -90,6 +90,30 @@ class MemorySessions:
     def __init__(self, engine):
         self.engine = engine
         self.sessions: dict[tuple[str, str], MemorySession] = {}
+        # KV blocks each tenant's sessions hold, device and host tiers together (a quota's input).
+        # Recomputed in the engine thread whenever a session's blocks change, and replaced whole,
+        # so another thread (the server's event loop) reads a consistent number without a lock.
+        self.held: dict[str, int] = {}
+
+    @staticmethod
+    def blocks_of(s: MemorySession) -> int:
+        """KV blocks a session holds, wherever they are (device pool or host)."""
+        seq, kv = s.seq, s.host_kv       # read once: another thread may ask while the engine moves it
+        if seq is not None:
+            return len(seq.blocks)
+        return 0 if kv is None else int(kv.shape[0])
+
+    def count(self, tenant: str) -> int:
+        return sum(t == tenant for t, _ in self.sessions)
+
+    def _recount(self, tenant: str) -> None:
+        n = sum(self.blocks_of(s) for (t, _), s in self.sessions.items() if t == tenant)
+        held = dict(self.held)
+        if n:
+            held[tenant] = n
+        else:
+            held.pop(tenant, None)
+        self.held = held
 
     # -- lookup --------------------------------------------------------------------------------
     def get(self, tenant: str, sid: str) -> MemorySession:
@@ -119,6 +143,7 @@ class MemorySessions:
         if s.seq is not None:
             self.engine.manager.free(s.seq)
         del self.sessions[(tenant, sid)]
+        self._recount(tenant)
 
     def list(self, tenant: str) -> list[dict]:
         return [self.info(t, i) for (t, i) in self.sessions if t == tenant]
@@ -126,7 +151,7 @@ class MemorySessions:
     def info(self, tenant: str, sid: str) -> dict:
         s = self.get(tenant, sid)
         return {"tenant": s.tenant, "id": s.id, "tokens": len(s.tokens), "computed": s.n_computed, "where": s.where,
-                "blocks": len(s.seq.blocks) if s.seq is not None else (0 if s.host_kv is None else s.host_kv.shape[0]),
+                "blocks": self.blocks_of(s),
                 "busy": s.busy}
 
     def check_request(self, key: Any, request_id: str) -> tuple[MemorySession | None, list[str]]:
@@ -168,6 +193,7 @@ class MemorySessions:
         req.seq = None                                  # the session owns the blocks now
         if old is not None:
             self.engine.manager.free(old)
+        self._recount(s.tenant)
 
     # -- tiers ---------------------------------------------------------------------------------
     def offload(self, tenant: str, sid: str) -> int:
@@ -285,11 +311,11 @@ class MemorySessions:
             r.append(f"the session holds state of memories {meta['kinds']}, this model runs {eng.serving.memory.kinds}")
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < eng.vocab for t in meta["tokens"]):
             r.append("its tokens are not token ids of this model")
-        tfile = path.parent / meta["tensors"]
-        if not r and (not versioned_name_re(path.name).fullmatch(meta["tensors"]) or not tfile.is_file()
-                      or sha256_file(tfile) != meta["sha256"]):
+        tfile = path.parent / meta["tensors"]       # (read only under the name its export gives: no other path)
+        if (not versioned_name_re(path.name).fullmatch(meta["tensors"]) or not tfile.is_file()
+                or sha256_file(tfile) != meta["sha256"]):
             r.append(f"{tfile.name}: missing or checksum mismatch (corrupted)")
-        if not r and tuple(meta["shape"][1:]) != tuple(eng.spec.block_shape):
+        if tuple(meta["shape"][1:]) != tuple(eng.spec.block_shape):
             r.append(f"its K/V blocks have shape {meta['shape'][1:]}, the engine's are {list(eng.spec.block_shape)}")
         sid = meta["id"] if sid is None else sid
         r += _check_name("session id", sid)
@@ -309,6 +335,7 @@ class MemorySessions:
         if meta["seq"] is not None:
             s.host_kv, s.host_seq = tensors["kv"], dict(meta["seq"])
         self.sessions[(tenant, sid)] = s
+        self._recount(tenant)
         return s
 
 

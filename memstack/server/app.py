@@ -89,6 +89,7 @@ def create_app(loop: EngineLoop, tokenizer, config: ServerConfig = ServerConfig(
                   stop_ids(tokenizer, template) if tokenizer is not None else (), Quotas(engine, pinned_cap),
                   Pins(loop, pinned_cap, max(0, pinned_cap // 2), config.pin_ttl_default_s, config.pin_ttl_max_s),
                   time.time(), memory)
+    state.quotas.pins, state.pins.quotas = state.pins, state.quotas    # one KV quota over requests, sessions, pins
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -143,7 +144,8 @@ def create_app(loop: EngineLoop, tokenizer, config: ServerConfig = ServerConfig(
         log.error("unhandled error: %s: %s", type(e).__name__, e, exc_info=e)
         return JSONResponse(errors.error_body(500, f"internal error ({type(e).__name__})"), 500)
 
-    outer = BodyLimits(app, config.max_body_bytes, config.body_timeout_s, config.max_json_depth)
+    outer = BodyLimits(app, config.max_body_bytes, config.body_timeout_s, config.max_json_depth,
+                       {"POST /v1/sessions/import": config.max_import_bytes})
     return Auth(outer, tenants)          # type: ignore[return-value] -- an ASGI app; `.app` chain reaches FastAPI
 
 

@@ -29,6 +29,8 @@ class ServerConfig(Checked):
     model_name:             the id clients pass as `model` (GET /v1/models lists it)
     allow_unauthenticated:  serve a non-loopback host without API keys (refused otherwise)
     max_body_bytes:         request bodies larger than this get 413 (Content-Length checked first)
+    max_import_bytes:       the same bound for POST /v1/sessions/import (a session's K/V travels in it)
+    max_sessions:           memory sessions one tenant may hold (create / import beyond: 429)
     max_json_depth:         JSON nested deeper gets 400 (before it is parsed)
     body_timeout_s:         a request body must arrive within this (slow bodies get 408, closed)
     head_timeout_s:         a request's headers must arrive within this of the connection being idle
@@ -48,6 +50,8 @@ class ServerConfig(Checked):
     port: int = 8000
     allow_unauthenticated: bool = False
     max_body_bytes: int = 1 << 20
+    max_import_bytes: int = 64 << 20
+    max_sessions: int = 256
     max_json_depth: int = 32
     body_timeout_s: float = 30.0
     head_timeout_s: float = 30.0
@@ -70,7 +74,7 @@ class ServerConfig(Checked):
             r.append(f"model_name must be 1..256 characters, got {self.model_name!r}")
         if not 0 <= self.port <= 65535:
             r.append(f"port must be in [0, 65535] (0 picks a free port), got {self.port}")
-        for name in ("max_body_bytes", "max_json_depth", "backlog", "max_connections", "max_n", "default_max_tokens", "max_stop",
+        for name in ("max_body_bytes", "max_import_bytes", "max_sessions", "max_json_depth", "backlog", "max_connections", "max_n", "default_max_tokens", "max_stop",
                      "max_top_logprobs"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

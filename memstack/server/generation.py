@@ -90,14 +90,19 @@ class Generation:
         if reasons:
             raise APIError(400, "; ".join(reasons), "prompt" if any("prompt" in r or "token" in r for r in reasons)
                            else "max_tokens")
-        needs = [st.quotas.need(len(self.prompts[c.prompt_index]), self.max_tokens[c.prompt_index]) for c in self.choices]
-        self.reserved = st.quotas.acquire(self.tenant, needs)
+        session = (self.tenant.name, self.req.session) if getattr(self.req, "session", None) else None
+        if session is not None:                            # n == 1: its document, the session's blocks counted once
+            peak, new = st.quotas.session_need(session, len(self.prompts[0]), self.max_tokens[0])
+            self.reserved = st.quotas.acquire(self.tenant, [new], [peak])
+        else:
+            needs = [st.quotas.need(len(self.prompts[c.prompt_index]), self.max_tokens[c.prompt_index])
+                     for c in self.choices]
+            self.reserved = st.quotas.acquire(self.tenant, needs)
         aloop = asyncio.get_running_loop()
         items = []
         for c, sp in zip(self.choices, params):
             stream = Stream(aloop, self.top_logprobs, queue=self.queue, tag=c.index)
             salt = self.tenant.salt if self.namespace is None else "|".join(row_reads(self.namespace))  # a user's K/V is its own
-            session = (self.tenant.name, self.req.session) if getattr(self.req, "session", None) else None
             items.append((c.rid, self.prompts[c.prompt_index], sp, salt, stream, self.namespace, session))
         try:
             await st.loop.call(st.loop.submit_all, items)

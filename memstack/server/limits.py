@@ -1,7 +1,8 @@
 """Bounds on what one connection can hold: body bytes, body read time, JSON nesting, head time.
 
 `BodyLimits` (ASGI middleware, outermost) reads every request body before any route runs:
-  - a Content-Length above `max_bytes` gets 413 at once, and the connection is closed (nothing
+  - a Content-Length above `max_bytes` (or the route's own bound in `larger`, e.g. a session
+    import, whose body carries K/V) gets 413 at once, and the connection is closed (nothing
     of that body is read);
   - a body that grows past `max_bytes` (chunked) gets 413, closed;
   - a body that has not fully arrived within `timeout_s` (a slow body, or a Content-Length larger
@@ -51,18 +52,19 @@ def json_depth(body: bytes) -> int:
 
 
 class BodyLimits:
-    def __init__(self, app, max_bytes: int, timeout_s: float, max_depth: int):
+    def __init__(self, app, max_bytes: int, timeout_s: float, max_depth: int, larger: dict[str, int] | None = None):
         self.app, self.max_bytes, self.timeout_s, self.max_depth = app, max_bytes, timeout_s, max_depth
+        self.larger = dict(larger or {})          # (method path) -> its own bound
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = None
+        length, limit = None, self.larger.get(f"{scope['method']} {scope['path']}", self.max_bytes)
         for k, v in scope["headers"]:
             if k == b"content-length" and v.isdigit():   # h11 has already refused a malformed one
                 length = int(v)
-        if length is not None and length > self.max_bytes:
-            return await _reply(send, 413, f"request body of {length} bytes exceeds the limit of {self.max_bytes}")
+        if length is not None and length > limit:
+            return await _reply(send, 413, f"request body of {length} bytes exceeds the limit of {limit}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         body, more = bytearray(), True
@@ -74,8 +76,8 @@ class BodyLimits:
             if msg["type"] == "http.disconnect":
                 return                             # the client left; nobody to answer
             body += msg.get("body", b"")
-            if len(body) > self.max_bytes:
-                return await _reply(send, 413, f"request body exceeds the limit of {self.max_bytes} bytes")
+            if len(body) > limit:
+                return await _reply(send, 413, f"request body exceeds the limit of {limit} bytes")
             more = msg.get("more_body", False)
         if body and (depth := json_depth(bytes(body))) > self.max_depth:
             deep = "more than 200" if depth == DEEP else str(depth)

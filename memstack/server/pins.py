@@ -9,6 +9,10 @@ secret in front of every handle:
     admits (`Quotas.check` refuses requests larger than that), and one tenant cannot take the pool;
   - TTLs are finite (bounded by the server) and expire here, not in the engine, so the quota
     accounting is exact.
+A tenant's `kv_quota_blocks` bounds everything of its own in the pool together: the blocks its
+requests in flight may still allocate (reserved at admission), the blocks its memory sessions
+hold (device or host; `engine.memory_sessions.held`, kept by the engine thread) and the blocks its
+pins hold. Over it, a request, a session import or a pin is a 429 that says what holds what.
 All state lives on the event loop's thread; engine calls go through the engine loop.
 """
 from __future__ import annotations
@@ -41,12 +45,50 @@ class Pin:
 
 
 class Quotas:
-    """Per-tenant accounting of requests in flight and the KV blocks they may reserve."""
+    """Per-tenant accounting of requests in flight and the KV blocks they, its sessions and its pins hold."""
 
     def __init__(self, engine, pinned_cap: int):
         self.engine, self.pinned_cap = engine, pinned_cap
         self.inflight: dict[str, int] = {}
         self.reserved: dict[str, int] = {}
+        self.pins: "Pins | None" = None              # set by the app: its pins count against the quota too
+
+    def holding(self, tenant: Tenant) -> dict[str, int]:
+        """KV blocks the tenant holds or may allocate now: {requests, sessions, pins}."""
+        return {"requests": self.reserved.get(tenant.name, 0),
+                "sessions": self.engine.memory_sessions.held.get(tenant.name, 0),
+                "pins": self.pins.held(tenant.name) if self.pins is not None else 0}
+
+    def check_room(self, tenant: Tenant, blocks: int, what: str) -> None:
+        """429 unless `blocks` more fit in the tenant's KV quota beside what it holds."""
+        quota = tenant.kv_quota_blocks
+        if quota is None:
+            return
+        h = self.holding(tenant)
+        if sum(h.values()) + blocks > quota:
+            raise APIError(429, f"{what} needs {blocks} more KV blocks, and your quota is {quota}: your sessions hold "
+                                f"{h['sessions']}, your pinned prefixes {h['pins']}, your requests in flight reserve "
+                                f"{h['requests']} (close a session with DELETE /v1/sessions/{{id}}, unpin a prefix, or "
+                                "retry when requests finish)", code="kv_quota")
+
+    def reserve(self, tenant: Tenant, blocks: int, what: str) -> None:
+        """Hold `blocks` of the quota while something not yet counted anywhere arrives (an import)."""
+        self.check_room(tenant, blocks, what)
+        self.reserved[tenant.name] = self.reserved.get(tenant.name, 0) + blocks
+
+    def unreserve(self, tenant: Tenant, blocks: int) -> None:
+        self.reserved[tenant.name] -= blocks
+
+    def session_need(self, session: tuple[str, str], prompt_len: int, max_tokens: int) -> tuple[int, int]:
+        """(blocks the whole document may hold, new blocks a request continuing `session` may
+        allocate): the session's own blocks are counted where they are held, once; its fork shares
+        them (plus a copy of a partly filled last block). Read from the event loop while the
+        engine may move the session: a number for admission only -- the engine checks the rest."""
+        s = self.engine.memory_sessions.sessions.get(session)
+        have = len(s.tokens) if s is not None else 0
+        whole = self.need(have + prompt_len, max_tokens)
+        held = self.engine.memory_sessions.blocks_of(s) if s is not None else 0
+        return whole, max(1, whole - held + 1) if held else whole
 
     @property
     def request_cap(self) -> int:
@@ -56,9 +98,10 @@ class Quotas:
     def need(self, prompt_len: int, max_tokens: int) -> int:
         return self.engine.max_blocks(prompt_len + max_tokens)
 
-    def acquire(self, tenant: Tenant, needs: list[int]) -> int:
-        """Reserve blocks for a request's choices; raises APIError (400 never fits, 429 not now)."""
-        each, total = max(needs), sum(needs)
+    def acquire(self, tenant: Tenant, needs: list[int], peaks: list[int] | None = None) -> int:
+        """Reserve blocks for a request's choices; raises APIError (400 never fits, 429 not now).
+        `needs`: new blocks each may allocate; `peaks`: blocks each may hold at once (default: needs)."""
+        each, total = max(peaks or needs), sum(needs)
         if each > self.request_cap:
             raise APIError(400, f"this request needs up to {each} KV blocks, more than the {self.request_cap} a "
                                 "request may use on this server (shorten the prompt or max_tokens)", "max_tokens")
@@ -70,10 +113,8 @@ class Quotas:
         if tenant.max_concurrent is not None and n + 1 > tenant.max_concurrent:
             raise APIError(429, f"too many requests in flight (your limit is {tenant.max_concurrent})",
                            code="rate_limit_exceeded")
+        self.check_room(tenant, total, "this request")
         held = self.reserved.get(tenant.name, 0)
-        if quota is not None and held + total > quota:
-            raise APIError(429, f"your requests in flight reserve {held} of your {quota} KV blocks; this one needs "
-                                f"{total} more (retry when some finish)", code="kv_quota")
         self.inflight[tenant.name] = n + 1
         self.reserved[tenant.name] = held + total
         return total
@@ -89,6 +130,7 @@ class Pins:
         self.ttl_default, self.ttl_max = ttl_default, ttl_max
         self.block_size = loop.engine.cfg.block_size
         self._pins: dict[str, Pin] = {}
+        self.quotas: Quotas | None = None            # set by the app: a pin counts against the tenant's KV quota
         self._pending: dict[str, int] = {}           # blocks of pins being computed, per tenant
 
     def quota(self, tenant: Tenant) -> int:
@@ -125,6 +167,8 @@ class Pins:
         if self.held() + blocks > self.cap:
             raise APIError(429, f"the server's pinned-prefix capacity ({self.cap} KV blocks) is full",
                            code="insufficient_quota", type_="insufficient_quota")
+        if self.quotas is not None:
+            self.quotas.check_room(tenant, blocks, "this pin")
         self._pending[tenant.name] = self._pending.get(tenant.name, 0) + blocks
         try:
             handle = await self._pin(tokens, tenant.salt)
