@@ -227,7 +227,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     scfg = ServerConfig(model_name=args.served_model_name or Path(args.checkpoint or args.pretrained).name,
                         host=args.host, port=args.port, allow_unauthenticated=args.allow_unauthenticated,
                         max_body_bytes=args.max_body_bytes, max_import_bytes=args.max_import_bytes,
-                        max_sessions=args.max_sessions, body_timeout_s=args.body_timeout,
+                        max_sessions=args.max_sessions, stream_interval_s=args.stream_interval,
+                        body_timeout_s=args.body_timeout,
                         head_timeout_s=args.head_timeout, backlog=args.backlog, max_connections=args.max_connections,
                         log_level=args.log_level, access_log=not args.no_access_log)
     tenants = Tenants.load(args.api_keys)              # + MEMSTACK_API_KEYS; every bad entry at once
@@ -395,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-import-bytes", type=int, default=64 << 20,
                    help="largest body of POST /v1/sessions/import, which carries a session's K/V (default 64 MiB)")
     s.add_argument("--max-sessions", type=int, default=256, help="memory sessions one tenant may hold (default 256)")
+    s.add_argument("--stream-interval", type=float, default=0.05, metavar="SECONDS",
+                   help="hand streamed tokens to the HTTP layer at most this often (first token and end at once; "
+                   "0: every engine step; default 0.05). Fewer thread hand-offs: less overhead on a busy CPU (docs/server.md)")
     s.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive")
     s.add_argument("--head-timeout", type=float, default=30.0, help="seconds a request's headers may take to arrive")
     s.add_argument("--backlog", type=int, default=2048, help="listen backlog")

@@ -1,6 +1,7 @@
 """memstack serve over HTTP vs the same engine in-process, and a loopback soak test.
 
     python benchmarks/server/serve_bench.py throughput [--clients 1 16 64] [--reps 2]
+        [--server now= --server coalesced=:0.02 --server before=/path/to/old/tree]
     python benchmarks/server/serve_bench.py soak --clients 64 --duration 60 [--json out.json]
 
 throughput: one checkpoint (a small random-weight memstack model, byte tokenizer) is served by a
@@ -14,6 +15,11 @@ HTTP, ...) because the machine is shared; the overhead ratio is HTTP wall time /
 time of the same workload, per repetition, and the median is reported; so is the CPU-time ratio
 (the server process's CPU time / the in-process run's CPU time), which a shared machine disturbs
 less than wall time; the client's own CPU time is reported beside it.
+
+--server LABEL=[SRC][:INTERVAL] (repeatable) serves the same checkpoint from several servers at
+once -- SRC: another source tree (e.g. `git archive` of an earlier commit; default this one),
+INTERVAL: its --stream-interval -- and runs each in every repetition, interleaved with the same
+in-process run: before/after figures from one run on one machine. Default: one server, this tree.
 
 soak: C streaming clients for D seconds against the server; errors, TTFT and latency percentiles,
 server RSS before/after.
@@ -188,11 +194,13 @@ def summary(wall, n, tokens, ttft, lat, errors, examples=()) -> dict:
 
 
 # -- the server process --------------------------------------------------------------------------------
-def start_server(ck: Path, cfg: dict) -> tuple[subprocess.Popen, str]:
+def start_server(ck: Path, cfg: dict, src: str = "", interval: str = "") -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "memstack.cli", "serve", "--checkpoint", str(ck), "--port", "0", "--no-access-log",
            "--log-level", "warning", "--block-size", str(cfg["block_size"]), "--kv-memory-mb", str(cfg["kv_memory_mb"]),
-           "--max-num-seqs", str(cfg["max_num_seqs"])]
+           "--max-num-seqs", str(cfg["max_num_seqs"])] + (["--stream-interval", interval] if interval else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"])}
+    if src:                                         # another source tree of memstack (before/after in one run)
+        env["PYTHONPATH"] = str(Path(src).resolve()) + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = p.stdout.readline()
     if "memstack serve:" not in line:
@@ -219,17 +227,26 @@ def main() -> int:
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="torch threads, both sides (a shared machine: 1)")
+    ap.add_argument("--server", action="append", default=None, metavar="LABEL=[SRC][:INTERVAL]",
+                    help="a server to measure (repeatable): SRC another source tree, INTERVAL its --stream-interval")
     ap.add_argument("--json", help="also write the record here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = {"block_size": 16, "kv_memory_mb": 64.0, "max_num_seqs": 64}
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     build_checkpoint(tmp / "ck", args.d_model, args.layers)
-    server, url = start_server(tmp / "ck", {**cfg, "threads": args.threads})
+    specs = []
+    for spec in args.server or ["http="]:
+        label, _, rest = spec.partition("=")
+        src, _, interval = rest.partition(":")
+        specs.append((label, src, interval))
+    servers = {label: start_server(tmp / "ck", {**cfg, "threads": args.threads}, src, interval)
+               for label, src, interval in specs}
+    server, url = next(iter(servers.values()))
     rows, rec = [], {"benchmark": f"server-{args.mode}", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git": git_sha(),
                      "device": device_info("cpu"), "torch": torch.__version__, "load_avg_start": os.getloadavg(),
                      "config": {**cfg, "threads": args.threads, "d_model": args.d_model, "layers": args.layers, "prompt": PROMPT, "gen": GEN,
-                                "clients": args.clients}}
+                                "clients": args.clients, "servers": specs}}
     try:
         if args.mode == "soak":
             rss0 = rss_mb(server)
@@ -243,7 +260,8 @@ def main() -> int:
 
             model, _, _ = load_for_inference(tmp / "ck", "cpu")
             engine = Engine(model, EngineConfig(device="cpu", **cfg))
-            asyncio.run(http_load(url, prompts(8, 999), 4))                           # warm both sides up
+            for _, (_, u) in servers.items():
+                asyncio.run(http_load(u, prompts(8, 999), 4))                         # warm every side up
             inproc(engine, prompts(8, 998), 4)
             run = 0
             for c in args.clients:
@@ -251,18 +269,23 @@ def main() -> int:
                 for rep in range(args.reps):
                     run += 1
                     cpu0 = time.process_time()
-                    a = inproc(engine, prompts(n, 2 * run), c)
+                    a = inproc(engine, prompts(n, 100 * run), c)
                     a["cpu_s"] = time.process_time() - cpu0
-                    srv0, cpu0 = cpu_s(server), time.process_time()
-                    b = asyncio.run(http_load(url, prompts(n, 2 * run + 1), c))
-                    b["cpu_s"], b["client_cpu_s"] = cpu_s(server) - srv0, time.process_time() - cpu0
                     rows.append({"clients": c, "rep": rep, "mode": "in-process", **a})
-                    rows.append({"clients": c, "rep": rep, "mode": "http", **b, "ratio": b["wall_s"] / a["wall_s"],
-                                 "cpu_ratio": b["cpu_s"] / a["cpu_s"]})
+                    order = list(servers.items())
+                    if rep % 2:
+                        order.reverse()                 # neither server always runs right after the in-process one
+                    for k, (label, (proc, u)) in enumerate(order):
+                        srv0, cpu0 = cpu_s(proc), time.process_time()
+                        b = asyncio.run(http_load(u, prompts(n, 100 * run + 1 + k), c))
+                        b["cpu_s"], b["client_cpu_s"] = cpu_s(proc) - srv0, time.process_time() - cpu0
+                        rows.append({"clients": c, "rep": rep, "mode": label, **b, "ratio": b["wall_s"] / a["wall_s"],
+                                     "cpu_ratio": b["cpu_s"] / a["cpu_s"]})
         rec["load_avg_end"] = os.getloadavg()
     finally:
-        server.terminate()
-        server.wait(30)
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(30)
     rec["results"] = rows
     out = Path(os.environ.get("MEMSTACK_BENCH_OUT", "reports/benchmarks/server"))
     out.mkdir(parents=True, exist_ok=True)
@@ -274,10 +297,12 @@ def main() -> int:
                        "ttft_p99_ms", "lat_p50_ms", "lat_p99_ms", "errors", "cpu_s", "client_cpu_s", "ratio", "cpu_ratio"]))
     if args.mode == "throughput":
         for c in args.clients:
-            ratios = [r["ratio"] for r in rows if r["clients"] == c and r["mode"] == "http"]
-            cpu = [r["cpu_ratio"] for r in rows if r["clients"] == c and r["mode"] == "http"]
-            print(f"clients {c}: HTTP / in-process, median of {len(ratios)}: wall {statistics.median(ratios):.3f}, "
-                  f"server CPU {statistics.median(cpu):.3f}")
+            for label in servers:
+                ratios = [r["ratio"] for r in rows if r["clients"] == c and r["mode"] == label]
+                cpu = [r["cpu_ratio"] for r in rows if r["clients"] == c and r["mode"] == label]
+                print(f"clients {c}, {label}: HTTP / in-process, median of {len(ratios)}: wall "
+                      f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f}), "
+                      f"server CPU {statistics.median(cpu):.3f}")
     else:
         print(f"server RSS {rec['rss_mb_before']:.0f} MiB before, {rec['rss_mb_after']:.0f} MiB after")
     print(f"record: {path}")

@@ -31,6 +31,8 @@ class ServerConfig(Checked):
     max_body_bytes:         request bodies larger than this get 413 (Content-Length checked first)
     max_import_bytes:       the same bound for POST /v1/sessions/import (a session's K/V travels in it)
     max_sessions:           memory sessions one tenant may hold (create / import beyond: 429)
+    stream_interval_s:      streamed tokens are handed from the engine thread to the HTTP layer at most
+                            this often (a request's first token and its end at once; 0: every step)
     max_json_depth:         JSON nested deeper gets 400 (before it is parsed)
     body_timeout_s:         a request body must arrive within this (slow bodies get 408, closed)
     head_timeout_s:         a request's headers must arrive within this of the connection being idle
@@ -52,6 +54,7 @@ class ServerConfig(Checked):
     max_body_bytes: int = 1 << 20
     max_import_bytes: int = 64 << 20
     max_sessions: int = 256
+    stream_interval_s: float = 0.05
     max_json_depth: int = 32
     body_timeout_s: float = 30.0
     head_timeout_s: float = 30.0
@@ -83,6 +86,9 @@ class ServerConfig(Checked):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 r.append(f"{name} must be a finite number of seconds > 0, got {v!r}")
+        v = self.stream_interval_s
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 1:
+            r.append(f"stream_interval_s must be a number of seconds in [0, 1], got {v!r}")
         if not r and self.pin_ttl_default_s > self.pin_ttl_max_s:
             r.append(f"pin_ttl_default_s ({self.pin_ttl_default_s}) exceeds pin_ttl_max_s ({self.pin_ttl_max_s})")
         if not (isinstance(self.pinned_share, (int, float)) and 0 <= self.pinned_share < 1):

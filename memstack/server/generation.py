@@ -128,20 +128,33 @@ class Generation:
             self.state.quotas.release(self.tenant, self.reserved)
 
     # -- following ---------------------------------------------------------------------------------
-    async def deltas(self):
-        """Yield a Delta per event that adds something, until every choice is done."""
+    async def batches(self):
+        """Yield, per hand-off from the engine thread, the Deltas of every event that adds
+        something (a list, possibly empty), until every choice is done. Hand-offs already queued
+        are merged, so a client is written to once per wake-up, however many tokens arrived."""
         pending = sum(not c.done for c in self.choices)
         while pending:
-            tag, evs = await self.queue.get()
-            c = self.choices[tag]
-            for ev in evs:
-                if c.done:
-                    break                            # events after a stop string: dropped
-                d = self._apply(c, ev)
-                if d is not None:
-                    yield d
-                if c.done:
-                    pending -= 1
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            out = []
+            for tag, evs in items:
+                c = self.choices[tag]
+                for ev in evs:
+                    if c.done:
+                        break                        # events after a stop string: dropped
+                    d = self._apply(c, ev)
+                    if d is not None:
+                        out.append(d)
+                    if c.done:
+                        pending -= 1
+            yield out
+
+    async def deltas(self):
+        """Yield a Delta per event that adds something, until every choice is done."""
+        async for batch in self.batches():
+            for d in batch:
+                yield d
 
     async def run(self) -> list[Choice]:
         async for _ in self.deltas():

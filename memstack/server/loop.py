@@ -2,8 +2,13 @@
 
 The asyncio side never takes a lock the engine holds while it steps: it posts commands (submit,
 abort, pin, ...) that the engine thread runs between two steps, and awaits their result as a
-future. Each step's new tokens are handed back to the event loop in one batch per step
-(`call_soon_threadsafe`), so the event loop is woken once per step, not once per token.
+future. New tokens are handed back to the event loop in batches (`call_soon_threadsafe`): at
+most one hand-off per `stream_interval_s` (vLLM's `--stream-interval` idea, by time), except that
+a request's first token and its end are handed over at once (time to first token and the end of
+a request are never delayed). Why: every hand-off wakes the event-loop thread, which then takes
+the GIL from the engine thread; on a busy machine the engine thread, once it has slept on the GIL,
+waits for a core (measured: gaps of ~9 ms between steps after ~40 % of the steps with one stream
+and a hand-off per step, docs/BENCHMARKS.md). With `stream_interval_s = 0` every step hands over.
 
 Failure isolation: a request the engine refuses raises EngineError into its own future (a 4xx).
 If `engine.step()` itself raises, the requests that were running fail with the error and the
@@ -18,6 +23,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -71,10 +77,14 @@ class Stream:
 
 
 class EngineLoop:
-    def __init__(self, engine, name: str = "memstack-engine"):
+    def __init__(self, engine, name: str = "memstack-engine", stream_interval_s: float = 0.0):
         self.engine = engine
+        self.stream_interval_s = float(stream_interval_s)
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, Stream] = {}
+        self._pending: dict[str, list[Event]] = {}    # events not handed over yet (coalesced), per request
+        self._started: set[str] = set()               # requests whose first events were handed over
+        self._flushed = 0.0                           # time.monotonic() of the last hand-off of everything
         self._periodic: list[Callable[[], None]] = []
         self._stop = threading.Event()
         self.dead: str | None = None
@@ -141,7 +151,7 @@ class EngineLoop:
         if rid in self._streams or rid in self.engine.requests:
             self.engine.abort(rid)
             self.engine.requests.pop(rid, None)
-            self._streams.pop(rid, None)
+            self._forget(rid)
             self._update_record_logits()
 
     def stats(self) -> dict[str, Any]:
@@ -221,12 +231,29 @@ class EngineLoop:
                 rows.clear()                     # keep no logits past this step (memory)
             if o.finished:
                 self._finish(o.request_id, o.finish_reason or "stop", o.error, evs)
-        self._deliver([(self._streams[rid], evs) for rid, evs in batches.items()
-                       if evs and rid in self._streams])
-        for rid in [r for r, evs in batches.items() if evs and evs[-1].done]:
-            self._streams.pop(rid, None)
-        if any(evs and evs[-1].done for evs in batches.values()):
+        pend = self._pending
+        for rid, evs in batches.items():
+            if evs and rid in self._streams:
+                pend.setdefault(rid, []).extend(evs)
+        now = time.monotonic()
+        if now - self._flushed >= self.stream_interval_s:
+            ready, self._flushed = list(pend), now
+        else:                                    # between two hand-offs: only first tokens and ends go now
+            ready = [rid for rid, evs in pend.items() if evs[-1].done or rid not in self._started]
+        if ready:
+            self._deliver([(self._streams[rid], pend.pop(rid)) for rid in ready])
+            self._started.update(ready)
+        ended = [r for r, evs in batches.items() if evs and evs[-1].done]
+        for rid in ended:
+            if rid not in pend:                  # (an end always goes at once: never still pending)
+                self._forget(rid)
+        if ended:
             self._update_record_logits()
+
+    def _forget(self, rid: str) -> None:
+        self._streams.pop(rid, None)
+        self._pending.pop(rid, None)
+        self._started.discard(rid)
 
     def _finish(self, rid: str, reason: str, error: str | None, evs: list[Event] | None) -> None:
         """The final event of a request: appended to `evs` (the caller delivers this step's batch
@@ -242,8 +269,9 @@ class EngineLoop:
             except Exception as e:  # noqa: BLE001 -- the hook's failure is this request's
                 ev.error, ev.finish_reason = f"{type(e).__name__}: {e}", "error"
         if evs is None:
-            self._streams.pop(rid, None)
-            self._deliver([(stream, [ev])])
+            early = self._pending.get(rid, [])   # tokens not handed over yet go first
+            self._forget(rid)
+            self._deliver([(stream, early + [ev])])
         else:
             evs.append(ev)
 
@@ -264,7 +292,9 @@ class EngineLoop:
         self.dead = why
         self.last_error = self.last_error or why
         streams, self._streams = self._streams, {}
-        self._deliver([(s, [Event(done=True, finish_reason="error", error=why)]) for s in streams.values()])
+        pend, self._pending = self._pending, {}
+        self._deliver([(s, pend.get(rid, []) + [Event(done=True, finish_reason="error", error=why)])
+                       for rid, s in streams.items()])
         self._fail_queued(why)
 
     def _fail_queued(self, why: str) -> None:

@@ -237,14 +237,21 @@ async def _stream(request: Request, gen: Generation, chunk, head: dict, body) ->
     async def events():
         first = set()
         try:
-            async for d in gen.deltas():
-                if d.choice.error:
-                    yield _sse(error_body(500, f"the engine failed on this request: {d.choice.error}",
-                                          code="engine_error"))
+            async for batch in gen.batches():        # one write per hand-off from the engine thread
+                out, failed = [], False
+                for d in batch:
+                    if d.choice.error:
+                        out.append(_sse(error_body(500, f"the engine failed on this request: {d.choice.error}",
+                                                   code="engine_error")))
+                        failed = True
+                        break
+                    is_first = d.choice.index not in first
+                    first.add(d.choice.index)
+                    out.append(_sse(chunk(d, is_first)))
+                if out:
+                    yield b"".join(out)
+                if failed:
                     break
-                is_first = d.choice.index not in first
-                first.add(d.choice.index)
-                yield _sse(chunk(d, is_first))
             if usage:
                 yield _sse({**head, "choices": [], "usage": gen.usage()})
             yield b"data: [DONE]\n\n"

@@ -43,7 +43,7 @@ class Server:
         if reasons := check_exposure(config, tenants):
             raise ConfigError(reasons, what="server")
         self.config, self.tenants = config, tenants
-        self.loop = EngineLoop(engine)
+        self.loop = EngineLoop(engine, stream_interval_s=config.stream_interval_s)
         if memory is not None:
             memory.restore(lambda ns, table: self.loop.post(memory.rows.install, ns, table).result(timeout=60))
         self.app = create_app(self.loop, tokenizer, config, tenants, memory)
