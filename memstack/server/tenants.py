@@ -13,7 +13,7 @@ Keys come from a YAML/JSON file and/or the environment variable ``MEMSTACK_API_K
         keys: ["sk-acme-0123456789abcdef"]       # plaintext keys (>= 16 characters), or
         key_sha256: ["<64 hex digits>"]          # their SHA-256, so the file holds no secret
         pin_quota_blocks: 64                     # KV blocks its pinned prefixes may hold
-        kv_quota_blocks: 2048                    # KV blocks its requests in flight may reserve
+        kv_quota_blocks: 2048                    # KV blocks its requests in flight, sessions and pins hold together
         max_concurrent: 64                       # requests in flight
         users: [alice, bob]                      # its users: each has its own memory (user:<id> rows)
         tasks: [support]                         # its tasks: memory its requests read beside a user's (task:<id>)
@@ -44,7 +44,7 @@ ANONYMOUS = "default"          # the single tenant of a server without keys
 class Tenant:
     name: str
     pin_quota_blocks: int | None = None      # None: the server's default (a share of the pool)
-    kv_quota_blocks: int | None = None       # None: the whole pool
+    kv_quota_blocks: int | None = None       # requests in flight + sessions + pins; None: the whole pool
     max_concurrent: int | None = None        # None: no per-tenant limit
     users: tuple[str, ...] = ()              # declared users (their memory namespaces); none: no user memory
     tasks: tuple[str, ...] = ()              # declared tasks (task:<id> namespaces a request reads with its user's)
