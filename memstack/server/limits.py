@@ -22,6 +22,7 @@ stays h11's: it discards a body a response did not read, by its framing, before 
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from pydantic_core import from_json
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -109,6 +110,7 @@ class _GuardedH11(H11Protocol):
 
     def connection_made(self, transport) -> None:
         self._head_timer = None
+        _no_delay(transport)
         super().connection_made(transport)
         self._arm()
 
@@ -139,6 +141,20 @@ class _GuardedH11(H11Protocol):
         self._head_timer = None
         if (self.cycle is None or self.cycle.response_complete) and not self.transport.is_closing():
             self.transport.close()
+
+
+def _no_delay(transport) -> None:
+    """TCP_NODELAY on the connection. asyncio sets it only on sockets created with
+    proto=IPPROTO_TCP, and `socket.create_server` makes proto-0 sockets, whose accepted connections
+    inherit that: Nagle then holds a stream's first event until the client ACKs the response head,
+    and the client's delayed ACK makes that ~40 ms of TTFT (measured: first event sent 12 ms after
+    the request arrived, read by the client at 47-55 ms)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:                           # not TCP after all: nothing to turn off
+            pass
 
 
 def guarded_h11(head_timeout_s: float) -> type[H11Protocol]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from conftest import start
+from conftest import server, start  # noqa: F401 -- the module server fixture
 
 N = 60
 
@@ -37,3 +37,18 @@ def test_hand_offs_are_coalesced_and_the_stream_is_unchanged(interval):
             assert len(sizes) < N // 2             # coalesced: at most one hand-off per second between
     finally:
         srv.stop()
+
+
+def test_connections_are_tcp_nodelay(server):
+    """Without TCP_NODELAY (asyncio sets it only for proto=IPPROTO_TCP sockets), Nagle holds a
+    stream's first event until the client ACKs the response head: ~40 ms of TTFT."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        conns = list(server.uvicorn.server_state.connections)
+        assert conns
+        for proto in conns:
+            sock = proto.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
