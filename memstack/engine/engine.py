@@ -180,6 +180,12 @@ class Engine:
         gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.temperature > 0 else None
         if namespace is not None:    # K/V computed under one namespace's memory is never reused under another's
             salt = f"{salt or ''}\x00namespace:{namespace}"
+            # ... nor under another version of its rows: a memory read before the last cached
+            # layer (a user prefix, PKM values mid-stack) changes the K/V of later layers
+            versions = [m.namespace_rows().version(namespace) for m in self.serving.memory.memories
+                        if m.namespace_rows() is not None]
+            if any(versions):
+                salt += "\x00rows:" + ",".join(map(str, versions))
         req = Request(rid, prompt, params, salt, generator=gen,
                       compression=compression if compression is not None and compression.policy != "none" else None,
                       namespace=namespace, session=sess)
