@@ -38,7 +38,7 @@ def tenants() -> Tenants:
 # key/value prefix (Prefix) -- the server and the learner name neither. (memory config, its learning rate:
 # a prefix row is a raw key/value, whose Adam step per element needs a larger rate to move the read)
 MEMORIES = {"engram": (EngramConfig(layers=(0,), heads=2, head_dim=8, rows_per_head=31, user_rows_per_head=29), 0.1),
-            "prefix": (PrefixConfig(n_prefix=0, user_prefix=4, layers=(0, 1)), 1.0)}
+            "prefix": (PrefixConfig(n_prefix=0, user_prefix=16, layers=(0, 1)), 1.0)}
 
 
 def serve(tmp_path, memory="engram", **learn):

@@ -7,7 +7,7 @@ user's rows. It is prefix-tuning (Li & Liang, arXiv 2101.00190) per user, read t
 LLaMA-Adapter reads its adaption prompts (Zhang et al., arXiv 2303.16199, "zero-init attention"):
 the prefix gets its own softmax and a gate, and its read is added to the layer's attention output
 
-    o_b  <-  o_b + gate * softmax(q0_b K_u^T / sqrt(hd)) V_u          for the rows b of user u only
+    o_b  <-  o_b + gate * softmax([q0_b K_u^T / sqrt(hd), 0])[:K] V_u     for the rows b of user u only
 
 instead of entering the softmax of the context (plain prefix-tuning). That keeps the read of a
 row without a table exactly the plain model's attention, computed by the same kernels (a shared
@@ -29,6 +29,10 @@ every slot would get the same gradient forever (uniform softmax, equal values) a
 would stay one; distinct keys let different queries write and read different slots.
 
 Deviations:
+- a null slot: the prefix softmax has one more entry, a fixed score 0 with a zero value (an
+  attention sink; "softmax plus one"), so a query can read (almost) nothing -- without it the
+  weights over the K slots always sum to 1 and every token of the user's requests would read a
+  mix of the user's values, general text included;
 - the read is position-free: the query is un-rotated (RoPE at its own position undone), so the
   prefix keys sit at relative distance 0 from every query and a fact reads the same at any
   position (LLaMA-Adapter leaves the adapter keys unrotated against rotated queries, which makes
@@ -94,7 +98,8 @@ class UserPrefixRows:
             (ctx.pos[at.to(ctx.pos.device)][:, None] + torch.arange(q.shape[2], device=q.device))
         cos, sin = rope_tables(pos.to(q.device), hd, self.backbone.rope_theta, q.dtype)
         q0 = apply_rope(q[at], cos, -sin)                              # (b, H, T', hd): RoPE undone
-        w = torch.softmax((q0 @ k.transpose(-1, -2)).float() / math.sqrt(hd), dim=-1).to(q.dtype)  # (b, H, T', K)
+        s = (q0 @ k.transpose(-1, -2)).float() / math.sqrt(hd)         # (b, H, T', K)
+        w = torch.softmax(torch.cat([s, s.new_zeros(s.shape[:-1] + (1,))], -1), dim=-1)[..., :-1].to(q.dtype)  # null slot
         read = w @ v                                                   # (b, H, T', hd)
         return out.index_put((at.to(out.device),), out[at] + self.gate * read)   # out of place: others keep bits and strides
 

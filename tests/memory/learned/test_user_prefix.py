@@ -1,5 +1,5 @@
 """Per-user identity rows read as a key/value prefix (memory/learned/user_prefix.py): the read is
-exactly the hand-written gated, position-free prefix attention for the rows of a user with a
+exactly the hand-written gated, position-free prefix attention (with a null slot) for the rows of a user with a
 table; every other row -- and a user whose fresh table has learned nothing -- computes the plain
 model bit for bit; the rows learn online through the same updater as Engram's and PKM's."""
 from __future__ import annotations
@@ -61,7 +61,8 @@ def test_a_users_rows_are_a_gated_position_free_prefix_by_hand():
         kv = w.view(3, 2, 2, 4)                                       # (K, k/v, Hkv, hd)
         kp = kv[:, 0].transpose(0, 1).repeat_interleave(2, 0)          # (H, K, hd)
         vp = kv[:, 1].transpose(0, 1).repeat_interleave(2, 0)
-        att = att + 0.7 * ((q0 @ kp.transpose(-1, -2)) / math.sqrt(4)).softmax(-1) @ vp
+        sc = (q0 @ kp.transpose(-1, -2)) / math.sqrt(4)                # (1, H, S, K)
+        att = att + 0.7 * (sc.exp() / (1 + sc.exp().sum(-1, keepdim=True))) @ vp   # + a null slot (score 0, value 0)
         h = x + blk.attn.wo(att.transpose(1, 2).reshape(1, S, 16))
         h = h + blk.mlp(blk.mlp_norm(h))
         want = m.lm_head(m.norm(h))
