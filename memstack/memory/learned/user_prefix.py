@@ -19,7 +19,9 @@ addressing `identity`) of `layers used x user_prefix` rows; row j * K + p holds 
 value at layer slot j for every KV head, width 2 * kv_heads * head_dim. Nothing per example.
 Read (ATTN site, `attn_out`, after the layer's attention): the rows of the call whose namespace
 (StepContext.namespaces, set by the serving engine from the request's tenant and user) has a
-table read their own K rows of that layer; other rows are returned untouched.
+table read their own K rows of that layer; other rows are returned untouched. A row that reads
+two namespaces (a user's and a task's, StepContext.namespaces holding a tuple) reads each one's
+prefix with its own softmax and adds both.
 Write: only by the online updater (memory/sparse/online.py, lazy Adam on the rows the gradient
 touched, through the namespace's WriteGrant, under the safety policy). A fresh table has zero
 values -- it reads as exactly nothing, so a user who has learned nothing sees the plain model --
@@ -80,28 +82,31 @@ class UserPrefixRows:
                 f"key_std={self.key_init_std!r}:seed={self.seed}")
 
     def add(self, j: int, q: Tensor, out: Tensor, ctx: StepContext) -> Tensor:
-        """out (B, H, T', hd) of layer slot j plus, for each row whose namespace has a table, the
-        gated read of its own prefix rows by q (B, H, T', hd, RoPE applied); other rows untouched."""
+        """out (B, H, T', hd) of layer slot j plus, for each row, the gated read of the prefix rows
+        of every namespace it reads that has a table (a user's and a task's: each its own prefix,
+        both added) by q (B, H, T', hd, RoPE applied); rows reading no table are left untouched."""
         if ctx.namespaces is None:
             return out
         B, H, _, hd = q.shape
         local = (j * self.K + torch.arange(self.K, device=q.device)).expand(B, self.K)        # (B, K)
-        got = self.rows.read(list(ctx.namespaces), local)
-        if got is None:
-            return out
-        at, kv = got                                                   # (b,), (b, K, 2 * Hkv * hd)
+        for at, kv in self.rows.read(list(ctx.namespaces), local):     # (b,), (b, K, 2 * Hkv * hd)
+            out = out.index_put((at.to(out.device),), out[at] + self.gate * self._read(q[at], kv, at, ctx))
+        return out                                                     # out of place: others keep bits and strides
+
+    def _read(self, q: Tensor, kv: Tensor, at: Tensor, ctx: StepContext) -> Tensor:
+        """q (b, H, T', hd) of rows `at`, their prefix rows kv (b, K, 2 * Hkv * hd) -> (b, H, T', hd)."""
+        b, H, T, hd = q.shape
         Hkv = self.backbone.kv_heads
-        kv = kv.to(q.dtype).view(at.shape[0], self.K, 2, Hkv, hd)
+        kv = kv.to(q.dtype).view(b, self.K, 2, Hkv, hd)
         k = kv[:, :, 0].transpose(1, 2).repeat_interleave(H // Hkv, 1)  # (b, H, K, hd)
         v = kv[:, :, 1].transpose(1, 2).repeat_interleave(H // Hkv, 1)
         pos = ctx.positions[at.to(ctx.positions.device)] if ctx.positions is not None else \
-            (ctx.pos[at.to(ctx.pos.device)][:, None] + torch.arange(q.shape[2], device=q.device))
+            (ctx.pos[at.to(ctx.pos.device)][:, None] + torch.arange(T, device=q.device))
         cos, sin = rope_tables(pos.to(q.device), hd, self.backbone.rope_theta, q.dtype)
-        q0 = apply_rope(q[at], cos, -sin)                              # (b, H, T', hd): RoPE undone
+        q0 = apply_rope(q, cos, -sin)                                  # (b, H, T', hd): RoPE undone
         s = (q0 @ k.transpose(-1, -2)).float() / math.sqrt(hd)         # (b, H, T', K)
         w = torch.softmax(torch.cat([s, s.new_zeros(s.shape[:-1] + (1,))], -1), dim=-1)[..., :-1].to(q.dtype)  # null slot
-        read = w @ v                                                   # (b, H, T', hd)
-        return out.index_put((at.to(out.device),), out[at] + self.gate * read)   # out of place: others keep bits and strides
+        return w @ v                                                   # (b, H, T', hd)
 
 
 __all__ = ["UserPrefixRows"]

@@ -5,9 +5,9 @@ value rows under the same product keys; Prefix: a few identity rows read as keys
 memory/learned/user_prefix.py) owns one `NamespaceRows`. It holds, per namespace that
 has learned something, a small `SparseTable` with that one namespace (same addressing as the
 memory's knowledge rows, its own, smaller layout). A forward call reads, for each row of the
-batch, the table of that row's namespace (`StepContext.namespace_of`, set by a serving engine
-from the request's tenant and user) -- nothing else selects it -- and adds it to what the
-knowledge rows give. A namespace without a table reads nothing: its rows see exactly the
+batch, the tables of that row's namespaces (`StepContext.namespaces`, set by a serving engine
+from the request's tenant, user and task: one name, or a (user, task) tuple whose tables are both
+added) -- nothing else selects them -- and adds them to what the knowledge rows give. A namespace without a table reads nothing: its rows see exactly the
 knowledge-only model, so one user's rows cannot change another user's logits (tested to exact
 equality in a packed step).
 
@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from memstack.memory.base import row_reads
 from memstack.memory.sparse.table import NamespaceError, NamespaceSpec, SparseTable, namespace_reasons
 
 
@@ -78,40 +79,41 @@ class NamespaceRows:
         (a serving engine keys its prefix cache with it)."""
         return self._versions.get(name, 0) if name is not None else 0
 
-    def any_for(self, names: list[str | None]) -> bool:
-        return any(self.table(n) is not None for n in names)
+    def any_for(self, names: list) -> bool:
+        """Whether a row of `names` (StepContext.namespaces entries: a name, a tuple, None) reads a table."""
+        return any(self.table(n) is not None for e in names for n in row_reads(e))
 
     @property
     def names(self) -> list[str]:
         return sorted(self._tables)
 
-    def read(self, names: list[str | None], local: Tensor) -> tuple[Tensor, Tensor] | None:
-        """For the batch rows whose namespace has a table: (those rows `at` (b,), each one's own
-        table read at its local rows `local[at]` (b, ..., dim), with a sparse gradient); None when
-        no row of the call has a table. `local` is (B, ...) (an expanded view is fine)."""
+    def read(self, names: list, local: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """For each namespace with a table that rows of the call read (a row's entry: one name, or
+        a tuple it reads together): (those batch rows `at` (b,), that table read at their local
+        rows `local[at]` (b, ..., dim), with a sparse gradient); [] when no row reads a table.
+        `local` is (B, ...) (an expanded view is fine)."""
         groups: dict[str, list[int]] = {}
-        for b, n in enumerate(names):
-            if self.table(n) is not None:
-                groups.setdefault(n, []).append(b)
-        if not groups:
-            return None
-        ats, vals = [], []
+        for b, e in enumerate(names):
+            for n in row_reads(e):
+                if self.table(n) is not None:
+                    groups.setdefault(n, []).append(b)
+        out = []
         for n, idx in groups.items():
             at = torch.tensor(idx, device=local.device)
-            ats.append(at)
-            vals.append(self.table(n).namespace(n).gather(local[at]))          # (b_n, ..., dim), sparse grad
-        return (ats[0], vals[0]) if len(ats) == 1 else (torch.cat(ats), torch.cat(vals))
+            out.append((at, self.table(n).namespace(n).gather(local[at])))   # (b, ..., dim), sparse grad
+        return out
 
-    def add_to(self, base: Tensor, names: list[str | None], local: Tensor) -> Tensor:
-        """`base` (B, ..., dim) plus, for each batch row whose namespace has a table, that table's
-        rows at local rows `local` (B, ...). Rows of other namespaces are left exactly as they
-        are -- values and memory layout (an out-of-place index_put keeps the strides), so every
-        later kernel computes them bit for bit as without any user rows."""
-        got = self.read(names, local)
-        if got is None:
-            return base
-        at, vals = got
-        return base.index_put((at,), base[at] + vals.to(base.dtype))          # out of place: autograd-safe
+    def add_to(self, base: Tensor, names: list, local: Tensor) -> Tensor:
+        """`base` (B, ..., dim) plus, for each batch row, the rows at local rows `local` (B, ...)
+        of every table its namespaces have (a row's entry: one name, or a tuple it reads together
+        -- a user's and a task's rows are both added, in the tuple's order). Rows of other
+        namespaces are left exactly as they are -- values and memory layout (an out-of-place
+        index_put keeps the strides), so every later kernel computes them bit for bit as without
+        any user rows."""
+        out = base
+        for at, vals in self.read(names, local):
+            out = out.index_put((at,), out[at] + vals.to(out.dtype))          # out of place: autograd-safe
+        return out
 
     # -- writing (the engine thread, or a learner on its own copy) ------------------------------
     def new_table(self, name: str) -> SparseTable:
