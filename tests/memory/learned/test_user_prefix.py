@@ -20,7 +20,7 @@ from memstack.memory.learned.config import PrefixConfig
 from tolerances import assert_close
 
 S, V = 8, 41
-A, B = "tenant:t/user:a", "tenant:t/user:b"
+A, B, T = "tenant:t/user:a", "tenant:t/user:b", "tenant:t/task:q"
 
 
 def one_layer(K: int = 3, gate: float = 0.7):
@@ -36,38 +36,45 @@ def random_table(m, ns: str, seed: int = 1):
     return rows.table(ns).weight
 
 
+def reference(m, tokens, tables, gate: float = 0.7):
+    """Logits of one row (1, S) at positions S..2S-1 by hand: causal attention plus, per table
+    (K, 2 * Hkv * hd), gate * its position-free prefix read with a null slot (score 0, value 0)."""
+    blk = m.blocks[0]
+    x = m.tok_emb(tokens)
+    xn = blk.attn_norm(x)
+    q0 = blk.attn.wq(xn).view(1, S, 4, 4).transpose(1, 2)              # un-rotated queries
+    k = blk.attn.wk(xn).view(1, S, 2, 4).transpose(1, 2)
+    v = blk.attn.wv(xn).view(1, S, 2, 4).transpose(1, 2)
+    cos, sin = rope_tables(torch.arange(S, 2 * S)[None], 4, m.cfg.backbone.rope_theta, x.dtype)
+    q, k = apply_rope(q0, cos, sin), apply_rope(k, cos, sin)
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    K2, V2 = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    att = (q @ K2.transpose(-1, -2) / 2).masked_fill(~causal, float("-inf")).softmax(-1) @ V2
+    for w in tables:
+        kv = w.view(3, 2, 2, 4)                                       # (K, k/v, Hkv, hd)
+        kp = kv[:, 0].transpose(0, 1).repeat_interleave(2, 0)          # (H, K, hd)
+        vp = kv[:, 1].transpose(0, 1).repeat_interleave(2, 0)
+        sc = (q0 @ kp.transpose(-1, -2)) / math.sqrt(4)                # (1, H, S, K)
+        att = att + gate * (sc.exp() / (1 + sc.exp().sum(-1, keepdim=True))) @ vp
+    h = x + blk.attn.wo(att.transpose(1, 2).reshape(1, S, 16))
+    h = h + blk.mlp(blk.mlp_norm(h))
+    return m.lm_head(m.norm(h))
+
+
 def test_a_users_rows_are_a_gated_position_free_prefix_by_hand():
     m = one_layer()
-    w = random_table(m, A)                                            # (K, 2 * Hkv * hd): slot p = [k | v]
-    tokens = torch.randint(0, V, (3, 2 * S))
-    names = (A, B, None)
+    wa, wt = random_table(m, A), random_table(m, T, seed=2)            # (K, 2 * Hkv * hd): slot p = [k | v]
+    tokens = torch.randint(0, V, (5, 2 * S))
+    names = (A, B, None, (A, T), T)                                   # a user; no table; no user; user + task; task
     with torch.no_grad():
         _, st = m(tokens[:, :S], None, Step(), namespaces=names)
         got, _ = m(tokens[:, S:], st, Step(), namespaces=names)       # segment 2: positions S..2S-1
         plain = m.without_memories([0])
         _, pst = plain(tokens[:, :S])
         want_plain, _ = plain(tokens[:, S:], pst)
-        blk = m.blocks[0]
-        x = m.tok_emb(tokens[:1, S:])
-        xn = blk.attn_norm(x)
-        q0 = blk.attn.wq(xn).view(1, S, 4, 4).transpose(1, 2)          # un-rotated queries
-        k = blk.attn.wk(xn).view(1, S, 2, 4).transpose(1, 2)
-        v = blk.attn.wv(xn).view(1, S, 2, 4).transpose(1, 2)
-        cos, sin = rope_tables(torch.arange(S, 2 * S)[None], 4, m.cfg.backbone.rope_theta, x.dtype)
-        q, k = apply_rope(q0, cos, sin), apply_rope(k, cos, sin)
-        causal = torch.ones(S, S, dtype=torch.bool).tril()
-        K2, V2 = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
-        att = (q @ K2.transpose(-1, -2) / 2).masked_fill(~causal, float("-inf")).softmax(-1) @ V2
-        kv = w.view(3, 2, 2, 4)                                       # (K, k/v, Hkv, hd)
-        kp = kv[:, 0].transpose(0, 1).repeat_interleave(2, 0)          # (H, K, hd)
-        vp = kv[:, 1].transpose(0, 1).repeat_interleave(2, 0)
-        sc = (q0 @ kp.transpose(-1, -2)) / math.sqrt(4)                # (1, H, S, K)
-        att = att + 0.7 * (sc.exp() / (1 + sc.exp().sum(-1, keepdim=True))) @ vp   # + a null slot (score 0, value 0)
-        h = x + blk.attn.wo(att.transpose(1, 2).reshape(1, S, 16))
-        h = h + blk.mlp(blk.mlp_norm(h))
-        want = m.lm_head(m.norm(h))
-    assert_close(got.logits[:1], want)
-    assert torch.equal(got.logits[1:], want_plain.logits[1:])          # b (no table) and no user: the plain model
+        for i, tables in ((0, [wa]), (3, [wa, wt]), (4, [wt])):
+            assert_close(got.logits[i:i + 1], reference(m, tokens[i:i + 1, S:], tables))
+    assert torch.equal(got.logits[1:3], want_plain.logits[1:3])       # b (no table) and no user: the plain model
     assert not torch.allclose(got.logits[0], want_plain.logits[0], atol=1e-3)
 
 
