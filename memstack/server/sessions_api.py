@@ -100,17 +100,7 @@ async def create_session(body: SessionCreate, request: Request, tenant: Tenant =
 async def import_session(body: SessionImport, request: Request, tenant: Tenant = Depends(tenant_of)):
     st = state_of(request)
     ms = st.loop.engine.memory_sessions
-    reasons, meta, data = [], None, b""
-    try:
-        data = base64.b64decode(body.tensors, validate=True)
-    except (binascii.Error, ValueError):
-        reasons.append("tensors: not valid base64")
-    try:
-        meta = json.loads(body.manifest)
-    except ValueError as e:
-        reasons.append(f"manifest: not valid JSON ({e})")
-    if meta is not None and not isinstance(meta, dict):
-        reasons.append(f"manifest: must be a JSON object (a session export's document), got {type(meta).__name__}")
+    reasons, meta, data = await anyio.to_thread.run_sync(_parse_import, body)   # up to 64 MiB: off the event loop
     if reasons:
         raise APIError(400, "; ".join(reasons), reasons[0].split(":")[0], code="invalid_session")
     name, shape = meta.get("tensors"), meta.get("shape")
@@ -131,6 +121,21 @@ async def import_session(body: SessionImport, request: Request, tenant: Tenant =
     finally:
         st.quotas.unreserve(tenant, blocks)        # the session holds them now (counted as its own), or nothing
     return _public(await _call(request, ms.info, tenant.name, s.id))
+
+
+def _parse_import(body: SessionImport) -> tuple[list[str], dict | None, bytes]:
+    reasons, meta, data = [], None, b""
+    try:
+        data = base64.b64decode(body.tensors, validate=True)
+    except (binascii.Error, ValueError):
+        reasons.append("tensors: not valid base64")
+    try:
+        meta = json.loads(body.manifest)
+    except ValueError as e:
+        reasons.append(f"manifest: not valid JSON ({e})")
+    if meta is not None and not isinstance(meta, dict):
+        reasons.append(f"manifest: must be a JSON object (a session export's document), got {type(meta).__name__}")
+    return reasons, meta, data
 
 
 def _write_import(path: Path, manifest: str, name, data: bytes) -> None:
