@@ -97,6 +97,7 @@ class ConvergedConfig(Checked):
     lora_lr_grid: tuple[float, ...] = ()
     ft_lr_grid: tuple[float, ...] = ()
     bpb_budget: float = 0.01             # selection: a candidate's validation bpb may rise at most this much
+    validation_from: str = ""            # a validation.json of an earlier run of this config: its choices, no sweep
 
     def check(self) -> list[str]:
         r = []
@@ -396,11 +397,12 @@ def run_converged(cfg: ConvergedConfig, out: Path, progress: bool = True) -> dic
     """The whole evaluation; writes out/record.json and out/results.md (and out/validation.json as
     soon as the choices are made), returns the record."""
     from memstack.evals.converged_ft import full_ft_pass
-    from memstack.evals.converged_select import validate
+    from memstack.evals.converged_select import load_choices, save_choices, validate
 
     out.mkdir(parents=True, exist_ok=True)
     say = print if progress else (lambda *a, **k: None)
     t_start = time.time()
+    reused = load_choices(cfg.validation_from, cfg) if cfg.validation_from else None
     with tempfile.TemporaryDirectory() as tmp:
         shared = Shared(cfg)
         say(f"converged: {cfg.val_users} validation + {cfg.users} test users x {cfg.facts_per_user} facts, "
@@ -408,8 +410,8 @@ def run_converged(cfg: ConvergedConfig, out: Path, progress: bool = True) -> dic
         probe = Harness(shared, Path(tmp) / "probe", shared.test_users, approaches=())
         known = [(c, a) for c, a in KNOWN if probe.recalled("base", 0, c, a)] if cfg.backbone != "tiny" else []
         base_bpb = probe.bpb("base", 0)
-        choices = validate(shared, Path(tmp) / "val", base_bpb, say)
-        (out / "validation.json").write_text(json.dumps(choices, indent=1))
+        choices = reused if reused is not None else validate(shared, Path(tmp) / "val", base_bpb, say)
+        save_choices(out / "validation.json", cfg, choices)
         pick = lambda a, k, d: choices[a]["chosen"][k] if a in choices else d     # noqa: E731
         ap = [a for a in cfg.approaches if a != "full_ft"]
         h = Harness(shared, Path(tmp) / "test", shared.test_users, approaches=tuple(ap),
@@ -491,6 +493,7 @@ def run_converged(cfg: ConvergedConfig, out: Path, progress: bool = True) -> dic
                                "request_overhead": None, "swap_s": r["swap_s"],
                                "differential_max_abs": r["differential_max_abs"], "users": n}
     rec = {"kind": "converged", "config": asdict(cfg), "results": res, "validation": choices,
+           "validation_reused_from": cfg.validation_from or None,
            "rolled_back_updates": rolled,
            "rows_written_per_update": statistics.mean(rows_written) if rows_written else 0,
            "known_facts": len(known), "forget_user0": forget, "base_bpb": base_bpb,
@@ -544,7 +547,9 @@ def table(rec: dict) -> str:
     extra = []
     for a, v in rec.get("validation", {}).items():
         c = v["chosen"]
-        how = (f"chosen on {cfg['val_users']} validation users from "
+        how = (f"chosen on {cfg['val_users']} validation users"
+               + (f" (reused from {rec['validation_reused_from']})" if rec.get("validation_reused_from") else "")
+               + " from "
                + ", ".join(f"{_hp(x)} (recall {x['recall']:.2f}, bpb {100 * x['bpb_change']:+.2f}%)" for x in v["candidates"])
                if v["selected_on_validation"] else "not chosen (a single candidate)")
         extra.append(f"{a}: {_hp(c)}, {how}")

@@ -13,13 +13,27 @@ validation held-out bits per byte rose at most `bpb_budget` (the issue's target:
 the smaller rise. When no candidate stays within the budget, the one with the smallest rise is
 taken (and the record says the budget was not met). An approach with a single candidate is
 recorded as "not chosen" (the config's value, used as given).
+
+Choices are written to `validation.json` as soon as they are made; a later run of the same
+configuration can take them from there (`validation_from`) instead of sweeping again -- refused,
+with every difference, unless everything the choices depend on is the same.
 """
 from __future__ import annotations
 
+import json
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
+from memstack.errors import ConfigError
 from memstack.evals.converged_ft import full_ft_pass
+
+# what validation results depend on: the same values are required to reuse them
+VALIDATION_FIELDS = ("backbone", "seg_len", "users", "val_users", "facts_per_user", "mentions", "seed", "layers",
+                     "addressing", "n_keys", "knn", "orders", "heads", "head_dim", "rows_per_head",
+                     "user_rows_per_head", "value_init_std", "table_init_std", "lr", "steps", "lr_grid",
+                     "steps_grid", "max_row_update_norm", "drift_threshold", "heldout", "heldout_tokens", "lora_r",
+                     "lora_lr", "lora_lr_grid", "ft_lr", "ft_lr_grid", "bpb_budget")
 
 
 def choose(cands: list[dict], budget: float) -> dict:
@@ -93,6 +107,33 @@ def validate(shared, root: Path, base_bpb: float, say=lambda *a: None) -> dict:
     return out
 
 
+def save_choices(path: Path, cfg, choices: dict) -> None:
+    c = asdict(cfg)
+    path.write_text(json.dumps({"config": {k: c[k] for k in VALIDATION_FIELDS}, "choices": choices}, indent=1))
+
+
+def load_choices(path: str | Path, cfg) -> dict:
+    """Choices made earlier (save_choices) for this configuration; ConfigError listing every reason not to."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"validation_from: {p} is not a file"], what="converged suite")
+    try:
+        data = json.loads(p.read_text())
+        old, choices = data["config"], data["choices"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError([f"validation_from: {p} is not a validation.json of this suite ({e})"],
+                          what="converged suite") from None
+    now = json.loads(json.dumps(asdict(cfg)))                         # tuples -> lists, as stored
+    reasons = [f"validation_from: {k} was {old.get(k)!r} there, {now[k]!r} here" for k in VALIDATION_FIELDS
+               if old.get(k) != now[k]]
+    need = ({"tables"} if set(cfg.approaches) & {"tables", "tables_rag"} else set()) | (
+        set(cfg.approaches) & {"lora", "full_ft"})
+    reasons += [f"validation_from: no choice for {a} there" for a in sorted(need - set(choices))]
+    if reasons:
+        raise ConfigError(reasons, what="converged suite")
+    return {a: v for a, v in choices.items() if a in need}
+
+
 def _entry(cands: list[dict], budget: float) -> dict:
     if len(cands) == 1:
         return {"chosen": cands[0], "candidates": cands, "selected_on_validation": False}
@@ -101,4 +142,4 @@ def _entry(cands: list[dict], budget: float) -> dict:
             "within_budget": best["bpb_change"] <= budget}
 
 
-__all__ = ["choose", "validate"]
+__all__ = ["choose", "validate", "save_choices", "load_choices", "VALIDATION_FIELDS"]

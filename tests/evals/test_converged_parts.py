@@ -82,3 +82,41 @@ def test_full_fine_tuning_stores_what_changed_and_reloads_it_exactly(tmp_path):
         assert torch.equal(p, base[n]), n
     ft.drop("a")
     assert not ft.path("a").exists() and torch.equal(ft.logits("a", ids), base_logits)
+
+
+def test_choices_are_reused_only_for_the_same_configuration(tmp_path):
+    from memstack.errors import ConfigError
+    from memstack.evals.converged_select import load_choices, save_choices
+
+    cfg = ConvergedConfig(backbone="tiny", users=3, val_users=2, lr_grid=(0.1, 1.0), approaches=("base", "tables", "lora"))
+    choices = {"tables": {"chosen": {"lr": 1.0, "steps": 5}}, "lora": {"chosen": {"lr": 1e-3, "steps": 5}}}
+    save_choices(tmp_path / "v.json", cfg, choices)
+    assert load_choices(tmp_path / "v.json", cfg) == choices
+    # latency settings and the approaches run do not matter; a test user more, another grid or seed does
+    same = ConvergedConfig(backbone="tiny", users=3, val_users=2, lr_grid=(0.1, 1.0), approaches=("tables",),
+                           latency_requests=9)
+    assert load_choices(tmp_path / "v.json", same) == {"tables": choices["tables"]}
+    other = ConvergedConfig(backbone="tiny", users=4, val_users=2, lr_grid=(0.1, 2.0), seed=3,
+                            approaches=("tables", "full_ft"))
+    with pytest.raises(ConfigError) as e:
+        load_choices(tmp_path / "v.json", other)
+    msg = str(e.value)
+    for reason in ("users was 3 there, 4 here", "lr_grid was [0.1, 1.0] there, [0.1, 2.0] here",
+                   "seed was 0 there, 3 here", "no choice for full_ft there"):
+        assert reason in msg, reason
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_choices(tmp_path / "missing.json", cfg)
+
+
+@pytest.mark.parametrize("preset", ["converged_cpu", "converged"])
+def test_converged_presets_parse_and_choose_on_validation(preset):
+    from pathlib import Path
+
+    from memstack.config import from_dict, load_yaml
+
+    data = load_yaml(Path(__file__).parents[2] / "configs" / "bench" / f"{preset}.yaml")
+    assert data.pop("kind") == "converged"
+    cfg = from_dict(ConvergedConfig, data, what=preset)
+    assert cfg.name == preset and cfg.val_users >= 4 and cfg.users >= 8 and cfg.facts_per_user >= 3
+    assert len(cfg.lr_grid) > 1 and len(cfg.steps_grid) > 1 and len(cfg.lora_lr_grid) > 1 and len(cfg.ft_lr_grid) > 1
+    assert set(cfg.approaches) == {"base", "in_context", "rag", "tables", "tables_rag", "lora", "full_ft"}
