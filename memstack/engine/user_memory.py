@@ -37,6 +37,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,17 @@ class UserMemory:
         self.rows = self.holder.namespace_rows()
         self.vocab = model.cfg.backbone.vocab_size
         self.canary = canary
+        # the first block that reads a namespace (Memory.namespace_layer): every block below it
+        # computes the same for every user, so a learn runs them once (no grad) and each update
+        # only the blocks from there on; 0 ("anywhere"): the whole forward every time
+        self.layer = model.namespace_layer()
+        self._canary_batch = batch_of(canary) if canary is not None else None
+        self._canary_start = None                    # the canary below `layer`: once per model
+        # canary loss read as a namespace with the table installed now (the last committed and
+        # installed version), per table object: a table replaced by install / rollback / import /
+        # forget is a miss (recomputed), and a table dropped takes its entry with it
+        self._canary_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._canary_empty: float | None = None      # read as a namespace without rows (user-independent)
         self.authority = authority or NamespaceAuthority()
         self.clock = clock
         # the backbone and the shared rows are frozen for good, before anything is served: the
@@ -196,17 +208,43 @@ class UserMemory:
         q.append(now)
         return []
 
+    def _start(self, x: Tensor):
+        """The forward of batch x stopped below `layer` (no grad; None when there is no shortcut)."""
+        if self.layer < 1:
+            return None
+        with torch.no_grad():
+            return self.model.run_until(x, self.layer)
+
     @torch.no_grad()
     def canary_loss(self, ns: str, table=None) -> float:
         """Mean next-token loss on the canary set, read as namespace `ns` (with `table` staged)."""
         if self.canary is None:
             return math.nan
-        x, y = batch_of(self.canary)
+        x, y = self._canary_batch
         ctx = self.rows.staged(ns, table) if table is not None else contextlib.nullcontext()
+        if self._canary_start is None and self.layer >= 1:
+            self._canary_start = self._start(x)     # the canary's lower blocks: the same for every user
+        names = (ns,) * x.shape[0]
         with ctx:
-            out, _ = self.model(x, None, Step(), namespaces=(ns,) * x.shape[0])
+            if self._canary_start is not None:
+                out, _ = self.model.resume(self._canary_start, namespaces=names)
+            else:
+                out, _ = self.model(x, None, Step(), namespaces=names)
         lg = out.logits
         return float(F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), y.reshape(-1), ignore_index=-100))
+
+    def _canary_before(self, ns: str, before) -> float:
+        """The canary loss at `ns`'s installed table (cached per table object; see __init__)."""
+        if self.canary is None:
+            return math.nan
+        if before is None:
+            if self._canary_empty is None:
+                self._canary_empty = self.canary_loss(ns, self.rows.new_table(ns))
+            return self._canary_empty
+        got = self._canary_at.get(before)
+        if got is None:
+            got = self._canary_at[before] = self.canary_loss(ns, before)
+        return got
 
     def learn(self, ns: str, texts: list[list[int]], install: Install, meta: dict | None = None) -> dict:
         """One online update of `ns`'s rows from `texts` (see the module docstring); MemoryRefused
@@ -224,15 +262,16 @@ class UserMemory:
             up = OnlineUpdater(self.model, cand, lr=self.cfg.lr, policy=policy, authority=self.authority)
             grant = self.authority.grant(ns)
             x, y = batch_of(texts)
+            start = self._start(x)                   # the blocks below `layer`: once per learn
             losses, rows = [], 0
             with self.rows.staged(ns, cand):
                 for _ in range(self.cfg.steps):
-                    res = up.step(x, y, into=[grant], namespace=ns)
+                    res = up.step(x, y, into=[grant], namespace=ns, start=start)
                     if not res.accepted:
                         raise MemoryRefused([f"update refused by the safety policy: {r}" for r in res.reasons])
                     losses.append(res.loss)
                     rows = max(rows, sum(len(s) for s in up.pending.values()))
-            c0 = self.canary_loss(ns, before if before is not None else self.rows.new_table(ns))
+            c0 = self._canary_before(ns, before)
             c1 = self.canary_loss(ns, cand)
             store = self.store(ns)
             if not store.exists:
@@ -247,6 +286,8 @@ class UserMemory:
                 store.rollback(prev)               # the drift guard: the user's rows go back
             else:
                 install(ns, cand)
+                if self.canary is not None:
+                    self._canary_at[cand] = c1       # the next learn's "before", unless replaced
         return {"namespace": ns, "version": version, "head": store.head, "rows_written": rows,
                 "loss_first": losses[0], "loss_last": losses[-1], "canary_before": c0, "canary_after": c1,
                 "drift": drift, "rolled_back": rolled, "latency_s": time.perf_counter() - t0}
