@@ -217,10 +217,8 @@ def test_learn_with_the_shortcut_equals_learn_without_and_caches_the_canary(tmp_
     for shortcut in (True, False):
         m = engram((3,))
         mem = UserMemory(m, tmp_path / f"u{shortcut}", LearnConfig(lr=0.2, steps=3, max_row_update_norm=None,
-                                                                   drift_threshold=10.0), CANARY)
-        assert mem.layer == 3
-        if not shortcut:
-            mem.layer = 0                                # the whole forward every time (the reference)
+                                                                   drift_threshold=10.0), CANARY, shortcut=shortcut)
+        assert mem.layer == (3 if shortcut else 0)       # off: the whole forward every time (the reference)
         got = [mem.learn(A, texts, mem.rows.install), mem.learn(A, texts[:1], mem.rows.install)]
         outs.append(got)
         weights.append(mem.rows.table(A).weight.detach().clone())
