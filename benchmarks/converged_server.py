@@ -121,7 +121,7 @@ def main() -> int:
         rec: dict[str, list[float]] = {k: [] for k in ("learn_http_s", "learn_s", "learn_to_first_token_s",
                                                        "learn_to_next_response_s", "plain_s", "user_rows_s",
                                                        "no_user_s", "plain_ttft_s", "user_rows_ttft_s")}
-        rolled = 0
+        rolled, phases = 0, []
         for i in range(a.repeats):
             f, user = facts[i], f"u{i}"
             t0 = time.perf_counter()
@@ -132,6 +132,7 @@ def main() -> int:
             rec["learn_to_next_response_s"].append(end)
             rec["learn_s"].append(out["latency_s"])
             rolled += bool(out["rolled_back"])
+            phases.append(out["phases_s"])
             for k, url, u in (("plain", srv_plain.url, None), ("user_rows", srv.url, user), ("no_user", srv.url, None)):
                 first, end = complete(url, f.cue, u)
                 rec[f"{k}_s"].append(end)
@@ -142,7 +143,7 @@ def main() -> int:
                "max_tokens": a.max_tokens, **med,
                "user_rows_overhead_vs_plain": med["user_rows_s"] / med["plain_s"] - 1,
                "user_table_read_overhead": (med["user_rows_s"] - med["no_user_s"]) / med["plain_s"],
-               "rolled_back": rolled, "threads": torch.get_num_threads(), "loadavg_start": load0,
+               "learn_phases_s": {p: statistics.median(d[p] for d in phases) for p in phases[0]}, "rolled_back": rolled, "threads": torch.get_num_threads(), "loadavg_start": load0,
                "loadavg_end": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "torch": torch.__version__, "samples": rec}
         print(json.dumps(out))

@@ -357,7 +357,9 @@ class MemoryModel(nn.Module):
         run was started). Equals `forward(tokens, state, step, namespaces=namespaces)` whenever
         nothing the blocks below `run.layer` read differs from when the run was stopped (every
         memory's `namespace_layer()` >= run.layer, for a change of namespaces or of their rows).
-        The run is left as it was: each resume starts again from its stored hidden states."""
+        The run is left as it was: each resume starts again from its stored hidden states and
+        memory states (hooks return new states, as the interface asks; one writing a state tensor
+        in place would leak into the next resume). No attention backend: the memories' own caches."""
         if not isinstance(run, PartialRun) or run.prepared is None:
             raise TypeError("resume takes what run_until returned")
         if not isinstance(logits, Tensor) and logits not in ("all", "last"):

@@ -5,6 +5,8 @@ full forward's; an online update and a whole `UserMemory.learn` give the same ro
 losses with and without it; the cached canary "before" loss equals a fresh one."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -248,3 +250,30 @@ def test_a_replaced_table_is_not_read_from_the_cache(tmp_path):
     mem.rollback(A, 2, mem.rows.install)                 # back to the first learn's rows
     third = mem.learn(A, [[0] + list(b"my cow is called Ida.")], mem.rows.install)
     assert third["canary_before"] == pytest.approx(first["canary_after"], rel=1e-6)
+
+
+def test_the_drift_guard_rolls_back_through_the_shortcut(tmp_path):
+    """User A first learns the canary's own text (its canary loss falls a lot); then a degenerate
+    text at a high lr overwrites rows the canary reads: the canary loss (through the shortcut,
+    "before" from the cache) rises past the threshold, the rows go back to the first learn's and
+    nothing is installed -- with the same figures as the reference path."""
+    outs = []
+    for shortcut in (True, False):
+        m = engram((1, 3), seed=1)
+        mem = UserMemory(m, tmp_path / f"g{shortcut}", LearnConfig(lr=0.5, steps=6, max_row_update_norm=None,
+                                                                   drift_threshold=10.0), CANARY, shortcut=shortcut)
+        first = mem.learn(A, CANARY, mem.rows.install)
+        kept = mem.rows.table(A)
+        w = kept.weight.detach().clone()
+        assert first["canary_after"] < 0.8 * first["canary_before"]
+        mem.cfg = dataclasses.replace(mem.cfg, lr=2.0, drift_threshold=0.01)
+        out = mem.learn(A, [[0] + list(b"z" * 31)], mem.rows.install)
+        assert out["canary_before"] == first["canary_after"]            # the cached (or recomputed) "before"
+        assert out["rolled_back"] and out["drift"] > 0.01 and out["canary_after"] > out["canary_before"]
+        assert mem.rows.table(A) is kept and torch.equal(kept.weight, w)   # nothing installed
+        log = mem.log(A)
+        assert log["head"] == 2 and [v["version"] for v in log["versions"]] == [1, 2, 3]
+        assert torch.equal(mem.store(A).load(), w)                       # the store is back at the first learn
+        outs.append(out)
+    for key in ("loss_first", "loss_last", "canary_before", "canary_after", "drift"):
+        assert outs[0][key] == pytest.approx(outs[1][key], rel=1e-5), key
