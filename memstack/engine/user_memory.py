@@ -170,8 +170,6 @@ class UserMemory:
         # forget is a miss (recomputed), and a table dropped takes its entry with it
         self._canary_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._canary_empty: float | None = None      # read as a namespace without rows (user-independent)
-        if self._canary_batch is not None:           # now, not in a user's first learn
-            self._canary_start = self._start(self._canary_batch[0])
         self.authority = authority or NamespaceAuthority()
         self.clock = clock
         # the backbone and the shared rows are frozen for good, before anything is served: the
@@ -182,6 +180,10 @@ class UserMemory:
         self.lock = threading.Lock()                 # one learner at a time (updates, commits, forgets)
         self.calls: dict[str, deque] = {}
         self.root.mkdir(parents=True, exist_ok=True)
+        if self._canary_batch is not None and shortcut:   # now (frozen), not in a user's first learn
+            self._canary_start = self._start(self._canary_batch[0])
+            # a zero table reads as nothing whatever its namespace: the no-rows loss of every user
+            self._canary_empty = self.canary_loss("user:_canary", self.rows.new_table("user:_canary"))
 
     # -- stores --------------------------------------------------------------------------------
     def _dir(self, ns: str) -> Path:
