@@ -242,11 +242,11 @@ class MemoryModel(nn.Module):
         return h
 
     def forward(self, tokens: Tensor, state: ModelState | None = None, step: Step | None = None,
-                attn: "AttentionBackend | None" = None, namespaces: tuple[str | None, ...] | None = None,
+                attn: "AttentionBackend | None" = None, namespaces: tuple | None = None,
                 logits: str | Tensor = "all") -> tuple[ModelOutput, ModelState]:
         """One chunk of every row. `attn`: an attention backend holding the past keys/values
         outside the model (a serving engine's paged pool, see backbone/attention.py); None: the
-        memories' own caches. `namespaces`: per-row datastore namespaces (StepContext.namespace_of).
+        memories' own caches. `namespaces`: per-row memory namespaces, a name or a tuple read together (StepContext).
         logits="last": only each row's last position goes through the head, or a (B,) tensor: that
         position of each row (serving; allowed when no memory changes logits: a LOGITS memory
         reads every position)."""

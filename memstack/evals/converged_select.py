@@ -30,7 +30,7 @@ from memstack.evals.converged_ft import full_ft_pass
 
 # what validation results depend on: the same values are required to reuse them
 VALIDATION_FIELDS = ("backbone", "seg_len", "users", "val_users", "facts_per_user", "mentions", "seed", "layers",
-                     "addressing", "n_keys", "knn", "orders", "heads", "head_dim", "rows_per_head",
+                     "addressing", "n_keys", "identity_rows", "knn", "orders", "heads", "head_dim", "rows_per_head",
                      "user_rows_per_head", "value_init_std", "table_init_std", "lr", "steps", "lr_grid",
                      "steps_grid", "max_row_update_norm", "drift_threshold", "heldout", "heldout_tokens", "lora_r",
                      "lora_lr", "lora_lr_grid", "ft_lr", "ft_lr_grid", "bpb_budget")
