@@ -14,14 +14,18 @@ their records:
    the ceiling;
 2. engine_vs_hf -- benchmarks/runtime/engine_throughput.py: the engine (public API) vs HF
    `generate` with a static cache, same weights, batch 1/16/64, equal and mixed lengths;
-3. table_gather -- benchmarks/sparse/perf.py --only gather: Triton gather_rows vs index_select,
+3. smollm2_prefix -- benchmarks/hf/smollm2_prefix.py on the GPU (issue 15 part 6): prefix / memory
+   tokens trained on the frozen SmolLM2-135M-Instruct, lr chosen on validation, test bpb; skipped
+   when the optional smollm2 asset is absent (not in --smoke);
+4. table_gather -- benchmarks/sparse/perf.py --only gather: Triton gather_rows vs index_select,
    nn.Embedding and a contiguous copy of the same bytes;
-4. linear_memory -- benchmarks/learned/perf.py op: the chunkwise op, Triton vs torch chunkwise vs the
+5. linear_memory -- benchmarks/learned/perf.py op: the chunkwise op, Triton vs torch chunkwise vs the
    per-token reference.
 
 The record (reports/benchmarks/gpu/run_all-<date>.json, or --out) holds each component's full
 record, its command, wall time and status (ok / failed with the tail of its output / timed out),
-and a `summary` of the headline figures. With --smoke every component runs tiny on the CPU (the
+and a `summary` of the headline figures; it is rewritten after every component, so a run stopped from
+outside keeps what finished. With --smoke every component runs tiny on the CPU (the
 Triton paths through TRITON_INTERPRET=1): it proves the script and its record, not speed.
 Measures; asserts nothing.
 """
@@ -66,6 +70,12 @@ def components(smoke: bool, device: str, tmp: Path) -> list[dict]:
          "argv": [py, "benchmarks/runtime/engine_throughput.py", "--device", device, "--threads", "0",
                   "--d-model", "1024", "--layers", "8", "--heads", "16", "--kv-heads", "4", "--vocab", "32000",
                   "--prompt-len", "128", "--new-tokens", "128", "--reps", "3", "--out", str(tmp / "engine_vs_hf.json")]},
+        # issue 15 part 6: prefix / memory tokens trained on the frozen SmolLM2 (needs the smollm2 asset)
+        {"name": "smollm2_prefix", "limit": 300, "out": tmp / "smollm2_prefix" / "smollm2_prefix-records.jsonl",
+         "needs": "smollm2",
+         "argv": [py, "benchmarks/hf/smollm2_prefix.py", "--device", device, "--steps", "200", "--batch", "8",
+                  "--eval-tokens", "16384", "--lrs", "0.003,0.01,0.03", "--work", str(tmp / "smollm2_runs"),
+                  "--out", str(tmp / "smollm2_prefix")]},
         {"name": "table_gather", "limit": 60, "out": tmp / "table_gather.json",
          "argv": [py, "benchmarks/sparse/perf.py", "--only", "gather", "--device", device, "--out",
                   str(tmp / "table_gather.json")]},
@@ -82,13 +92,15 @@ def run(c: dict, env: dict) -> dict:
         p = subprocess.run(c["argv"], cwd=REPO, env=env, capture_output=True, text=True, timeout=c["limit"])
         ok = p.returncode == 0 and c["out"].exists()
         res["status"] = "ok" if ok else f"failed (exit {p.returncode})"
-        if ok:
-            res["record"] = json.loads(c["out"].read_text())
-        else:
+        if not ok:
             res["output_tail"] = (p.stdout + p.stderr)[-3000:]
     except subprocess.TimeoutExpired as e:
         res["status"] = f"timed out after {c['limit']} s"
         res["output_tail"] = ((e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace"))[-3000:]
+    if c["out"].exists() and c["out"].suffix == ".jsonl":   # rows written as measured: kept from a stopped run too
+        res["record"] = [json.loads(line) for line in c["out"].read_text().splitlines() if line.strip()]
+    elif res["status"] == "ok":
+        res["record"] = json.loads(c["out"].read_text())
     res["wall_s"] = time.perf_counter() - t
     return res
 
@@ -113,6 +125,10 @@ def summary(parts: dict) -> dict:
         key = "triton" if any("triton_GBps" in r for r in tg["gather"]) else "gather_rows"
         s["table_gather"] = [{"impl": key, "lookups": r["lookups"], "GBps": r[f"{key}_GBps"],
                               "share_of_copy_bandwidth": r["contiguous_copy_s"] / r[f"{key}_s"]} for r in tg["gather"]]
+    sp = parts.get("smollm2_prefix", {}).get("record")
+    if sp:
+        s["smollm2_prefix"] = [{k: r.get(k) for k in ("variant", "chosen_lr", "val_bpb", "test_bpb", "trained_params")}
+                               for r in sp]
     lm = parts.get("linear_memory", {}).get("record")
     if lm:
         s["linear_memory"] = [{k: r.get(k) for k in ("T", "block", "rule", "speedup", "triton_vs_chunked")}
@@ -136,26 +152,40 @@ def main(argv: list[str] | None = None) -> Path:
 
         if not torch.cuda.is_available():
             sys.exit("run_all: no CUDA device here; use --smoke to check the script on the CPU")
-    t0 = time.perf_counter()
-    parts = {}
-    with tempfile.TemporaryDirectory(prefix="memstack-gpu-") as d:
-        for c in components(args.smoke, args.device, Path(d)):
-            if args.only and c["name"] not in args.only.split(","):
-                continue
-            print(f"[run_all] {c['name']}: {' '.join(c['argv'][1:])}", flush=True)
-            parts[c["name"]] = run(c, env)
-            print(f"[run_all] {c['name']}: {parts[c['name']]['status']} in {parts[c['name']]['wall_s']:.1f} s", flush=True)
     sys.path.insert(0, str(REPO / "benchmarks" / "runtime"))
     from common import device_info, git_sha  # noqa: E402  (benchmarks/runtime/common.py)
     import torch  # noqa: E402
 
-    rec = {"benchmark": "gpu_run_all", "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-           "git": git_sha(), "device": device_info(args.device), "torch": torch.__version__,
-           "elapsed_s": time.perf_counter() - t0, "summary": summary(parts), "components": parts}
+    from memstack.data.assets import asset_path  # noqa: E402
+    from memstack.errors import AssetError  # noqa: E402
+
+    def present(name: str) -> bool:
+        try:
+            return asset_path(name).exists()
+        except AssetError:
+            return False
+
+    t0 = time.perf_counter()
+    parts: dict = {}
     out = Path(args.out) if args.out else REPO / "reports" / "benchmarks" / "gpu" / \
         f"run_all{'-smoke' if args.smoke else ''}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rec, indent=1))
+    rec = {"benchmark": "gpu_run_all", "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "git": git_sha(), "device": device_info(args.device), "torch": torch.__version__}
+    with tempfile.TemporaryDirectory(prefix="memstack-gpu-") as d:
+        for c in components(args.smoke, args.device, Path(d)):
+            if args.only and c["name"] not in args.only.split(","):
+                continue
+            if c.get("needs") and not present(c["needs"]):
+                parts[c["name"]] = {"status": f"skipped (no {c['needs']} asset: memstack data fetch {c['needs']})"}
+            else:
+                print(f"[run_all] {c['name']}: {' '.join(c['argv'][1:])}", flush=True)
+                parts[c["name"]] = run(c, env)
+            print(f"[run_all] {c['name']}: {parts[c['name']]['status']} in {parts[c['name']].get('wall_s', 0):.1f} s",
+                  flush=True)
+            # written after every component: a run stopped from outside keeps what finished
+            rec.update(elapsed_s=time.perf_counter() - t0, summary=summary(parts), components=parts)
+            out.write_text(json.dumps(rec, indent=1))
     print(json.dumps(rec["summary"], indent=1))
     print(f"[run_all] {len(parts)} components, {sum(p['status'] == 'ok' for p in parts.values())} ok, "
           f"{rec['elapsed_s']:.0f} s; record: {out}")

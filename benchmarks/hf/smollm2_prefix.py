@@ -52,23 +52,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lrs", default="0.003,0.01")
     ap.add_argument("--only", help="comma-separated: frozen and/or variant names")
     ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--device", default="cpu", help="cpu (one thread) or cuda")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     pick = set(args.only.split(",")) if args.only else {"frozen", "text-prompt", *VARIANTS}
-    env = environment(torch.device("cpu"))
-    base = {"pretrained": "smollm2", "model": {"seg_len": args.seg_len}, "device": "cpu",
+    env = environment(torch.device(args.device))
+    base = {"pretrained": "smollm2", "model": {"seg_len": args.seg_len}, "device": args.device,
             "task": {"kind": "lm", "corpus": "sotu", "tokenizer": "smollm2", "eval_split": "val",
                      "eval_tokens": args.eval_tokens, "eval_rows": 4}}
     rows = []
+    date = time.strftime("%Y-%m-%d %H:%M:%S")
+
+    def done(r: dict) -> None:  # each row is written as soon as it is measured: a run stopped later keeps it
+        rows.append(r)
+        with open(out / "smollm2_prefix-records.jsonl", "a") as f:
+            f.write(json.dumps({**r, "steps": args.steps, "batch": args.batch, "seg_len": args.seg_len,
+                                "eval_tokens": args.eval_tokens, "env": env, "date": date,
+                                "command": " ".join(["python", *sys.argv])}) + "\n")
+
     if "frozen" in pick:
         from memstack.hf.pretrained import load_pretrained
         from memstack.evals.task import build_task
 
-        model = load_pretrained("smollm2", (), seg_len=args.seg_len).eval()
+        model = load_pretrained("smollm2", (), seg_len=args.seg_len).to(args.device).eval()
         res = {s: build_task(task(s, args.eval_tokens), args.seg_len).evaluate(model)["bpb"] for s in ("val", "test")}
-        rows.append({"variant": "frozen SmolLM2", "val_bpb": res["val"], "test_bpb": res["test"], "trained_params": 0})
+        done({"variant": "frozen SmolLM2", "val_bpb": res["val"], "test_bpb": res["test"], "trained_params": 0})
     if "text-prompt" in pick:  # the frozen model reading TEXT before every segment (a hard prompt; no training)
         from memstack.adapter_init import init_prefix_from_text
         from memstack.config import MemoryConfig
@@ -77,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
         t = build_task(task("val", args.eval_tokens), args.seg_len)
         mem = from_dict(MemoryConfig, VARIANTS["prefix16-text"][0][0], what="memory")
-        model = load_pretrained("smollm2", (mem,), seg_len=args.seg_len).eval()
+        model = load_pretrained("smollm2", (mem,), seg_len=args.seg_len).to(args.device).eval()
         init_prefix_from_text(model, t.tokenizer.encode(TEXT))
         res = {s: build_task(task(s, args.eval_tokens), args.seg_len).evaluate(model)["bpb"] for s in ("val", "test")}
-        rows.append({"variant": "frozen SmolLM2 + the text as a prompt (16 tokens)", "val_bpb": res["val"],
+        done({"variant": "frozen SmolLM2 + the text as a prompt (16 tokens)", "val_bpb": res["val"],
                      "test_bpb": res["test"], "trained_params": 0})
     for name, (mems, text) in VARIANTS.items():
         if name not in pick:
@@ -96,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             rec = run_training(cfg, progress=False)
             wall = time.perf_counter() - t0
             adapter = Path(rec["adapter"])
-            test = evaluate_checkpoint(adapter, task("test", args.eval_tokens), device="cpu")["bpb"]
+            test = evaluate_checkpoint(adapter, task("test", args.eval_tokens), device=args.device)["bpb"]
             n_adapter = sum(p.stat().st_size for p in adapter.iterdir())
             runs.append({"lr": lr, "val_bpb": rec["eval"]["bpb"], "test_bpb": test, "train_s": wall,
                          "final_train_loss": rec["loss"], "adapter_bytes": n_adapter, "adapter": str(adapter),
@@ -108,15 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         from memstack.adapters import read_adapter
 
         weights = load_file(str(Path(best["adapter"]) / read_adapter(best["adapter"])["weights"]))
-        rows.append({"variant": name, "memories": mems, "memory_init_text": text, "runs": runs, "chosen_lr": best["lr"], "val_bpb": best["val_bpb"],
+        done({"variant": name, "memories": mems, "memory_init_text": text, "runs": runs, "chosen_lr": best["lr"], "val_bpb": best["val_bpb"],
                      "test_bpb": best["test_bpb"], "adapter_bytes": best["adapter_bytes"],
                      "trained_params": sum(t.numel() for t in weights.values())})
-    date = time.strftime("%Y-%m-%d %H:%M:%S")
-    with open(out / "smollm2_prefix-records.jsonl", "a") as f:
-        for r in rows:
-            f.write(json.dumps({**r, "steps": args.steps, "batch": args.batch, "seg_len": args.seg_len,
-                                "eval_tokens": args.eval_tokens, "env": env, "date": date,
-                                "command": " ".join(["python", *sys.argv])}) + "\n")
     print("| variant | lr (chosen on val) | val bpb | test bpb | trained params | adapter bytes |")
     for r in rows:
         print(f"| {r['variant']} | {r.get('chosen_lr', '-')} | {r['val_bpb']:.4f} | {r['test_bpb']:.4f} | "

@@ -52,7 +52,7 @@ def cmd_datastore(args: argparse.Namespace) -> int:
         s = Datastore.open(args.path)
         print(json.dumps({"entries": len(s), "rows": s.n_rows, "tombstones": s.n_tombstones, "fingerprint": s.fingerprint,
                           "backend": s.cfg.backend, "dim": s.cfg.dim, "metric": s.cfg.metric, "dtype": s.cfg.dtype,
-                          "namespaces": {n: s.count(n) for n in s.namespaces}, "payload": {k: [d, list(v)] for k, (d, v) in s.schema.items()},
+                          "namespaces": {n: s.count(n) for n in s.namespaces if not n.startswith("\x00")}, "payload": {k: [d, list(v)] for k, (d, v) in s.schema.items()},
                           "text": s.has_text}, indent=1))
         return 0
     missing = [f"--{n}" for n in ("kind", "out") if not getattr(args, n)]

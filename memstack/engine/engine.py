@@ -42,6 +42,7 @@ from memstack.engine.runner import ModelRunner, Work
 from memstack.engine.scheduler import Scheduler
 from memstack.errors import MemstackError
 from memstack.generate import SamplingConfig, sample
+from memstack.memory.base import row_reads
 from memstack.memory.kv.block_pool import BlockPool
 from memstack.memory.kv.compress import budget
 from memstack.memory.kv.config import CompressionConfig
@@ -147,14 +148,16 @@ class Engine:
 
     def add_request(self, prompt: Iterable[int], params: SamplingConfig = SamplingConfig(), salt: str | None = None,
                     request_id: str | None = None, compression: CompressionConfig | None = None,
-                    namespace: str | None = None, session: tuple[str, str] | None = None) -> str:
+                    namespace: str | tuple[str, ...] | None = None, session: tuple[str, str] | None = None) -> str:
         """Queue a request. `compression` (StreamingLLM, policy="streaming") bounds its KV: after
         every step, whole blocks between the sink blocks and the most recent ones are freed so the
         request holds at most max(ceil(keep_ratio * tokens), sinks + 2 blocks) blocks. With
         policy="learned" (a trained scorer, `compression.scorer`), at each segment end every
         (layer, KV head) keeps its ceil(keep_ratio * tokens) best-scored slots, compacted; the
         freed blocks go back to the pool (engine/press.py).
-        `namespace`: the datastore namespace its retrieval memories read (None: their configured one).
+        `namespace`: the memory namespace its rows read -- one name, or a tuple read together (a
+        user's and a task's: every memory reads the union; the first is its own); None: the
+        memories' configured one. Its K/V is cached under it (salted and tagged, engine/forget.py).
         `session`: (tenant, session id) of a memory session (memory_sessions.py): the prompt is
         appended to the session's document and decoding continues from its memory state and K/V."""
         prompt = [int(t) for t in prompt]
@@ -171,15 +174,19 @@ class Engine:
         else:
             reasons += params.check()                 # a config built around its checks is refused here too
             reasons += self.check_request(prompt, params, compression)
-        if namespace is not None and (not isinstance(namespace, str) or not namespace):
-            reasons.append(f"namespace must be a non-empty string or None, got {namespace!r}")
+        names_ok = isinstance(namespace, str) and namespace or (isinstance(namespace, tuple) and namespace and all(
+            isinstance(n, str) and n for n in namespace))
+        if namespace is not None and not names_ok:
+            reasons.append(f"namespace must be a non-empty string, a non-empty tuple of them, or None, got {namespace!r}")
         if rid in self.requests and not self.requests[rid].finished:
             reasons.append(f"request id {rid!r} is in use")
         if reasons:
             raise EngineError(reasons)
         gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.temperature > 0 else None
         if namespace is not None:    # K/V computed under one namespace's memory is never reused under another's
-            salt = f"{salt or ''}\x00namespace:{namespace}"
+            reads = row_reads(namespace)
+            namespace = reads[0] if len(reads) == 1 else reads
+            salt = f"{salt or ''}\x00namespace:" + "\x00".join(reads)
         req = Request(rid, prompt, params, salt, generator=gen,
                       compression=compression if compression is not None and compression.policy != "none" else None,
                       namespace=namespace, session=sess)
@@ -256,7 +263,7 @@ class Engine:
                 return False
             self.memory_sessions.start(req)
             return True
-        seq = self.manager.new_seq(self.namespace.root(req.salt))
+        seq = self.manager.new_seq(self.namespace.root(req.salt), row_reads(req.namespace) or None)
         if not self.prefix_caching or (req.compression is not None and req.compression.policy == "learned"):
             # (a token press rewrites its blocks in place: they must be its own, never cached ones)
             seq.cacheable = False                    # its blocks are never keyed (memory state, or caching off)
@@ -397,6 +404,13 @@ class Engine:
         finally:
             self.abort(rid)
             self.requests.pop(rid, None)
+
+    def forget(self, namespace: str) -> dict:
+        """Remove everything this engine holds for a memory namespace (engine/forget.py); call it
+        between two steps (a server: in the engine thread)."""
+        from memstack.engine.forget import forget_namespace
+
+        return forget_namespace(self, namespace)
 
     def kv_stats(self) -> dict[str, float]:
         """Blocks in use, and the share of reserved slots holding no visible token (waste)."""

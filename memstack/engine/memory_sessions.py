@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from memstack.errors import CheckpointError, MemstackError
+from memstack.memory.base import row_reads
 from memstack.memory.kv.hashing import CacheNamespace
 from memstack.memory.kv.manager import SeqKV
 from memstack.memory.state import ModelState
@@ -66,6 +67,7 @@ class MemorySession:
     host_kv: Tensor | None = None                       # its blocks in host memory while offloaded
     host_seq: dict | None = None                        # the SeqKV fields while offloaded
     busy: str | None = None                             # the request running on it
+    namespaces: set = field(default_factory=set)        # memory namespaces its requests read (forget closes it)
     last_used: float = field(default_factory=time.monotonic)
 
     @property
@@ -146,7 +148,7 @@ class MemorySessions:
         s.last_used = time.monotonic()
         self._to_device(s)
         if s.seq is None:                                # an empty session: a fresh document
-            seq = eng.manager.new_seq(eng.namespace.root(req.salt))
+            seq = eng.manager.new_seq(eng.namespace.root(req.salt), row_reads(req.namespace) or None)
             seq.cacheable = eng.prefix_caching
         else:
             seq = eng.manager.fork(s.seq)
@@ -160,6 +162,7 @@ class MemorySessions:
         if not ok or req.seq is None:
             return                                      # the fork is freed by the scheduler; the session is as it was
         old = s.seq
+        s.namespaces.update(row_reads(req.namespace))   # its state and K/V now carry what those rows gave
         s.tokens, s.seq, s.seg_slot0 = list(req.tokens), req.seq, req.seg_slot0
         s.state = self.engine.runner.row_state(req.state)   # its own row (not a view of the last batch)
         req.seq = None                                  # the session owns the blocks now
@@ -243,7 +246,7 @@ class MemorySessions:
             write_sealed(path.with_name(path.name + ".json"), KIND, FORMAT, {
                 "tenant": s.tenant, "id": s.id, "namespace": eng.namespace.to_dict(), "kinds": eng.serving.memory.kinds,
                 "tokens": s.tokens, "seq": seqf, "seg_slot0": s.seg_slot0, "state": skel, "tensors": name,
-                "sha256": sha, "shape": list(kv.shape)})
+                "sha256": sha, "shape": list(kv.shape), "reads": sorted(s.namespaces)})
             remove_unreferenced(path.parent, path.name, {name})
         return path
 
@@ -297,7 +300,8 @@ class MemorySessions:
         tensors = load_file(str(tfile))
         if "kv" not in tensors or list(tensors["kv"].shape) != meta["shape"]:
             raise SessionError(f"{tfile}: its K/V does not have the shape its manifest records; refusing it")
-        s = MemorySession(tenant, sid, [int(t) for t in meta["tokens"]], seg_slot0=int(meta["seg_slot0"]))
+        s = MemorySession(tenant, sid, [int(t) for t in meta["tokens"]], seg_slot0=int(meta["seg_slot0"]),
+                          namespaces={n for n in meta.get("reads", []) if isinstance(n, str)})   # forgettable
         try:
             s.state = _unflatten(meta["state"], tensors, eng.device) if meta["state"] is not None else None
         except (KeyError, TypeError, ValueError, CheckpointError) as e:

@@ -46,7 +46,7 @@ class Request:
     logits: list = field(default_factory=list)   # the rows tokens were sampled from (Engine.record_logits)
     state: Any = None                             # memory state row (ModelState, batch 1); None: fresh
     seg_slot0: int = 0                            # absolute K/V slot where the current segment began
-    namespace: str | None = None                  # datastore namespace of its retrieval memories (None: theirs)
+    namespace: str | tuple[str, ...] | None = None   # memory namespace(s) its rows read (None: the memories' own)
     error: str | None = None                      # why it finished with finish_reason "error"
     session: Any = None                           # its MemorySession (memory_sessions.py) or None
 

@@ -61,7 +61,7 @@ class Work:
     start: int                 # first visible slot
     block_ids: list[int]       # the sequence's block table
     state: Any = None          # the request's memory state: None (fresh), a ModelState row or a RowRef; replaced by run()
-    namespace: str | None = None   # the request's datastore namespace (None: the memories' own)
+    namespace: str | tuple[str, ...] | None = None   # the request's memory namespace(s) (None: the memories' own)
     written: int = 0           # slots the call wrote (real + memory tokens), set by run()
 
     @property

@@ -405,7 +405,8 @@ class UserMemory:
             if d.exists():
                 shutil.rmtree(d)
             self.calls.pop(ns, None)
-            return {"namespace": ns, "versions_removed": versions, "store_exists": d.exists(), **removed}
+            left = {**removed.pop("left", {}), "stored_versions": self.store(ns).last if self.store(ns).exists else 0}
+            return {"namespace": ns, "versions_removed": versions, "store_exists": d.exists(), **removed, "left": left}
 
 
 __all__ = ["LearnConfig", "MemoryRefused", "UserMemory", "batch_of"]

@@ -104,6 +104,14 @@ class Step:
     seg_end: bool | Tensor | list[bool] = True     # this chunk closes a segment (all rows, or (B,) per row)
 
 
+def row_reads(entry: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    """The namespaces one row's `StepContext.namespaces` entry reads, in order, without repeats
+    (() for None)."""
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(dict.fromkeys(entry))
+
+
 def row_flags(flag: bool | Tensor | list[bool], batch: int, device: torch.device | str) -> Tensor:
     """A Step phase as a (batch,) bool tensor (a bool is broadcast to every row)."""
     if isinstance(flag, (list, tuple)):
@@ -154,9 +162,11 @@ class StepContext:
     # None: all of them. Memory tokens added only for the rows that open (close) a segment are
     # invalid in the other rows: attention never reads them, caches do not store them.
     valid: Tensor | None = None
-    # per-row datastore namespace (a serving engine's tenant / user); None: every row reads the
-    # memory's configured namespace. See `namespace_of`.
-    namespaces: tuple[str | None, ...] | None = None
+    # per-row namespaces (a serving engine's tenant / user / task): each row's entry is one name,
+    # a tuple of names it reads together (its user's AND its task's rows / datastore entries; the
+    # first is its own), or None (the memory's configured namespace); None: every row reads the
+    # configured one. See `namespace_of` (each row's own) and `reads_of` (everything it reads).
+    namespaces: tuple[str | tuple[str, ...] | None, ...] | None = None
     # Python summaries of the phases (set in __post_init__): skip work without a device sync
     any_start: bool = field(default=False, init=False)
     all_start: bool = field(default=False, init=False)
@@ -202,11 +212,15 @@ class StepContext:
         return self.embed_slots.get(id(memory), (empty, empty))
 
     def namespace_of(self, default: str) -> list[str]:
-        """The datastore namespace of every row: the engine's per-row one, else `default`."""
-        B = self.tokens.shape[0]
+        """Each row's own namespace (the first it reads): the engine's per-row one, else `default`."""
+        return [r[0] for r in self.reads_of(default)]
+
+    def reads_of(self, default: str) -> list[tuple[str, ...]]:
+        """Every namespace each row reads, its own first (a user's and a task's: a memory reads
+        the union of their rows / entries); `default` for rows the engine gave none."""
         if self.namespaces is None:
-            return [default] * B
-        return [default if n is None else n for n in self.namespaces]
+            return [(default,)] * self.tokens.shape[0]
+        return [row_reads(n) or (default,) for n in self.namespaces]
 
     def with_(self, **kw: Any) -> "StepContext":
         if "seg_start" in kw or "seg_end" in kw:
@@ -367,10 +381,17 @@ class Memory(nn.Module):
         return 0
 
     def forget(self, namespace: str) -> int:
-        """Remove everything this memory holds for `namespace` (its table rows, datastore
-        entries); returns how many rows/entries were removed. Default: nothing is held."""
+        """Remove everything this memory holds for `namespace` (its per-namespace table, datastore
+        entries -- persisted where the memory keeps them on disk); returns how many tables /
+        entries were removed. Default: its per-namespace table, if any."""
         rows = self.namespace_rows()
         return int(rows.drop(namespace)) if rows is not None else 0
+
+    def holds(self, namespace: str) -> int:
+        """How many tables / entries this memory holds for `namespace` (0 after `forget`: a
+        server's forget checks it for every memory)."""
+        rows = self.namespace_rows()
+        return int(rows is not None and namespace in rows.names)
 
     def applies_to(self, layer: int) -> bool:
         """ATTN / BLOCK memories: whether this layer is touched. Default: config `layers`, else all."""

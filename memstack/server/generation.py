@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from memstack.engine import EngineError
 from memstack.generate import SamplingConfig
+from memstack.memory.base import row_reads
 from memstack.server.errors import APIError
 from memstack.server.loop import EngineDead, Event, Stream, TokenLogprob
 from memstack.server.tenants import Tenant
@@ -62,9 +63,9 @@ def sampling(req, max_tokens: int, stop_ids: tuple[int, ...], index: int, seed: 
 
 class Generation:
     def __init__(self, state, tenant: Tenant, prompts: list[list[int]], req, max_tokens: list[int],
-                 stop_ids: tuple[int, ...], top_logprobs: int | None, namespace: str | None = None):
+                 stop_ids: tuple[int, ...], top_logprobs: int | None, namespace: str | tuple | None = None):
         self.state, self.tenant, self.prompts, self.req = state, tenant, prompts, req
-        self.namespace = namespace               # the request's user memory (the tenant's own user), or None
+        self.namespace = namespace               # the request's memory: its user's, task's, or (user, task); or None
         self.max_tokens, self.stop_ids, self.top_logprobs = max_tokens, stop_ids, top_logprobs
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices: list[Choice] = []
@@ -95,7 +96,7 @@ class Generation:
         items = []
         for c, sp in zip(self.choices, params):
             stream = Stream(aloop, self.top_logprobs, queue=self.queue, tag=c.index)
-            salt = self.tenant.salt if self.namespace is None else self.namespace   # a user's cached K/V is its own
+            salt = self.tenant.salt if self.namespace is None else "|".join(row_reads(self.namespace))  # a user's K/V is its own
             session = (self.tenant.name, self.req.session) if getattr(self.req, "session", None) else None
             items.append((c.rid, self.prompts[c.prompt_index], sp, salt, stream, self.namespace, session))
         try:

@@ -64,7 +64,7 @@ async def completions(body: CompletionRequest, request: Request, tenant: Tenant 
     prompts, texts = await _completion_prompts(st, body.prompt)
     max_tokens = [body.max_tokens or 16] * len(prompts)            # OpenAI's default for completions
     stops = (st.tokenizer.eot_id,) if st.tokenizer is not None and not body.ignore_eos else ()
-    gen = Generation(st, tenant, prompts, body, max_tokens, stops, body.logprobs, user_namespace(st, tenant, body.user))
+    gen = Generation(st, tenant, prompts, body, max_tokens, stops, body.logprobs, request_namespace(st, tenant, body))
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "text_completion", "created": created, "model": st.config.model_name}
     echo = [texts[c.prompt_index] if body.echo else "" for c in gen.choices]
@@ -137,7 +137,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, tenant
             raise APIError(400, f"the prompt ({len(ids)} tokens) leaves no room in max_model_len {room}", "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
     gen = Generation(st, tenant, [ids], body, [limit], () if body.ignore_eos else st.chat_stop_ids, top,
-                     user_namespace(st, tenant, body.user))
+                     request_namespace(st, tenant, body))
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": st.config.model_name}
     if body.stream:
@@ -167,6 +167,24 @@ def user_namespace(st, tenant: Tenant, user: str | None) -> str | None:
     if ns is None:
         raise APIError(404, f"no user {user!r} in this tenant", "user", code="user_not_found")
     return ns
+
+
+def task_namespace(st, tenant: Tenant, task: str | None) -> str | None:
+    """The memory namespace a request's `task` selects: one of its tenant's declared tasks (404
+    otherwise, another tenant's task exactly like an unknown one; 404 on a server without memory)."""
+    if task is None:
+        return None
+    ns = tenant.task_namespace(task) if getattr(st, "memory", None) is not None else None
+    if ns is None:
+        raise APIError(404, f"no task {task!r} in this tenant", "task", code="task_not_found")
+    return ns
+
+
+def request_namespace(st, tenant: Tenant, body) -> str | tuple[str, ...] | None:
+    """Every memory namespace a request reads: its user's, then its task's (a tuple when both:
+    each memory reads their union; the user's is the request's own)."""
+    names = [n for n in (user_namespace(st, tenant, body.user), task_namespace(st, tenant, body.task)) if n]
+    return None if not names else names[0] if len(names) == 1 else tuple(names)
 
 
 def _check_common(st, body) -> None:

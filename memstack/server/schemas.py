@@ -58,6 +58,8 @@ class SamplingFields(Model):
     presence_penalty: Float(ge=-2, le=2) = 0.0
     logit_bias: dict[str, Float(ge=-100, le=100)] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
+    task: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+        None, description="extension: one of the tenant's tasks; its memory is read with the user's")
     session: Annotated[str, Field(pattern=SESSION_ID)] | None = Field(
         None, description="extension: continue this memory session (POST /v1/sessions); n must be 1")
     return_token_ids: Bool = Field(False, description="extension: add each choice's generated ids (token_ids)")

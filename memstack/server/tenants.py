@@ -16,6 +16,7 @@ Keys come from a YAML/JSON file and/or the environment variable ``MEMSTACK_API_K
         kv_quota_blocks: 2048                    # KV blocks its requests in flight may reserve
         max_concurrent: 64                       # requests in flight
         users: [alice, bob]                      # its users: each has its own memory (user:<id> rows)
+        tasks: [support]                         # its tasks: memory its requests read beside a user's (task:<id>)
 
 Only SHA-256 digests of keys are kept in memory; a presented key is hashed and compared with every
 digest in constant time (`hmac.compare_digest`, no early exit), and keys are never logged.
@@ -46,6 +47,7 @@ class Tenant:
     kv_quota_blocks: int | None = None       # None: the whole pool
     max_concurrent: int | None = None        # None: no per-tenant limit
     users: tuple[str, ...] = ()              # declared users (their memory namespaces); none: no user memory
+    tasks: tuple[str, ...] = ()              # declared tasks (task:<id> namespaces a request reads with its user's)
 
     @property
     def salt(self) -> str:
@@ -60,6 +62,10 @@ class Tenant:
         """The memory namespace of one of this tenant's declared users; None for any other name
         (undeclared, or another tenant's: the same answer, so nothing leaks across tenants)."""
         return self.namespace("user", user) if isinstance(user, str) and user in self.users else None
+
+    def task_namespace(self, task: str) -> str | None:
+        """The memory namespace of one of this tenant's declared tasks; None for any other name."""
+        return self.namespace("task", task) if isinstance(task, str) and task in self.tasks else None
 
 
 class Tenants:
@@ -158,7 +164,7 @@ def _read_env(value: str, reasons: list[str]) -> list[dict]:
 
 
 def _tenant(spec: dict, where: str, reasons: list[str]) -> tuple[Tenant | None, list[bytes]]:
-    known = {"name", "keys", "key_sha256", "pin_quota_blocks", "kv_quota_blocks", "max_concurrent", "users"}
+    known = {"name", "keys", "key_sha256", "pin_quota_blocks", "kv_quota_blocks", "max_concurrent", "users", "tasks"}
     n0 = len(reasons)
     if unknown := sorted(set(spec) - known):
         reasons.append(f"{where}: unknown field(s) {unknown}; valid: {sorted(known)}")
@@ -188,14 +194,16 @@ def _tenant(spec: dict, where: str, reasons: list[str]) -> tuple[Tenant | None, 
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < (0 if f == "pin_quota_blocks" else 1)):
             reasons.append(f"{where}: {f} must be an integer >= {0 if f == 'pin_quota_blocks' else 1} or null, got {v!r}")
         quotas[f] = v
-    users = spec.get("users") or []
-    if not isinstance(users, list) or any(not isinstance(u, str) or not USER_RE.fullmatch(u) for u in users):
-        reasons.append(f"{where}: users must be a list of ids matching {USER_RE.pattern}, got {users!r}")
-    elif len(set(users)) != len(users):
-        reasons.append(f"{where}: users lists a user twice")
+    ids = {}
+    for f in ("users", "tasks"):
+        v = ids[f] = spec.get(f) or []
+        if not isinstance(v, list) or any(not isinstance(u, str) or not USER_RE.fullmatch(u) for u in v):
+            reasons.append(f"{where}: {f} must be a list of ids matching {USER_RE.pattern}, got {v!r}")
+        elif len(set(v)) != len(v):
+            reasons.append(f"{where}: {f} lists a {f[:-1]} twice")
     if len(reasons) > n0:
         return None, []
-    return Tenant(name, **quotas, users=tuple(users)), digests
+    return Tenant(name, **quotas, users=tuple(ids["users"]), tasks=tuple(ids["tasks"])), digests
 
 
 __all__ = ["Tenant", "Tenants", "ENV_VAR", "ANONYMOUS"]

@@ -20,7 +20,7 @@ Deviation from vLLM: no null block; ids are 0..num_blocks-1, all usable.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 
 @dataclass(eq=False)
@@ -28,6 +28,8 @@ class Block:
     id: int
     ref_cnt: int = 0
     key: bytes | None = None                   # prefix key while the block is a cached full block
+    tag: Any = None                            # whose it is while cached (a serving engine: the namespaces
+                                               # its request read), so one user's blocks can be dropped
     prev: "Block | None" = field(default=None, repr=False)
     next: "Block | None" = field(default=None, repr=False)
 
@@ -116,7 +118,7 @@ class BlockPool:
             if self.cached.get(b.key) is b:
                 del self.cached[b.key]
                 self.events.append(("removed", b.key))
-            b.key = None
+            b.key = b.tag = None
 
     def touch(self, blocks: Iterable[Block]) -> None:
         """Take a reference to blocks found in the cache (unlinking free ones from the queue)."""
@@ -141,14 +143,14 @@ class BlockPool:
     def lookup(self, key: bytes) -> Block | None:
         return self.cached.get(key) if self.enable_caching else None
 
-    def cache(self, b: Block, key: bytes) -> bool:
-        """Make `b` (a full, immutable block) findable under `key`; False if another block
-        already is (then `b` stays private)."""
+    def cache(self, b: Block, key: bytes, tag: Any = None) -> bool:
+        """Make `b` (a full, immutable block) findable under `key`, recording `tag` (whose it is);
+        False if another block already is (then `b` stays private)."""
         if not self.enable_caching or b.key is not None:
             return False
         if key in self.cached:
             return False
-        b.key = key
+        b.key, b.tag = key, tag
         self.cached[key] = b
         self.events.append(("stored", key))
         return True
@@ -166,6 +168,16 @@ class BlockPool:
                 self._evict(b)
                 n += 1
         return n
+
+    def uncache(self, match: Callable[[Any], bool]) -> list[Block]:
+        """Drop the prefix key of every cached block whose tag `match`es (forgetting a user: its
+        blocks are never found again; free ones are reused like any free block, blocks still
+        referenced are freed by their holder as usual). Others' blocks keep theirs. Returns the
+        blocks it dropped."""
+        gone = [b for b in self.cached.values() if match(b.tag)]
+        for b in gone:
+            self._evict(b)
+        return gone
 
     def check(self) -> None:
         """Invariants (tests call this): queue = exactly the ref_cnt 0 blocks; map consistent."""

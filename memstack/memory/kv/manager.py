@@ -20,6 +20,7 @@ because its blocks no longer hold "the KV of exactly this prefix".
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from memstack.memory.kv.block_pool import Block, BlockPool
 from memstack.memory.kv.hashing import block_hash
@@ -35,6 +36,7 @@ class SeqKV:
     n_dropped: int = 0                           # leading logical blocks released (window / segment)
     hashes: list[bytes] = field(default_factory=list)  # keys of the document's full blocks so far
     cacheable: bool = True
+    tag: Any = None                              # recorded on the blocks it caches (BlockPool.uncache)
 
     @property
     def block_ids(self) -> list[int]:
@@ -51,8 +53,8 @@ class KVCacheManager:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.pool, self.block_size = pool, block_size
 
-    def new_seq(self, root: bytes) -> SeqKV:
-        return SeqKV(root)
+    def new_seq(self, root: bytes, tag: Any = None) -> SeqKV:
+        return SeqKV(root, tag=tag)
 
     # -- prefix cache --------------------------------------------------------------------------
     def cached_prefix(self, root: bytes, tokens: list[int], max_tokens: int) -> list[Block]:
@@ -119,7 +121,7 @@ class KVCacheManager:
             key = block_hash(parent, tokens[i * bs:(i + 1) * bs])
             seq.hashes.append(key)
             j = i - seq.n_dropped
-            if 0 <= j < len(seq.blocks) and self.pool.cache(seq.blocks[j], key):
+            if 0 <= j < len(seq.blocks) and self.pool.cache(seq.blocks[j], key, seq.tag):
                 stored.append(seq.blocks[j].id)
         return stored
 
@@ -170,7 +172,7 @@ class KVCacheManager:
         """A sequence sharing every block of `seq` (copy-on-write when either appends)."""
         self.pool.touch(seq.blocks)
         return SeqKV(seq.root, list(seq.blocks), seq.n_slots, seq.start, seq.n_tokens, seq.n_dropped,
-                     list(seq.hashes), seq.cacheable)
+                     list(seq.hashes), seq.cacheable, seq.tag)
 
     def free(self, seq: SeqKV) -> None:
         self.pool.release(reversed(seq.blocks))

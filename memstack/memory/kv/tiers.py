@@ -51,6 +51,7 @@ class HostTier:
         pin = torch.cuda.is_available()
         self.buf = torch.zeros((capacity, *spec.block_shape), dtype=spec.dtype, pin_memory=pin)
         self.where: OrderedDict[bytes, int] = OrderedDict()     # key -> slot, least recent first
+        self.tags: dict[bytes, object] = {}                        # key -> tag of the sequence that made it
         self.free = list(range(capacity))
         self.lock = threading.Lock()
 
@@ -58,15 +59,32 @@ class HostTier:
         with self.lock:
             return key in self.where
 
-    def put(self, keys: list[bytes], data: Tensor) -> None:
+    def put(self, keys: list[bytes], data: Tensor, tag=None) -> None:
         with self.lock:
             for key, blk in zip(keys, data):
                 if key in self.where:
                     self.where.move_to_end(key)
                     continue
-                slot = self.free.pop() if self.free else self.where.popitem(last=False)[1]
+                if self.free:
+                    slot = self.free.pop()
+                else:
+                    old, slot = self.where.popitem(last=False)
+                    self.tags.pop(old, None)
                 self.buf[slot].copy_(blk)
                 self.where[key] = slot
+                if tag is not None:
+                    self.tags[key] = tag
+
+    def drop(self, match) -> int:
+        """Remove (and zero) every block whose tag `match`es; returns how many."""
+        with self.lock:
+            gone = [k for k, t in self.tags.items() if match(t)]
+            for k in gone:
+                slot = self.where.pop(k)
+                self.buf[slot].zero_()
+                self.free.append(slot)
+                del self.tags[k]
+            return len(gone)
 
     def get(self, keys: list[bytes]) -> Tensor:
         with self.lock:
@@ -89,6 +107,7 @@ class DiskTier:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.index: dict[bytes, tuple[Path, int, str]] = {}                   # key -> (file, row, sha256)
         self.shapes: dict[Path, tuple[int, ...]] = {}                          # chunk file -> its tensor's shape
+        self.tags: dict[Path, tuple[str, ...]] = {}                            # chunk file -> its tag (namespaces)
         self.lock = threading.Lock()
         self.refused: list[str] = []                                             # manifests that failed checks
         self.cleaned = self._clean()
@@ -142,6 +161,9 @@ class DiskTier:
             self.refused.append(f"{manifest.name}: " + "; ".join(bad))
             return
         self.shapes[self.dir / name] = shape
+        tag = meta.get("tag")                          # absent in chunks written before tags were recorded
+        if isinstance(tag, list) and all(isinstance(t, str) for t in tag):
+            self.tags[self.dir / name] = tuple(tag)
         for i, k in enumerate(keys):
             self.index.setdefault(bytes.fromhex(k), (self.dir / name, i, meta["sha256"]))
 
@@ -149,8 +171,9 @@ class DiskTier:
         with self.lock:
             return key in self.index
 
-    def put(self, keys: list[bytes], data: Tensor) -> None:
-        """One chunk file for a run of blocks (one large sequential write), then its manifest."""
+    def put(self, keys: list[bytes], data: Tensor, tag: tuple[str, ...] | None = None) -> None:
+        """One chunk file for a run of blocks (one large sequential write), then its manifest
+        (which records `tag`, the namespaces of the sequence that made them)."""
         with self.lock:
             if all(k in self.index for k in keys):
                 return
@@ -160,11 +183,30 @@ class DiskTier:
             name, sha = save_tensors_versioned({"kv": data}, self.dir, stem + ".kv")
             write_sealed(self.dir / f"{stem}.kv.json", CHUNK_KIND, CHUNK_FORMAT, {
                 "namespace": self.namespace.to_dict(), "keys": [k.hex() for k in keys], "tensors": name,
-                "sha256": sha, "shape": list(data.shape)})
+                "sha256": sha, "shape": list(data.shape), **({"tag": list(tag)} if tag else {})})
         with self.lock:
             self.shapes[self.dir / name] = tuple(data.shape)
+            if tag:
+                self.tags[self.dir / name] = tuple(tag)
             for i, k in enumerate(keys):
                 self.index.setdefault(k, (self.dir / name, i, sha))
+
+    def drop(self, match) -> int:
+        """Delete every chunk file (manifest first, then its tensors) whose tag `match`es, and its
+        blocks from the index; returns how many blocks."""
+        n = 0
+        with self.lock, StoreLock(self.dir, shared=True):
+            for path in [p for p, t in self.tags.items() if match(t)]:
+                stem = path.name.split(".kv-")[0]
+                (self.dir / f"{stem}.kv.json").unlink(missing_ok=True)      # no manifest: never read again
+                path.unlink(missing_ok=True)
+                gone = [k for k, (p, _, _) in self.index.items() if p == path]
+                for k in gone:
+                    del self.index[k]
+                n += len(gone)
+                del self.tags[path]
+                self.shapes.pop(path, None)
+        return n
 
     def get(self, keys: list[bytes]) -> Tensor:
         """The blocks of `keys` (n, *block_shape); each file is checksummed before use."""
@@ -212,15 +254,21 @@ class TieredStore:
             host, done = data, None
         self.stats["offloaded"] += len(keys)
         self.pending = [f for f in self.pending if not f.done()]
-        self.pending.append(self.worker.submit(self._write, keys, host, done))
+        self.pending.append(self.worker.submit(self._write, keys, host, done, seq.tag))
 
-    def _write(self, keys: list[bytes], data: Tensor, done) -> None:
+    def _write(self, keys: list[bytes], data: Tensor, done, tag=None) -> None:
         if done is not None:
             done.synchronize()
         if self.host is not None:
-            self.host.put(keys, data)
+            self.host.put(keys, data, tag)
         if self.disk is not None:
-            self.disk.put(keys, data)
+            self.disk.put(keys, data, tag)
+
+    def drop(self, match) -> dict[str, int]:
+        """Remove every block whose tag `match`es from both tiers (after the writes in flight)."""
+        self.flush()
+        return {"host_blocks_dropped": self.host.drop(match) if self.host is not None else 0,
+                "disk_blocks_dropped": self.disk.drop(match) if self.disk is not None else 0}
 
     def flush(self) -> None:
         """Wait for every transfer in flight (raises the first error any of them hit)."""
@@ -266,7 +314,7 @@ class TieredStore:
             self.stats["disk_hits"] += len(disk_keys)
         engine.cache.write_blocks([b.id for b in blocks], torch.stack([parts[k] for k in keys]))
         for b, k in zip(blocks, keys):
-            engine.pool.cache(b, k)
+            engine.pool.cache(b, k, seq.tag)
         seq.blocks.extend(blocks)
         seq.hashes.extend(keys)
         seq.n_slots += n * bs

@@ -35,6 +35,7 @@ from torch import Tensor
 from memstack.config import BackboneConfig
 from memstack.memory.base import Memory, MemorySpec, Site, StepContext, dtype_bytes
 from memstack.memory.retrieval.config import KNNLMConfig, StoreConfig
+from memstack.memory.retrieval.namespaces import ForgetsEntries, query_names
 
 PENDING, GONE = -1, -2   # value codes of cache slots: next token not seen yet / row was reset
 
@@ -46,7 +47,7 @@ class KNNLMState:
     valid: Tensor   # (B, M) bool: slot usable as a neighbour
 
 
-class KNNLM(Memory):
+class KNNLM(ForgetsEntries, Memory):
     sites: ClassVar[frozenset[Site]] = frozenset({Site.LOGITS})
 
     def __init__(self, cfg: KNNLMConfig, backbone: BackboneConfig):
@@ -125,8 +126,8 @@ class KNNLM(Memory):
         if self.store is not None:
             if self.store.device != h.device:
                 self.store.to(h.device)
-            names = [n for n in ctx.namespace_of(self.cfg.namespace) for _ in range(T)]    # per query: its row's
-            res = self.store.search(h.detach().reshape(B * T, D).float(), k, names[0] if len(set(names)) == 1 else names)
+            names = query_names(ctx.reads_of(self.cfg.namespace), T)                       # per query: its row's
+            res = self.store.search(h.detach().reshape(B * T, D).float(), k, names)
             tok = self.store.payload("token")[res.rows.clamp(min=0)]
             cand_s.append(res.scores.reshape(B, T, k))
             cand_v.append(tok.reshape(B, T, k))

@@ -70,7 +70,8 @@ class DenseRetriever:
         self.store, self.embedder, self.namespace = store, embedder, namespace
 
     def search_vectors(self, qv: Tensor, k: int) -> Ranked:
-        res = self.store.search(qv, k, self.namespace)
+        ns = self.namespace if isinstance(self.namespace, str) else [tuple(self.namespace)] * len(qv)   # a union
+        res = self.store.search(qv, k, ns)
         idx = torch.where(res.rows >= 0, self.store.payload("passage")[res.rows.clamp(min=0)], -1)
         return Ranked(res.scores.cpu().numpy(), idx.cpu().numpy())
 
@@ -79,11 +80,15 @@ class DenseRetriever:
 
 
 class BM25Retriever:
-    def __init__(self, passages: Sequence[str]):
+    """BM25 over `passages`; results are their positions, or `ids[position]` when `ids` is given
+    (the passage ids of a subset of a store, e.g. one namespace's live passages)."""
+
+    def __init__(self, passages: Sequence[str], ids: Sequence[int] | None = None):
         import bm25s  # noqa: PLC0415 -- optional dependency
 
         self._bm25s = bm25s
         self.n = len(passages)
+        self.ids = None if ids is None else np.asarray(ids, dtype=np.int64)
         self.index = bm25s.BM25()
         self.index.index(bm25s.tokenize(list(passages), stopwords="en", show_progress=False), show_progress=False)
 
@@ -92,8 +97,18 @@ class BM25Retriever:
         toks = self._bm25s.tokenize(list(queries), stopwords="en", show_progress=False)
         idx, scores = self.index.retrieve(toks, k=k, show_progress=False, n_threads=1)
         idx, scores = np.asarray(idx, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+        if self.ids is not None:
+            idx = self.ids[idx]
         # a query with no indexed term scores 0 everywhere: that is no match, not a ranking
         return Ranked(np.where(scores > 0, scores, -np.inf), np.where(scores > 0, idx, -1))
+
+    def scores_of(self, query_tokens, passages: np.ndarray) -> np.ndarray:
+        """BM25 scores of one tokenized query for the given result ids (-inf for ids not indexed)."""
+        full = self.index.get_scores(query_tokens) if query_tokens else np.zeros(self.n, np.float32)
+        if self.ids is None:
+            return full[passages]
+        where = {int(p): i for i, p in enumerate(self.ids)}
+        return np.array([full[where[int(p)]] if int(p) in where else -np.inf for p in passages], np.float32)
 
 
 def rrf(lists: Sequence[Ranked], k: int, c: int = RRF_K) -> Ranked:
@@ -161,16 +176,16 @@ class RAGPipeline:
         # exact scores of every pooled candidate under both scorers
         store = self.dense.store
         by_passage = torch.full((int(store.payload("passage").max()) + 1 if store.n_rows else 1,), -1, dtype=torch.long)
-        by_passage[store.payload("passage").cpu()] = torch.arange(store.n_rows)
+        live = store.alive.cpu()                                 # (a forgotten namespace's rows are zeroed)
+        by_passage[store.payload("passage").cpu()[live]] = torch.arange(store.n_rows)[live]
         rows = by_passage[torch.from_numpy(pool).clamp(min=0)]
         ds = (store.keys.float().cpu()[rows] * qv.float()[:, None, :]).sum(-1).numpy()
         ds = np.where(pool >= 0, ds, -np.inf)
         toks = self.bm25._bm25s.tokenize(list(queries), stopwords="en", show_progress=False, return_ids=False)
         bs = np.full(pool.shape, -np.inf, np.float32)
         for q in range(Q):
-            full = self.bm25.index.get_scores(toks[q]) if toks[q] else np.zeros(self.bm25.n, np.float32)
             ok = pool[q] >= 0
-            bs[q, ok] = full[pool[q][ok]]
+            bs[q, ok] = self.bm25.scores_of(toks[q], pool[q][ok])
         return pool, ds, bs, d, b
 
     def retrieve(self, queries: Sequence[str], k: int, method: str = "rerank") -> Ranked:
@@ -189,7 +204,7 @@ class RAGPipeline:
         """The retrieved passages, best first, then the question: the generator's context."""
         top = self.retrieve([question], k, method).idx[0]
         store = self.dense.store
-        row_of = {int(p): r for r, p in enumerate(store.payload("passage").tolist())}
+        row_of = {int(p): r for r, (p, a) in enumerate(zip(store.payload("passage").tolist(), store.alive.tolist())) if a}
         parts = [store.text(row_of[int(p)])[:max_chars] for p in top if p >= 0]
         return "".join(f"Passage {i + 1}: {p}\n" for i, p in enumerate(parts)) + f"Question: {question}\nAnswer:"
 

@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 
 from memstack.config import BackboneConfig
-from memstack.memory.base import Memory, MemorySpec, Site, StepContext
+from memstack.memory.base import Memory, MemorySpec, Site, StepContext, row_reads
 from memstack.memory.retrieval.config import RAGConfig
+from memstack.memory.retrieval.namespaces import ForgetsEntries
 
 
 @dataclass
@@ -36,25 +37,54 @@ class RAGState:
     n: Tensor        # (B,) int64: how many of them are real (0 at a document start)
 
 
-class RAGContext(Memory):
+class RAGContext(ForgetsEntries, Memory):
     sites: ClassVar[frozenset[Site]] = frozenset({Site.EMBED})
 
     def __init__(self, cfg: RAGConfig, backbone: BackboneConfig):
         super().__init__(cfg, backbone)
-        self.pipeline = self.tokenizer = None
+        self.pipeline = self.tokenizer = self.store = None
         self._ids: dict[int, list[int]] = {}   # passage -> token ids: a cache of a pure function of the store
         if cfg.store is not None:
             from memstack.data.tokenizers import get_tokenizer
             from memstack.memory.retrieval.embedder import Embedder
-            from memstack.memory.retrieval.rag import BM25Retriever, DenseRetriever, RAGPipeline
+            from memstack.memory.retrieval.rag import DenseRetriever, RAGPipeline
             from memstack.memory.retrieval.store import Datastore
 
             emb = Embedder()
-            store = Datastore.open(cfg.store, expect_fingerprint=emb.fingerprint)
+            self.store = Datastore.open(cfg.store, expect_fingerprint=emb.fingerprint)
             self.tokenizer = get_tokenizer(cfg.tokenizer)
-            bm = BM25Retriever([store.text(i) for i in range(store.n_rows)]) if cfg.method != "dense" else None
-            self.pipeline = RAGPipeline(DenseRetriever(store, emb, cfg.namespace), bm, pool=max(10, 4 * cfg.k))
-            self._row_of = {int(p): r for r, p in enumerate(store.payload("passage").tolist())}
+            self.pipeline = RAGPipeline(DenseRetriever(self.store, emb, cfg.namespace), None, pool=max(10, 4 * cfg.k))
+            self._refresh()
+            if cfg.method != "dense":
+                self.pipeline.bm25 = self._bm25_of((cfg.namespace,))
+
+    def _refresh(self) -> None:
+        """Rebuild what is derived from the store's live entries (after a forget: nothing of the
+        forgotten namespace may stay in a cache)."""
+        alive = self.store.alive.tolist()
+        self._row_of = {int(p): r for r, (p, a) in enumerate(zip(self.store.payload("passage").tolist(), alive)) if a}
+        self._ids.clear()
+        self._bm25: dict[tuple[str, ...], object] = {}
+
+    def _bm25_of(self, reads: tuple[str, ...]):
+        """BM25 over the live passages of the namespaces `reads` (one index per namespace set, built
+        on first use): lexical retrieval keeps the same walls as the dense store."""
+        if reads not in self._bm25:
+            from memstack.memory.retrieval.rag import BM25Retriever
+
+            codes = [self.store.namespaces.index(n) for n in reads if n in self.store.namespaces]
+            ns, alive = self.store._ns[: self.store.n_rows].tolist(), self.store.alive.tolist()
+            rows = [r for r, (c, a) in enumerate(zip(ns, alive)) if a and c in codes]
+            passages = self.store.payload("passage").tolist()
+            self._bm25[reads] = BM25Retriever([self.store.text(r) for r in rows], ids=[passages[r] for r in rows]) \
+                if rows else None
+        return self._bm25[reads]
+
+    def forget(self, namespace: str) -> int:
+        n = super().forget(namespace)          # the entries, removed and persisted (namespaces.py)
+        if self.store is not None:
+            self._refresh()
+        return n
 
     def init_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> RAGState:
         return RAGState(torch.zeros(batch, self.cfg.query_tokens, dtype=torch.long, device=device),
@@ -72,25 +102,27 @@ class RAGContext(Memory):
     def embed_tokens(self, seg_start: bool, seg_end: bool) -> tuple[int, int]:
         return (self.cfg.k * self.cfg.passage_tokens if seg_start and self.pipeline is not None else 0), 0
 
-    def _retrieve(self, queries: list[str], namespace: str):
-        """Top passages of `queries` within `namespace` (one shared store; the engine's per-row
-        namespaces reach here through StepContext.namespace_of)."""
-        pipe = self.pipeline
-        if namespace != pipe.dense.namespace:
-            from memstack.memory.retrieval.rag import DenseRetriever, RAGPipeline
+    def _retrieve(self, queries: list[str], reads: tuple[str, ...]):
+        """Top passages of `queries` within the namespaces `reads` (one shared store; the engine's
+        per-row namespaces reach here through StepContext.reads_of)."""
+        from memstack.memory.retrieval.rag import DenseRetriever, RAGPipeline
 
-            pipe = RAGPipeline(DenseRetriever(pipe.dense.store, pipe.dense.embedder, namespace), pipe.bm25, pipe.pool,
-                               pipe.alpha)
+        pipe = self.pipeline
+        ns = reads[0] if len(reads) == 1 else reads
+        bm = self._bm25_of(reads) if self.cfg.method != "dense" else None
+        if self.cfg.method != "dense" and bm is None:            # no passage in these namespaces
+            return [[-1] * self.cfg.k for _ in queries]
+        pipe = RAGPipeline(DenseRetriever(pipe.dense.store, pipe.dense.embedder, ns), bm, pipe.pool, pipe.alpha)
         return pipe.retrieve(queries, self.cfg.k, self.cfg.method).idx
 
-    def passage_ids(self, queries: list[str], namespaces: list[str] | None = None) -> list[list[int]]:
+    def passage_ids(self, queries: list[str], namespaces: list | None = None) -> list[list[int]]:
         """Token ids of the prefix for each query ('' = no query: all <eot>)."""
         cfg, eot = self.cfg, self.tokenizer.eot_id
         out = [[eot] * (cfg.k * cfg.passage_tokens) for _ in queries]
         asked = [i for i, q in enumerate(queries) if q.strip()]
         if not asked:
             return out
-        namespaces = namespaces or [cfg.namespace] * len(queries)
+        namespaces = [row_reads(n) or (cfg.namespace,) for n in (namespaces or [None] * len(queries))]
         top: dict[int, list[int]] = {}
         for ns in dict.fromkeys(namespaces[i] for i in asked):
             group = [i for i in asked if namespaces[i] == ns]
@@ -118,7 +150,7 @@ class RAGContext(Memory):
             start = ctx.seg_start.cpu().tolist()                       # only rows opening a segment retrieve
             queries = [self.tokenizer.decode(r[len(r) - int(n):].tolist()) if int(n) and s else ""
                        for r, n, s in zip(state.recent.cpu(), state.n.cpu(), start)]
-            ids = torch.tensor(self.passage_ids(queries, ctx.namespace_of(self.cfg.namespace)), dtype=torch.long,
+            ids = torch.tensor(self.passage_ids(queries, ctx.reads_of(self.cfg.namespace)), dtype=torch.long,
                                device=x.device)                                                 # (B, k * passage_tokens)
             prefix = ctx.embed(ids).to(x.dtype)                                                # (B, P, D)
         Q = self.cfg.query_tokens

@@ -51,6 +51,7 @@ from memstack.backbone.layers import RMSNorm, SwiGLU, apply_rope, rope_tables
 from memstack.config import BackboneConfig
 from memstack.memory.base import Memory, MemorySpec, Site, StepContext, dtype_bytes
 from memstack.memory.retrieval.config import RetroConfig
+from memstack.memory.retrieval.namespaces import ForgetsEntries, query_names
 from memstack.memory.retrieval.retro_keys import chunk_keys, key_fingerprint, key_table, make_keyer  # noqa: F401
 from memstack.ops.attention import attention
 
@@ -129,7 +130,7 @@ class RetroState:
     db_ok: Tensor      # (B, N) bool
 
 
-class Retro(Memory):
+class Retro(ForgetsEntries, Memory):
     sites: ClassVar[frozenset[Site]] = frozenset({Site.BLOCK})
 
     def __init__(self, cfg: RetroConfig, backbone: BackboneConfig):
@@ -201,7 +202,7 @@ class Retro(Memory):
 
     # -- retrieval at the first CCA layer -------------------------------------------------------
     def _retrieve(self, chunks: Tensor, q: Tensor, sig: Tensor, st: dict,
-                  namespace: str | list[str] | None = None) -> tuple[Tensor, Tensor]:
+                  namespace: str | list | None = None) -> tuple[Tensor, Tensor]:
         """chunks (B, m) completed now, their keys q (B, key_dim) -> neighbour tokens (B, k, 2m), ok (B, k)."""
         B, m, k = chunks.shape[0], self.cfg.chunk, self.cfg.k
         if self.store is not None:
@@ -228,7 +229,7 @@ class Retro(Memory):
         return nb, ok
 
     def _complete(self, chunks: Tensor, key: Tensor, last_key: Tensor, hq: Tensor, st: dict, first_chunk: Tensor,
-                  done: Tensor, ctx: StepContext, namespace: str | list[str] | None = None) -> tuple[Tensor, Tensor]:
+                  done: Tensor, ctx: StepContext, namespace: str | list | None = None) -> tuple[Tensor, Tensor]:
         """Chunks completed now (B, m) with their keys (B, key_dim), the previous chunk's keys and
         their activations hq (B, m, D), in the rows `done` (B,) bool: signature, document
         database, retrieval, encoding. The other rows' state is left as it was."""
@@ -279,8 +280,7 @@ class Retro(Memory):
             need_last = self.store is None
             keys = self.keys(torch.cat([st["last"][:, None], chunks], 1) if need_last else chunks)  # (B, U(+1), dk)
             keys, last_key = (keys[:, 1:], keys[:, 0]) if need_last else (keys, None)
-            names = ctx.namespace_of(self.cfg.namespace)
-            ns = names[0] if len(set(names)) == 1 else names
+            ns = query_names(ctx.reads_of(self.cfg.namespace))
             for c in range(U):
                 first = (ctx.pos - nb + c * m) == 0                                      # the document's first chunk
                 done = n_done > c

@@ -60,6 +60,7 @@ from memstack.ops.knn import knn_search
 
 STORE_FORMAT = 2
 KIND = "memstack-datastore"
+FORGOTTEN = "\x00forgotten:"     # the name a forgotten namespace's code keeps (no request can name it)
 _MANIFEST_FIELDS = {"config": dict, "fingerprint": str, "namespaces": list, "next_id": int, "rows": int,
                     "tombstones": int, "schema": dict, "text": bool, "tensors": str, "sha256": str}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
@@ -219,8 +220,8 @@ class Datastore:
             doc = torch.as_tensor(doc)
             if doc.shape != (n,) or doc.is_floating_point():
                 r.append(f"doc must be {n} integer ids, got shape {tuple(doc.shape)} dtype {doc.dtype}")
-        if not isinstance(namespace, str) or not namespace:
-            r.append(f"namespace must be a non-empty string, got {namespace!r}")
+        if not isinstance(namespace, str) or not namespace or namespace.startswith(FORGOTTEN):
+            r.append(f"namespace must be a non-empty string (not a forgotten one's), got {namespace!r}")
         if self.has_text:
             if texts is None or len(texts) != n or not all(isinstance(s, str) for s in texts):
                 r.append(f"texts: this store keeps text; pass {n} strings")
@@ -326,6 +327,32 @@ class Datastore:
         if self.cfg.compact_at and self._dead > self.cfg.compact_at * self._n:
             self.compact()
 
+    def forget(self, namespace: str) -> int:
+        """Remove every entry of `namespace` for good (forgetting a user): its rows' keys,
+        payloads, document ids and texts are overwritten with zeros / "" and marked deleted, its
+        index is dropped and its name replaced by an anonymous placeholder. Other namespaces'
+        rows, indexes and results are untouched (nothing is renumbered or rebuilt); `compact`
+        later reclaims the rows. Returns how many live entries it had. In memory only: `save`
+        persists it (the served memories do: retrieval/namespaces.py)."""
+        code = self._ns_code.pop(namespace, None)
+        if code is None:
+            return 0
+        rows = (self._ns[: self._n] == code).nonzero().flatten()
+        live = int(self._alive[rows].sum())
+        for t in (self._keys, self._key_sq, *self._payload.values()):
+            t[rows] = 0
+        self._doc[rows] = -1
+        self._alive[rows] = False
+        self._dead += live
+        if self.has_text:
+            for r in rows.tolist():
+                self._texts[r] = ""
+        self._index.pop(code, None)
+        # the name is gone (a request naming it finds nothing); its code stays, pointing at dead rows
+        self.namespaces[code] = f"{FORGOTTEN}{code}"
+        self._ns_code[self.namespaces[code]] = code
+        return live
+
     def compact(self) -> None:
         """Drop tombstoned rows for good and rebuild the indexes (ids are kept)."""
         if not self._dead:
@@ -353,8 +380,11 @@ class Datastore:
     def search(self, q: Tensor, k: int, namespace: str | Sequence[str] = "default",
                exclude_doc: Tensor | None = None, candidates: int | None = None) -> SearchResult:
         """Top-k live entries per query within the query's namespace (one name, or one per
-        query). exclude_doc (Q,): entries of that document id are skipped (RETRO's same-document
-        filter; -1 = none)."""
+        query; a query's entry may be a tuple of names: the top-k of their union, e.g. a user's
+        and a task's entries). exclude_doc (Q,): entries of that document id are skipped (RETRO's
+        same-document filter; -1 = none)."""
+        if not isinstance(namespace, str) and any(isinstance(n, tuple) for n in namespace):
+            return self._search_union(q, k, list(namespace), exclude_doc, candidates)
         if self._fast and type(namespace) is str and type(q) is Tensor:
             qn = self._fast_queries(q, k, exclude_doc)
             if qn is not None:
@@ -377,6 +407,19 @@ class Datastore:
         if self.cfg.backend == "exact":
             return self._search_exact(qd, k, codes, excl)
         return self._search_faiss(qd, k, codes, excl, candidates)
+
+    def _search_union(self, q: Tensor, k: int, names: list, exclude_doc: Tensor | None,
+                      candidates: int | None) -> SearchResult:
+        """Each query over the union of its namespaces: one search per position in the tuples
+        (a query with fewer names searches none there), the k best of the candidates merged."""
+        reads = [tuple(dict.fromkeys((n,) if isinstance(n, str) else n)) for n in names]
+        if any(not r or not all(isinstance(x, str) for x in r) for r in reads):
+            raise DatastoreError("a query's namespaces must be a name or a non-empty tuple of names", "refused search")
+        parts = [self.search(q, k, [r[j] if j < len(r) else "" for r in reads], exclude_doc, candidates)
+                 for j in range(max(map(len, reads), default=1))]             # "" names no namespace: empty
+        s, pick = torch.cat([p.scores for p in parts], 1).topk(k, dim=1)       # (Q, k) of (Q, L * k)
+        return SearchResult(s, torch.cat([p.ids for p in parts], 1).gather(1, pick),
+                            torch.cat([p.rows for p in parts], 1).gather(1, pick))
 
     def _fast_queries(self, q: Tensor, k: object, exclude_doc: Tensor | None) -> np.ndarray | None:
         """q as a numpy view if the fast path may take it (CPU float32 (Q, dim), finite, int k >= 1,

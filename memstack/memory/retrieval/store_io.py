@@ -16,8 +16,8 @@ from memstack.config import from_dict, to_dict
 from memstack.errors import IntegrityError
 from memstack.memory.retrieval.backends import FaissIndex
 from memstack.memory.retrieval.config import StoreConfig
-from memstack.memory.retrieval.store import (_MANIFEST_FIELDS, KIND, STORE_FORMAT, Datastore, DatastoreError,
-                                             _bound)
+from memstack.memory.retrieval.store import (_MANIFEST_FIELDS, FORGOTTEN, KIND, STORE_FORMAT, Datastore,
+                                             DatastoreError, _bound)
 
 
 def save_store(self: Datastore, path: str | Path) -> Path:
@@ -125,6 +125,8 @@ def open_store(cls: type[Datastore], path: str | Path, expect_fingerprint: str |
     if cfg.backend != "exact":
         for code in range(len(store.namespaces)):
             key = f"index.{code}"
+            if store.namespaces[code].startswith(FORGOTTEN):
+                continue                                # a forgotten namespace: dead rows, no index
             try:
                 if key in t:
                     store._index[code] = FaissIndex.deserialize(cfg, t[key].numpy())

@@ -4,9 +4,9 @@ A memory with per-namespace rows (Engram: hashed N-gram rows in the user's names
 value rows under the same product keys) owns one `NamespaceRows`. It holds, per namespace that
 has learned something, a small `SparseTable` with that one namespace (same addressing as the
 memory's knowledge rows, its own, smaller layout). A forward call reads, for each row of the
-batch, the table of that row's namespace (`StepContext.namespace_of`, set by a serving engine
-from the request's tenant and user) -- nothing else selects it -- and adds it to what the
-knowledge rows give. A namespace without a table reads nothing: its rows see exactly the
+batch, the tables of that row's namespaces (`StepContext.namespaces`, set by a serving engine
+from the request's tenant, user and task: one name, or a (user, task) tuple whose tables are both
+added) -- nothing else selects them -- and adds them to what the knowledge rows give. A namespace without a table reads nothing: its rows see exactly the
 knowledge-only model, so one user's rows cannot change another user's logits (tested to exact
 equality in a packed step).
 
@@ -29,6 +29,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from memstack.memory.base import row_reads
 from memstack.memory.sparse.table import NamespaceError, NamespaceSpec, SparseTable, namespace_reasons
 
 
@@ -53,22 +54,26 @@ class NamespaceRows:
             return staged[name]
         return self._tables.get(name)
 
-    def any_for(self, names: list[str | None]) -> bool:
-        return any(self.table(n) is not None for n in names)
+    def any_for(self, names: list) -> bool:
+        """Whether a row of `names` (StepContext.namespaces entries: a name, a tuple, None) reads a table."""
+        return any(self.table(n) is not None for e in names for n in row_reads(e))
 
     @property
     def names(self) -> list[str]:
         return sorted(self._tables)
 
-    def add_to(self, base: Tensor, names: list[str | None], local: Tensor) -> Tensor:
-        """`base` (B, ..., dim) plus, for each batch row whose namespace has a table, that table's
-        rows at local rows `local` (B, ...). Rows of other namespaces are left exactly as they
-        are -- values and memory layout (an out-of-place index_put keeps the strides), so every
-        later kernel computes them bit for bit as without any user rows."""
+    def add_to(self, base: Tensor, names: list, local: Tensor) -> Tensor:
+        """`base` (B, ..., dim) plus, for each batch row, the rows at local rows `local` (B, ...)
+        of every table its namespaces have (a row's entry: one name, or a tuple it reads together
+        -- a user's and a task's rows are both added, in the tuple's order). Rows of other
+        namespaces are left exactly as they are -- values and memory layout (an out-of-place
+        index_put keeps the strides), so every later kernel computes them bit for bit as without
+        any user rows."""
         groups: dict[str, list[int]] = {}
-        for b, n in enumerate(names):
-            if self.table(n) is not None:
-                groups.setdefault(n, []).append(b)
+        for b, e in enumerate(names):
+            for n in row_reads(e):
+                if self.table(n) is not None:
+                    groups.setdefault(n, []).append(b)
         out = base
         for n, idx in groups.items():
             at = torch.tensor(idx, device=local.device)
