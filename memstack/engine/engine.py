@@ -187,6 +187,12 @@ class Engine:
             reads = row_reads(namespace)
             namespace = reads[0] if len(reads) == 1 else reads
             salt = f"{salt or ''}\x00namespace:" + "\x00".join(reads)
+            # ... nor under another version of its rows: a memory read before the last cached
+            # layer (a user prefix, PKM values mid-stack) changes the K/V of later layers
+            versions = [m.namespace_rows().version(n) for m in self.serving.memory.memories
+                        if m.namespace_rows() is not None for n in reads]
+            if any(versions):
+                salt += "\x00rows:" + ",".join(map(str, versions))
         req = Request(rid, prompt, params, salt, generator=gen,
                       compression=compression if compression is not None and compression.policy != "none" else None,
                       namespace=namespace, session=sess)

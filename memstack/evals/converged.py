@@ -51,10 +51,12 @@ class ConvergedConfig(Checked):
     mentions: int = 3
     seed: int = 0
     layers: tuple[int, ...] = (27,)      # the memory after these blocks (user rows read there)
-    # how user memory is addressed: "hashed" (Engram: N-gram hashes into the user's rows) or
-    # "product_key" (PKM: a learned-query top-k over product keys, the user's own value rows)
+    # how user memory is addressed: "hashed" (Engram: N-gram hashes into the user's rows),
+    # "product_key" (PKM: a learned-query top-k over product keys, the user's own value rows) or
+    # "identity" (Prefix: the user's own few key/value rows, read by every query of its requests)
     addressing: str = "hashed"
     n_keys: int = 32                     # product_key: n_keys**2 value rows
+    identity_rows: int = 32              # identity: key/value rows per layer and user
     knn: int = 8
     orders: tuple[int, ...] = (2, 3)
     heads: int = 4
@@ -78,14 +80,14 @@ class ConvergedConfig(Checked):
     def check(self) -> list[str]:
         r = []
         for f in ("users", "facts_per_user", "mentions", "steps", "heldout", "heldout_tokens", "latency_requests",
-                  "latency_new_tokens", "seg_len", "user_rows_per_head"):
+                  "latency_new_tokens", "seg_len", "user_rows_per_head", "identity_rows"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 r.append(f"{f} must be a positive integer, got {v!r}")
         if isinstance(self.users, int) and self.users < 2:
             r.append("users must be >= 2 (leakage is measured between users)")
-        if self.addressing not in ("hashed", "product_key"):
-            r.append(f"addressing must be 'hashed' or 'product_key', got {self.addressing!r}")
+        if self.addressing not in ("hashed", "product_key", "identity"):
+            r.append(f"addressing must be 'hashed', 'product_key' or 'identity', got {self.addressing!r}")
         if bad := [a for a in self.approaches if a not in APPROACHES]:
             r.append(f"approaches {bad} are not among {list(APPROACHES)}")
         return r
@@ -104,6 +106,10 @@ def build(cfg: ConvergedConfig):
                user_values=True, out_init_std=cfg.value_init_std, value_init_std=cfg.table_init_std)
 
     def memory(tokenizer=None):
+        if cfg.addressing == "identity":
+            from memstack.memory.learned.config import PrefixConfig
+
+            return PrefixConfig(n_prefix=0, user_prefix=cfg.identity_rows, layers=cfg.layers)
         return EngramConfig(**eng, tokenizer=tokenizer) if cfg.addressing == "hashed" else PKMConfig(**pkm)
     torch.manual_seed(cfg.seed)
     if cfg.backbone == "tiny":

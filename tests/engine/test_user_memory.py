@@ -19,6 +19,7 @@ from memstack.engine import Engine, EngineConfig
 from memstack.engine.user_memory import LearnConfig, MemoryRefused, UserMemory
 from memstack.errors import ConfigError
 from memstack.generate import SamplingConfig
+from memstack.memory.learned.config import PrefixConfig
 from memstack.memory.sparse.config import EngramConfig, PKMConfig
 from memstack.memory.sparse.table import namespace_reasons
 
@@ -40,6 +41,14 @@ def pkm_model(seed: int = 0):
     return build_model(ModelConfig(b, (cfg,))).eval()
 
 
+def prefix_model(seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    b = BackboneConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, seg_len=64, init_std=0.3)
+    cfg = PrefixConfig(**{"n_prefix": 0, "user_prefix": 4, "layers": (0, 1), **kw})
+    return build_model(ModelConfig(b, (cfg,))).eval()
+
+
+MODELS = {"engram": model, "pkm": pkm_model, "prefix": prefix_model}
 FACT = [0] + list(b"my dog is called Rex.")
 CANARY = [[0] + list(b"the quick brown fox jumps over the lazy dog"), [0] + list(b"a b c d e f g h i j")]
 
@@ -62,13 +71,13 @@ def run_step_logits(eng, prompts, names):
     return rows
 
 
-@pytest.fixture(params=["engram", "pkm"])
+@pytest.fixture(params=list(MODELS))
 def engine(request):
-    """Hashed N-gram user rows (Engram) and user value rows under product keys (PKM): the engine
-    and the learner name neither."""
+    """Hashed N-gram user rows (Engram), user value rows under product keys (PKM) and a user's
+    identity rows read as a key/value prefix (Prefix): the engine and the learner name none."""
     # no prefix cache: a repeated prompt would reuse its own K/V (another computation path, equal
     # only to rounding); the cache is checked per namespace in its own test below
-    eng = Engine(model() if request.param == "engram" else pkm_model(),
+    eng = Engine(MODELS[request.param](),
                  EngineConfig(block_size=4, num_blocks=64, enable_prefix_caching=False))
     real = eng.runner.call
     eng.calls = []
@@ -117,6 +126,36 @@ def test_cached_prefixes_are_never_shared_across_namespaces():
     assert hits[A][0] == 0 and hits[A][1] > 0          # alice reuses her own K/V ...
     assert hits[B] == [0] and hits[None][0] == 0        # ... and nobody else does
     assert hits[None][1] > 0
+
+
+def test_cached_prefixes_are_not_reused_across_versions_of_a_users_rows(tmp_path):
+    """A user prefix at layer 0 changes the K/V of layer 1: blocks cached before the user's rows
+    changed must not be read after (they would mix old and new rows)."""
+    eng = Engine(prefix_model(), EngineConfig(block_size=4, num_blocks=64))     # stateless: prefix caching on
+    assert eng.prefix_caching
+    mem = memory(eng.serving, tmp_path, lr=1.0)
+    p = [0] + list(b"my dog is called Rex and")
+
+    def served(who):
+        eng.record_logits = True
+        rid = eng.add_request(p, SamplingConfig(max_new_tokens=1), namespace=who)
+        while not eng.requests[rid].finished:
+            eng.step()
+        r = eng.requests.pop(rid)
+        return r.cached_tokens, r.logits[-1].clone()
+    assert served(A)[0] == 0 and served(A)[0] > 0           # unchanged rows: alice reuses her K/V
+    mem.learn(A, [FACT], mem.rows.install)
+    hits, got = served(A)
+    assert hits == 0                                         # new rows: nothing cached under the old ones
+    assert served(A)[0] > 0                                  # ... and the new version caches again
+    fresh = Engine(eng.serving, EngineConfig(block_size=4, num_blocks=64, enable_prefix_caching=False))
+    fresh.record_logits = True
+    rid = fresh.add_request(p, SamplingConfig(max_new_tokens=1), namespace=A)
+    while not fresh.requests[rid].finished:
+        fresh.step()
+    assert torch.allclose(got, fresh.requests[rid].logits[-1], atol=1e-5)
+    mem.forget(A, lambda ns: {"tables_dropped": int(mem.rows.drop(ns))})
+    assert mem.rows.version(A) == 0                          # forgotten: reads (and caches) as a user with no rows
 
 
 def test_policy_refusal_changes_nothing(tmp_path):

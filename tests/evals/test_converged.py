@@ -55,6 +55,24 @@ def test_converged_suite_on_a_tiny_backbone(tmp_path):
     assert "command: `memstack bench --suite" in md and "| tables |" in md
 
 
+def test_identity_addressing_on_a_tiny_backbone(tmp_path):
+    """addressing=identity: each user's own key/value prefix rows (Prefix user_prefix), learned by
+    the same serving code path; no leak, exactly zero differential, forgotten verifiably."""
+    (tmp_path / "tiny.yaml").write_text(TINY)
+    assert main(["bench", "--suite", str(tmp_path / "tiny.yaml"), "--out", str(tmp_path / "r"), "--no-progress",
+                 "addressing=identity", "approaches=[base,tables]"]) == 0
+    (rec_path,) = (tmp_path / "r" / "converged_tiny").glob("*/record.json")
+    rec = json.loads(rec_path.read_text())
+    res = rec["results"]
+    assert rec["config"]["addressing"] == "identity"
+    assert res["tables"]["differential_max_abs"] == 0.0 and res["tables"]["leak_recall"] == 0.0
+    # every update writes all 32 rows of layer 1: (key, value) x 2 KV heads x head_dim 16, fp32
+    assert rec["rows_written_per_update"] == 32 and res["tables"]["bytes_per_user"] == 32 * 2 * 2 * 16 * 4
+    assert res["tables"]["bpb_change"] != 0.0                          # the rows were read
+    f = rec["forget_user0"]
+    assert f["changed_before"] and f["equal_to_fresh_after"] and not f["store_exists"] and f["tables_dropped"] == 1
+
+
 def test_facts_are_distinct_real_names_and_configs_are_checked():
     users = user_facts(6, 3, seed=1)
     answers = [f.answer for fs in users for f in fs]
@@ -64,6 +82,7 @@ def test_facts_are_distinct_real_names_and_configs_are_checked():
         for f in fs:
             assert f.text == f"{f.cue}{f.answer}." and f.answer[1:2].isupper()
     with pytest.raises(ConfigError) as e:
-        ConvergedConfig(users=1, steps=0, approaches=("tables", "full_ft"))
+        ConvergedConfig(users=1, steps=0, approaches=("tables", "full_ft"), addressing="prefix", identity_rows=0)
     msg = str(e.value)
     assert "users must be >= 2" in msg and "steps" in msg and "full_ft" in msg
+    assert "'identity'" in msg and "identity_rows" in msg

@@ -17,6 +17,7 @@ from memstack.backbone.model import build_model
 from memstack.config import BackboneConfig, ModelConfig
 from memstack.engine import Engine, EngineConfig
 from memstack.engine.user_memory import LearnConfig, UserMemory
+from memstack.memory.learned.config import PrefixConfig
 from memstack.memory.sparse.config import EngramConfig
 from memstack.server import Server, ServerConfig, Tenants
 from memstack.server.tenants import Tenant
@@ -33,21 +34,28 @@ def tenants() -> Tenants:
                     (d(KEYS["beta"]), Tenant("beta", users=("carol",)))])
 
 
-def serve(tmp_path, **learn):
+# the user memory behind the server: hashed N-gram rows (Engram) or a few identity rows read as a
+# key/value prefix (Prefix) -- the server and the learner name neither. (memory config, its learning rate:
+# a prefix row is a raw key/value, whose Adam step per element needs a larger rate to move the read)
+MEMORIES = {"engram": (EngramConfig(layers=(0,), heads=2, head_dim=8, rows_per_head=31, user_rows_per_head=29), 0.1),
+            "prefix": (PrefixConfig(n_prefix=0, user_prefix=16, layers=(0, 1)), 1.0)}
+
+
+def serve(tmp_path, memory="engram", **learn):
     torch.manual_seed(0)
     b = BackboneConfig(vocab_size=TOK.vocab_size, d_model=32, n_layers=2, n_heads=2, seg_len=64, init_std=0.3)
-    model = build_model(ModelConfig(b, (EngramConfig(layers=(0,), heads=2, head_dim=8, rows_per_head=31,
-                                                     user_rows_per_head=29),))).eval()
+    mem_cfg, lr = MEMORIES[memory]
+    model = build_model(ModelConfig(b, (mem_cfg,))).eval()
     eng = Engine(model, EngineConfig(block_size=4, num_blocks=128, max_model_len=200), tokenizer="byte")
-    cfg = {"lr": 0.1, "steps": 8, "max_row_update_norm": 10.0, "drift_threshold": 0.5, **learn}
+    cfg = {"lr": lr, "steps": 8, "max_row_update_norm": 10.0, "drift_threshold": 0.5, **learn}
     mem = UserMemory(eng.serving, tmp_path / "users", LearnConfig(**cfg), [[TOK.eot_id] + TOK.encode(t) for t in CANARY])
     return Server(eng, TOK, ServerConfig(port=0, log_level="warning", access_log=False, model_name="tiny"),
                   tenants(), mem).start()
 
 
-@pytest.fixture
-def srv(tmp_path):
-    s = serve(tmp_path)
+@pytest.fixture(params=list(MEMORIES))
+def srv(tmp_path, request):
+    s = serve(tmp_path, request.param)
     yield s
     s.stop()
 

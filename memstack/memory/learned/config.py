@@ -246,16 +246,36 @@ class PrefixConfig(MemoryConfig):
     """Prefix-tuning: a learned key/value prefix at every layer (optionally MLP-reparameterised)."""
 
     kind: ClassVar[str] = "prefix"
-    n_prefix: int = 8                       # prefix length (virtual tokens) per layer
+    n_prefix: int = 8                       # prefix length (virtual tokens) per layer; 0: per-user rows only
     reparam: bool = True                    # P = MLP(P'), as the paper trains it
     reparam_hidden: int = 256               # hidden width of the reparameterisation MLP
     layers: tuple[int, ...] | None = None   # layers with a prefix; None: all
     init_std: float = 0.02
+    # per-namespace identity rows (the converged system, memory/learned/user_prefix.py): a
+    # `user:<id>` / `task:<id>` namespace that learns gets `user_prefix` key/value rows per layer,
+    # read by that namespace's rows only; 0: none. user_gate: the fixed gate of their read;
+    # user_key_init_std: std of a fresh table's keys (its values start at zero);
+    # user_write_quota: rows one online update may write in such a table (null: no quota)
+    user_prefix: int = 0
+    user_gate: float = 1.0
+    user_key_init_std: float = 1.0
+    user_write_quota: int | None = None
 
     def check(self) -> list[str]:
         r = []
-        if self.n_prefix < 1:
-            r.append(f"n_prefix must be >= 1, got {self.n_prefix}")
+        if not isinstance(self.user_prefix, int) or isinstance(self.user_prefix, bool) or self.user_prefix < 0:
+            r.append(f"user_prefix must be an integer >= 0 (0: no per-user rows), got {self.user_prefix!r}")
+        elif self.n_prefix < (0 if self.user_prefix else 1):
+            r.append(f"n_prefix must be >= 1 (or 0 with user_prefix > 0: per-user rows only), got {self.n_prefix}")
+        if not (isinstance(self.user_gate, (int, float)) and not isinstance(self.user_gate, bool)
+                and 0 < self.user_gate < float("inf")):
+            r.append(f"user_gate must be a finite number > 0, got {self.user_gate!r}")
+        if not (isinstance(self.user_key_init_std, (int, float)) and not isinstance(self.user_key_init_std, bool)
+                and 0 < self.user_key_init_std < float("inf")):
+            r.append(f"user_key_init_std must be a finite number > 0, got {self.user_key_init_std!r}")
+        if self.user_write_quota is not None and (not isinstance(self.user_write_quota, int)
+                                                  or isinstance(self.user_write_quota, bool) or self.user_write_quota < 1):
+            r.append(f"user_write_quota must be a positive integer or null, got {self.user_write_quota!r}")
         if self.reparam_hidden < 1:
             r.append(f"reparam_hidden must be >= 1, got {self.reparam_hidden}")
         if self.init_std <= 0:

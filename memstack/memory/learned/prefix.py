@@ -32,6 +32,11 @@ Deviations from the paper:
   initialising from real words' activations -- not implemented.
 `make_identity` is not supported: prefix keys always take part of the attention's mass; the
 memory ablation (evals/ablation.py) zeroes the prefix instead.
+
+Per-user prefixes (`user_prefix` > 0, the converged system): each `user:<id>` / `task:<id>`
+namespace that learns gets its own `user_prefix` identity key/value rows per layer, read by that
+namespace's rows only, with their own softmax and gate (memory/learned/user_prefix.py). With
+`n_prefix: 0` there is no shared prefix: a row without a table computes the plain model exactly.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ from memstack.backbone.layers import apply_rope, rope_tables
 from memstack.config import BackboneConfig
 from memstack.memory.base import AttnIO, KVBlock, Memory, MemorySpec, Site, StepContext, dtype_bytes
 from memstack.memory.learned.config import PrefixConfig
+from memstack.memory.learned.user_prefix import UserPrefixRows
 
 
 class Prefix(Memory):
@@ -55,7 +61,13 @@ class Prefix(Memory):
         self.slot = {l: i for i, l in enumerate(self.layers_used)}
         L, H, P, hd = len(self.layers_used), backbone.kv_heads, cfg.n_prefix, backbone.head_dim
         self.kv_shape = (L, 2, H, P, hd)
-        if cfg.reparam:
+        # per-namespace identity rows (not parameters: per-user data, created and forgotten while serving)
+        self.user = UserPrefixRows(backbone, L, cfg.user_prefix, cfg.user_gate, cfg.user_key_init_std,
+                                   cfg.user_write_quota) \
+            if cfg.user_prefix else None
+        if P == 0:
+            pass                                                                           # per-user rows only
+        elif cfg.reparam:
             self.emb = nn.Parameter(torch.randn(P, backbone.d_model))                      # P' (P, D)
             self.mlp = nn.Sequential(nn.Linear(backbone.d_model, cfg.reparam_hidden), nn.Tanh(),
                                      nn.Linear(cfg.reparam_hidden, L * 2 * H * hd))
@@ -90,7 +102,20 @@ class Prefix(Memory):
     def spec(self, dtype: torch.dtype = torch.float32) -> MemorySpec:
         return MemorySpec(dtype_bytes=dtype_bytes(dtype))   # no state: parameters only
 
+    def namespace_rows(self):
+        return self.user.rows if self.user is not None else None
+
+    def user_layout_fingerprint(self) -> str | None:
+        return self.user.fingerprint() if self.user is not None else None
+
+    def attn_out(self, layer: int, q: Tensor, out: Tensor, state: Any, ctx: StepContext) -> tuple[Tensor, Any]:
+        if self.user is None:
+            return out, state
+        return self.user.add(self.slot[layer], q, out, ctx), state                 # (B, H, T', hd)
+
     def attn(self, io: AttnIO, state: Any, ctx: StepContext) -> tuple[KVBlock | None, Any]:
+        if self.cfg.n_prefix == 0:
+            return None, state
         kv = self._layer_kv(self.slot[io.layer]).to(io.k.dtype)                   # (2, Hkv, P, hd)
         B, P = io.k.shape[0], self.cfg.n_prefix
         S = self.backbone.seg_len
@@ -102,4 +127,5 @@ class Prefix(Memory):
 
     @classmethod
     def contract_configs(cls) -> list[dict]:
-        return [{"n_prefix": 4, "reparam_hidden": 32}, {"n_prefix": 3, "reparam": False, "init_std": 0.5, "layers": [1]}]
+        return [{"n_prefix": 4, "reparam_hidden": 32}, {"n_prefix": 3, "reparam": False, "init_std": 0.5, "layers": [1]},
+                {"n_prefix": 2, "reparam": False, "user_prefix": 3}]
