@@ -255,7 +255,7 @@ class MemoryModel(nn.Module):
 
     # -- a forward call in stages: what `run_until` / `resume` split ------------------------------
     def _begin(self, tokens: Tensor, state: ModelState | None, step: Step | None,
-               namespaces: tuple[str | None, ...] | None, logits: str | Tensor, attn=None) -> "PartialRun":
+               namespaces: tuple | None, logits: str | Tensor, attn=None) -> "PartialRun":
         """Checks, the context, memory `prepare` and EMBED: a run standing before block 0."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, length), got {tuple(tokens.shape)}")
@@ -340,7 +340,7 @@ class MemoryModel(nn.Module):
         return min([l for l in at if l is not None], default=len(self.blocks))
 
     def run_until(self, tokens: Tensor, layer: int, state: ModelState | None = None, step: Step | None = None,
-                  namespaces: tuple[str | None, ...] | None = None) -> "PartialRun":
+                  namespaces: tuple | None = None) -> "PartialRun":
         """The forward call of `tokens` stopped before block `layer` (0 <= layer <= n_layers): its
         hidden states, memory states and context, for `resume` to finish -- any number of times,
         e.g. once per update of rows read only from `layer` on (`namespace_layer()`). Run it under
@@ -351,7 +351,7 @@ class MemoryModel(nn.Module):
         run.prepared = tuple(run.state.memories)
         return self._blocks(run, layer)
 
-    def resume(self, run: "PartialRun", namespaces: tuple[str | None, ...] | None = None,
+    def resume(self, run: "PartialRun", namespaces: tuple | None = None,
                logits: str | Tensor = "all") -> tuple[ModelOutput, ModelState]:
         """Finish a `run_until` call from its layer on, each row read as `namespaces` (None: as the
         run was started). Equals `forward(tokens, state, step, namespaces=namespaces)` whenever

@@ -22,7 +22,7 @@ from memstack.memory.sparse.online import OnlineUpdater, UpdatePolicy
 from memstack.memory.state import tensors
 
 V = 263                     # a prime vocabulary
-A, B = "tenant:t/user:a", "tenant:t/user:b"
+A, B, TASK = "tenant:t/user:a", "tenant:t/user:b", "tenant:t/task:x"
 
 
 def backbone(n_layers: int = 5) -> BackboneConfig:
@@ -92,9 +92,9 @@ def test_namespace_layer_is_the_first_block_reading_a_namespace():
 @pytest.mark.parametrize("seed", [1, 2])
 def test_resume_equals_the_full_forward_loss_logits_state_and_gradient(make, seed):
     m = frozen(make())
-    tables = random_tables(m, [A, B], seed)
+    tables = random_tables(m, [A, B, TASK], seed)
     x, y = batch(seed)
-    names = (A, None, B)                                 # rows of two users and one without rows
+    names = ((A, TASK), None, B)                         # a user with a task, no rows, another user
     k = m.namespace_layer()
     with torch.no_grad():
         run = m.run_until(x, k)
