@@ -250,6 +250,13 @@ class MemoryModel(nn.Module):
         logits="last": only each row's last position goes through the head, or a (B,) tensor: that
         position of each row (serving; allowed when no memory changes logits: a LOGITS memory
         reads every position)."""
+        run = self._begin(tokens, state, step, namespaces, logits, attn)
+        return self._finish(self._blocks(run, len(self.blocks), attn), logits)
+
+    # -- a forward call in stages: what `run_until` / `resume` split ------------------------------
+    def _begin(self, tokens: Tensor, state: ModelState | None, step: Step | None,
+               namespaces: tuple | None, logits: str | Tensor, attn=None) -> "PartialRun":
+        """Checks, the context, memory `prepare` and EMBED: a run standing before block 0."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, length), got {tuple(tokens.shape)}")
         B, T = tokens.shape
@@ -291,10 +298,23 @@ class MemoryModel(nn.Module):
         cos, sin = rope_tables(positions, self.cfg.backbone.head_dim, self.cfg.backbone.rope_theta, h.dtype)
         if attn is not None:
             attn.begin(ctx)
-        for block in self.blocks:
-            h = block(h, cos, sin, self.memory, states, ctx, attn)
-        if spans:
-            self.memory.embed_out(h, spans, states, ctx)
+        return PartialRun(0, h, cos, sin, ctx, states, state, spans)
+
+    def _blocks(self, run: "PartialRun", until: int, attn=None) -> "PartialRun":
+        """Blocks run.layer .. until - 1 (and the memories' hooks there), in place."""
+        h = run.h
+        for block in self.blocks[run.layer:until]:
+            h = block(h, run.cos, run.sin, self.memory, run.states, run.ctx, attn)
+        run.h, run.layer = h, max(run.layer, until)
+        return run
+
+    def _finish(self, run: "PartialRun", logits: str | Tensor) -> tuple[ModelOutput, ModelState]:
+        """After the last block: EMBED outputs, the final norm, the head and LOGITS memories."""
+        ctx, states, h = run.ctx, run.states, run.h
+        P, T = ctx.n_prefix, ctx.n_tokens
+        B = h.shape[0]
+        if run.spans:
+            self.memory.embed_out(h, run.spans, states, ctx)
         h = self.norm(h[:, P:P + T])                                  # (B, T, D) real tokens only
         if isinstance(logits, Tensor):
             if self.memory.changes_logits:
@@ -309,7 +329,68 @@ class MemoryModel(nn.Module):
         out = self.lm_head(sel).float()                               # (B, T | 1, V)
         if len(self.memory):
             out = self.memory.logits(out, h, states, ctx)
-        return ModelOutput(out, h, ctx.losses), ModelState(state.pos + T, tuple(states))
+        return ModelOutput(out, h, ctx.losses), ModelState(run.state.pos + T, tuple(states))
+
+    # -- the shortcut of a learner that changes only what is read from some layer on -------------
+    def namespace_layer(self) -> int:
+        """The first block from which a row's output can depend on its namespace: the least
+        `Memory.namespace_layer()` of the stack (n_layers when no memory depends on it). Hidden
+        states entering this block are the same for every user (`run_until` / `resume`)."""
+        at = [m.namespace_layer() for m in self.memory.memories]
+        return min([l for l in at if l is not None], default=len(self.blocks))
+
+    def run_until(self, tokens: Tensor, layer: int, state: ModelState | None = None, step: Step | None = None,
+                  namespaces: tuple | None = None) -> "PartialRun":
+        """The forward call of `tokens` stopped before block `layer` (0 <= layer <= n_layers): its
+        hidden states, memory states and context, for `resume` to finish -- any number of times,
+        e.g. once per update of rows read only from `layer` on (`namespace_layer()`). Run it under
+        torch.no_grad() when nothing below `layer` is learned."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= len(self.blocks):
+            raise ValueError(f"layer must be an integer in [0, {len(self.blocks)}], got {layer!r}")
+        run = self._begin(tokens, state, step, namespaces, "all")
+        run.prepared = tuple(run.state.memories)
+        return self._blocks(run, layer)
+
+    def resume(self, run: "PartialRun", namespaces: tuple | None = None,
+               logits: str | Tensor = "all") -> tuple[ModelOutput, ModelState]:
+        """Finish a `run_until` call from its layer on, each row read as `namespaces` (None: as the
+        run was started). Equals `forward(tokens, state, step, namespaces=namespaces)` whenever
+        nothing the blocks below `run.layer` read differs from when the run was stopped (every
+        memory's `namespace_layer()` >= run.layer, for a change of namespaces or of their rows).
+        The run is left as it was: each resume starts again from its stored hidden states and
+        memory states (hooks return new states, as the interface asks; one writing a state tensor
+        in place would leak into the next resume). No attention backend: the memories' own caches."""
+        if not isinstance(run, PartialRun) or run.prepared is None:
+            raise TypeError("resume takes what run_until returned")
+        if not isinstance(logits, Tensor) and logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all', 'last' or a (B,) tensor of positions, got {logits!r}")
+        if namespaces is not None and tuple(namespaces) != run.ctx.namespaces:
+            if len(namespaces) != run.h.shape[0]:
+                raise ValueError(f"namespaces must name one namespace per row ({run.h.shape[0]}), got {len(namespaces)}")
+            if not 0 < run.layer <= self.namespace_layer():
+                raise ValueError(f"the run stopped before block {run.layer}, but rows' namespaces may be read from "
+                                 f"block {self.namespace_layer()} on (0: anywhere): resume it as it was started")
+        ctx = run.ctx.with_(namespaces=run.ctx.namespaces if namespaces is None else tuple(namespaces),
+                            scratch={}, losses=dict(run.ctx.losses))   # per-call scratch: nothing of the stop kept
+        if len(self.memory):
+            self.memory.prepare(list(run.prepared), ctx)
+        again = PartialRun(run.layer, run.h, run.cos, run.sin, ctx, list(run.states), run.state, run.spans)
+        return self._finish(self._blocks(again, len(self.blocks)), logits)
+
+
+@dataclass
+class PartialRun:
+    """A forward call stopped before block `layer` (MemoryModel.run_until)."""
+
+    layer: int
+    h: Tensor                   # (B, P+T+Q, D) the residual stream entering block `layer`
+    cos: Tensor                 # RoPE tables of the extended chunk
+    sin: Tensor
+    ctx: StepContext
+    states: list                # every memory's state after the blocks below `layer`
+    state: ModelState           # the call's starting state (after any reset)
+    spans: list                 # EMBED spans (MemoryStack.embed)
+    prepared: tuple | None = None   # memory states `prepare` saw (resume prepares again with them)
 
 
 def build_model(cfg: ModelConfig | BackboneConfig, memories: list[MemoryConfig] | None = None) -> MemoryModel:

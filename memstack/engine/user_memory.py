@@ -15,12 +15,20 @@ family) hold the tables; this service writes them. One `learn`:
    cap, the namespace's write quota per version -- refuses an update whole, with every reason,
    and then nothing is committed or installed). The forward reads the copy through
    `NamespaceRows.staged`, visible to the learning thread only: requests being served meanwhile
-   keep reading the installed version;
+   keep reading the installed version. The shortcut: the backbone is frozen and a namespace's rows
+   are read only from `MemoryModel.namespace_layer()` on (each memory declares its
+   `Memory.namespace_layer`), so the blocks below it run once per learn, without grad
+   (`run_until`), and every update runs only the blocks from there on, forward and backward
+   (`resume`) -- the same loss and gradient (tests/backbone/test_resume.py);
 3. commits the copy's touched rows as a new version of the namespace's own `TableStore`
    (sealed, checksummed, crash-safe: a crash leaves the last committed version);
 4. the drift guard: the mean next-token loss on a fixed canary set, read as that namespace,
    before and after; a relative rise above `drift_threshold` rolls the store back to the previous
-   version and installs nothing (reported, and kept in the log);
+   version and installs nothing (reported, and kept in the log). The canary's lower blocks are
+   computed once per model (they are every user's), and "before" -- the loss at the installed
+   table, the last committed version -- is cached per table object: a learn that installs its
+   table records its "after" as the next "before"; a rollback, import, restore or forget replaces
+   or drops the table, and its loss is then computed afresh;
 5. hands the copy to `install(ns, table)` -- the server runs it in the engine thread between two
    steps -- so that namespace's next request reads it, without a restart.
 
@@ -37,6 +45,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,10 +125,25 @@ def batch_of(texts: list[list[int]], pad: int = 0) -> tuple[Tensor, Tensor]:
     return x, y
 
 
+class _Phases:
+    """Wall seconds per phase of a learn: each call closes the phase since the previous one."""
+
+    def __init__(self):
+        self.spent: dict[str, float] = {}
+        self.t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.spent[name] = self.spent.get(name, 0.0) + now - self.t
+        self.t = now
+
+
 class UserMemory:
     def __init__(self, model: torch.nn.Module, root: str | Path, cfg: LearnConfig = LearnConfig(),
                  canary: list[list[int]] | None = None, authority: NamespaceAuthority | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, shortcut: bool = True):
+        """`shortcut=False`: the plain reference path -- the whole forward for every update and
+        both canary passes every learn (what the shortcut is tested and benchmarked against)."""
         holders = [m for m in model.memory.memories if m.namespace_rows() is not None]
         reasons = []
         if len(holders) != 1:
@@ -134,6 +158,18 @@ class UserMemory:
         self.rows = self.holder.namespace_rows()
         self.vocab = model.cfg.backbone.vocab_size
         self.canary = canary
+        # the first block that reads a namespace (Memory.namespace_layer): every block below it
+        # computes the same for every user, so a learn runs them once (no grad) and each update
+        # only the blocks from there on; 0 ("anywhere"): the whole forward every time
+        self.layer = model.namespace_layer() if shortcut else 0
+        self.shortcut = shortcut
+        self._canary_batch = batch_of(canary) if canary is not None else None
+        self._canary_start = None                    # the canary below `layer`: once per model
+        # canary loss read as a namespace with the table installed now (the last committed and
+        # installed version), per table object: a table replaced by install / rollback / import /
+        # forget is a miss (recomputed), and a table dropped takes its entry with it
+        self._canary_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._canary_empty: float | None = None      # read as a namespace without rows (user-independent)
         self.authority = authority or NamespaceAuthority()
         self.clock = clock
         # the backbone and the shared rows are frozen for good, before anything is served: the
@@ -144,6 +180,10 @@ class UserMemory:
         self.lock = threading.Lock()                 # one learner at a time (updates, commits, forgets)
         self.calls: dict[str, deque] = {}
         self.root.mkdir(parents=True, exist_ok=True)
+        if self._canary_batch is not None and shortcut:   # now (frozen), not in a user's first learn
+            self._canary_start = self._start(self._canary_batch[0])
+            # a zero table reads as nothing whatever its namespace: the no-rows loss of every user
+            self._canary_empty = self.canary_loss("user:_canary", self.rows.new_table("user:_canary"))
 
     # -- stores --------------------------------------------------------------------------------
     def _dir(self, ns: str) -> Path:
@@ -196,17 +236,45 @@ class UserMemory:
         q.append(now)
         return []
 
+    def _start(self, x: Tensor):
+        """The forward of batch x stopped below `layer` (no grad; None when there is no shortcut)."""
+        if self.layer < 1:
+            return None
+        with torch.no_grad():
+            return self.model.run_until(x, self.layer)
+
     @torch.no_grad()
     def canary_loss(self, ns: str, table=None) -> float:
         """Mean next-token loss on the canary set, read as namespace `ns` (with `table` staged)."""
         if self.canary is None:
             return math.nan
-        x, y = batch_of(self.canary)
+        x, y = self._canary_batch
         ctx = self.rows.staged(ns, table) if table is not None else contextlib.nullcontext()
+        if self._canary_start is None or self._canary_start.layer != self.layer:
+            self._canary_start = self._start(x)     # the canary's lower blocks: the same for every user
+        names = (ns,) * x.shape[0]
         with ctx:
-            out, _ = self.model(x, None, Step(), namespaces=(ns,) * x.shape[0])
+            if self._canary_start is not None:
+                out, _ = self.model.resume(self._canary_start, namespaces=names)
+            else:
+                out, _ = self.model(x, None, Step(), namespaces=names)
         lg = out.logits
         return float(F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), y.reshape(-1), ignore_index=-100))
+
+    def _canary_before(self, ns: str, before) -> float:
+        """The canary loss at `ns`'s installed table (cached per table object; see __init__)."""
+        if self.canary is None:
+            return math.nan
+        if not self.shortcut:
+            return self.canary_loss(ns, before if before is not None else self.rows.new_table(ns))
+        if before is None:
+            if self._canary_empty is None:
+                self._canary_empty = self.canary_loss(ns, self.rows.new_table(ns))
+            return self._canary_empty
+        got = self._canary_at.get(before)
+        if got is None:
+            got = self._canary_at[before] = self.canary_loss(ns, before)
+        return got
 
     def learn(self, ns: str, texts: list[list[int]], install: Install, meta: dict | None = None) -> dict:
         """One online update of `ns`'s rows from `texts` (see the module docstring); MemoryRefused
@@ -224,16 +292,21 @@ class UserMemory:
             up = OnlineUpdater(self.model, cand, lr=self.cfg.lr, policy=policy, authority=self.authority)
             grant = self.authority.grant(ns)
             x, y = batch_of(texts)
+            clock = _Phases()
+            start = self._start(x)                   # the blocks below `layer`: once per learn
+            clock("lower_blocks")
             losses, rows = [], 0
             with self.rows.staged(ns, cand):
                 for _ in range(self.cfg.steps):
-                    res = up.step(x, y, into=[grant], namespace=ns)
+                    res = up.step(x, y, into=[grant], namespace=ns, start=start)
                     if not res.accepted:
                         raise MemoryRefused([f"update refused by the safety policy: {r}" for r in res.reasons])
                     losses.append(res.loss)
                     rows = max(rows, sum(len(s) for s in up.pending.values()))
-            c0 = self.canary_loss(ns, before if before is not None else self.rows.new_table(ns))
+            clock("updates")
+            c0 = self._canary_before(ns, before)
             c1 = self.canary_loss(ns, cand)
+            clock("canary")
             store = self.store(ns)
             if not store.exists:
                 self._create(ns, store)
@@ -243,13 +316,17 @@ class UserMemory:
                                  "loss_last": losses[-1], "canary_before": c0, "canary_after": c1, **(meta or {})})
             drift = (c1 - c0) / abs(c0) if self.canary is not None and c0 else 0.0
             rolled = bool(self.canary is not None and drift > self.cfg.drift_threshold)
+            clock("commit")
             if rolled:
                 store.rollback(prev)               # the drift guard: the user's rows go back
             else:
                 install(ns, cand)
+                if self.canary is not None and self.shortcut:
+                    self._canary_at[cand] = c1       # the next learn's "before", unless replaced
+            clock("install")
         return {"namespace": ns, "version": version, "head": store.head, "rows_written": rows,
                 "loss_first": losses[0], "loss_last": losses[-1], "canary_before": c0, "canary_after": c1,
-                "drift": drift, "rolled_back": rolled, "latency_s": time.perf_counter() - t0}
+                "drift": drift, "rolled_back": rolled, "latency_s": time.perf_counter() - t0, "phases_s": clock.spent}
 
     def _create(self, ns: str, store: TableStore) -> None:
         """Version 1: the empty (all-zero) table. The layout, not the user, is recorded, so a user's

@@ -13,6 +13,16 @@ the same stream and the same frozen backbone:
     tables_rag   both
     lora         a peft LoRA adapter per user on the same backbone (evals/converged_lora.py), trained on
                  the same texts with the same number of updates per mention
+    full_ft      the whole backbone fine-tuned per user (evals/converged_ft.py): each user's own copy,
+                 the changed tensors stored; run user by user, on the first `ft_users` test users
+
+Choices on validation, results on test: the simulated users are split into validation users and
+test users (personal_facts.split_users: disjoint, deterministic). The tables' learning rate and
+updates per mention (`lr_grid`, `steps_grid`), LoRA's and full fine-tuning's learning rates
+(`lora_lr_grid`, `ft_lr_grid`) are chosen on the validation users (evals/converged_select.py: the
+best recall after the last mention among candidates whose held-out bpb rises at most
+`bpb_budget`); every figure of the results is measured on the test users only. Recall comes with
+its binomial standard error, the standard error over users and a Wilson 95 % interval.
 
 Measured (never asserted): recall after 1 and after `mentions` mentions; leakage (user B asked A's
 facts, and the differential test: B's logits with every other user's rows installed minus with
@@ -20,6 +30,9 @@ none, max |diff|); forgetting (bits per byte on held-out Wikipedia text, accurac
 base model knew, both read as each user); bytes per user; update latency; served request latency
 vs the plain backbone (the engine, same weights, interleaved runs, medians). One JSON record and
 a markdown table. Forgetting a user is checked at the end (rows, store, datastore entries).
+Users are independent in every approach (a user's rows, datastore namespace, adapter or weights
+are theirs alone), so interleaving users in the stream changes no result; full fine-tuning runs
+user by user to hold one copy of the model at a time.
 """
 from __future__ import annotations
 
@@ -35,10 +48,11 @@ import torch
 import torch.nn.functional as F
 
 from memstack.config import Checked
-from memstack.evals.personal_facts import KNOWN, Fact, heldout_texts, user_facts
+from memstack.evals.personal_facts import KNOWN, Fact, heldout_texts, split_users
+from memstack.evals.stats import proportion
 from memstack.memory.base import Step
 
-APPROACHES = ("base", "in_context", "rag", "tables", "tables_rag", "lora")
+APPROACHES = ("base", "in_context", "rag", "tables", "tables_rag", "lora", "full_ft")
 
 
 @dataclass(frozen=True)
@@ -46,7 +60,8 @@ class ConvergedConfig(Checked):
     name: str = "converged"
     backbone: str = "smollm2"            # a pretrained backbone, or "tiny" (random, byte tokenizer: tests)
     seg_len: int = 256
-    users: int = 4
+    users: int = 4                       # test users (every reported figure)
+    val_users: int = 0                   # validation users (disjoint): the grids below are chosen on them
     facts_per_user: int = 2
     mentions: int = 3
     seed: int = 0
@@ -76,6 +91,15 @@ class ConvergedConfig(Checked):
     approaches: tuple[str, ...] = APPROACHES[:5]
     lora_r: int = 8
     lora_lr: float = 1e-3
+    ft_lr: float = 1e-5
+    ft_users: int = 0                    # full_ft on the first ft_users test users (0: all of them)
+    # candidates chosen on the validation users (empty: the single value above, recorded as not chosen)
+    lr_grid: tuple[float, ...] = ()
+    steps_grid: tuple[int, ...] = ()
+    lora_lr_grid: tuple[float, ...] = ()
+    ft_lr_grid: tuple[float, ...] = ()
+    bpb_budget: float = 0.01             # selection: a candidate's validation bpb may rise at most this much
+    validation_from: str = ""            # a validation.json of an earlier run of this config: its choices, no sweep
 
     def check(self) -> list[str]:
         r = []
@@ -84,6 +108,26 @@ class ConvergedConfig(Checked):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 r.append(f"{f} must be a positive integer, got {v!r}")
+        for f in ("val_users", "ft_users"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                r.append(f"{f} must be an integer >= 0, got {v!r}")
+        if isinstance(self.ft_users, int) and isinstance(self.users, int) and self.ft_users > self.users:
+            r.append(f"ft_users ({self.ft_users}) must be at most users ({self.users})")
+        for f in ("lr", "lora_lr", "ft_lr", "bpb_budget"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                r.append(f"{f} must be a finite number > 0, got {v!r}")
+        for f in ("lr_grid", "lora_lr_grid", "ft_lr_grid", "steps_grid"):
+            for v in getattr(self, f):
+                ok = (isinstance(v, int) and not isinstance(v, bool) and v >= 1) if f == "steps_grid" else (
+                    not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0)
+                if not ok:
+                    r.append(f"{f} entries must be {'positive integers' if f == 'steps_grid' else 'finite numbers > 0'}"
+                             f", got {v!r}")
+        if (self.lr_grid or self.steps_grid or self.lora_lr_grid or self.ft_lr_grid) and self.val_users == 0:
+            r.append("a grid (lr_grid, steps_grid, lora_lr_grid, ft_lr_grid) needs val_users >= 1: choices are "
+                     "made on validation users")
         if isinstance(self.users, int) and self.users < 2:
             r.append("users must be >= 2 (leakage is measured between users)")
         if self.addressing not in ("hashed", "product_key", "identity"):
@@ -129,36 +173,58 @@ def build(cfg: ConvergedConfig):
     return model, model.without_memories([0]).eval(), tok
 
 
-class Harness:
-    def __init__(self, cfg: ConvergedConfig, root: Path):
-        from memstack.engine.user_memory import LearnConfig, UserMemory
+class Shared:
+    """What every pass (validation candidates, the test run) shares: the models (built once, so the
+    user tables' random W_V is the same everywhere), the tokenizer, the validation / test users,
+    held-out text and the canary (no answer of any user among them)."""
 
+    def __init__(self, cfg: ConvergedConfig):
         self.cfg = cfg
         self.model, self.plain, self.tok = build(cfg)
         self.eot = self.tok.eot_id
-        self.users = user_facts(cfg.users, cfg.facts_per_user, cfg.seed)
-        answers = {f.answer.strip() for fs in self.users for f in fs}
+        self.val_users, self.test_users = split_users(cfg.val_users, cfg.users, cfg.facts_per_user, cfg.seed)
+        answers = {f.answer.strip() for fs in self.val_users + self.test_users for f in fs}
         texts = heldout_texts(cfg.heldout + 2, answers)
-        self.heldout = [self._trunc(t) for t in texts[:cfg.heldout]]
-        canary = [[self.eot] + self._trunc(t) for t in texts[cfg.heldout:]]
+        trunc = lambda t: self.tok.encode(t)[: cfg.heldout_tokens]     # noqa: E731
+        self.heldout = [trunc(t) for t in texts[:cfg.heldout]]
+        self.canary = [[self.eot] + trunc(t) for t in texts[cfg.heldout:]]
+
+
+class Harness:
+    """One stream of `users` over `approaches`, with the given hyperparameters (None: the config's)."""
+
+    def __init__(self, shared: Shared, root: Path, users: list[list[Fact]], tag: str = "u",
+                 approaches: tuple[str, ...] | None = None, lr: float | None = None, steps: int | None = None,
+                 lora_lr: float | None = None):
+        from memstack.engine.user_memory import LearnConfig, UserMemory
+
+        cfg = self.cfg = shared.cfg
+        self.approaches = tuple(cfg.approaches if approaches is None else approaches)
+        self.model, self.plain, self.tok, self.eot = shared.model, shared.plain, shared.tok, shared.eot
+        self.users, self.heldout, self.tag = users, shared.heldout, tag
+        self.steps = cfg.steps if steps is None else steps
         self.memory = UserMemory(self.model, root / "users", LearnConfig(
-            lr=cfg.lr, steps=cfg.steps, max_row_update_norm=cfg.max_row_update_norm, drift_threshold=cfg.drift_threshold,
-            rate_per_min=10_000, max_tokens=512), canary)
+            lr=cfg.lr if lr is None else lr, steps=self.steps, max_row_update_norm=cfg.max_row_update_norm,
+            drift_threshold=cfg.drift_threshold, rate_per_min=10_000, max_tokens=512), shared.canary)
         self.rag = None
-        if "rag" in cfg.approaches or "tables_rag" in cfg.approaches:
+        if "rag" in self.approaches or "tables_rag" in self.approaches:
             self.rag = UserFactsRAG()
         self.lora = None
-        if "lora" in cfg.approaches:
+        if "lora" in self.approaches:
             from memstack.evals.converged_lora import LoRAUsers
 
-            self.lora = LoRAUsers(self.plain, cfg.lora_r, cfg.lora_lr, cfg.steps)
+            self.lora = LoRAUsers(self.plain, cfg.lora_r, cfg.lora_lr if lora_lr is None else lora_lr, self.steps)
+        self.ft = None                   # full_ft: set by converged_ft.full_ft_pass while it runs
 
-    def _trunc(self, text: str) -> list[int]:
-        return self.tok.encode(text)[: self.cfg.heldout_tokens]
+    def ns(self, u: int) -> str:
+        return f"tenant:bench/user:{self.tag}{u}"
 
-    @staticmethod
-    def ns(u: int) -> str:
-        return f"tenant:bench/user:u{u}"
+    def close(self) -> None:
+        """Drop every user's rows and entries this harness made (validation candidates)."""
+        for u in range(len(self.users)):
+            if self.memory.store(self.ns(u)).exists:
+                self.memory.forget(self.ns(u), lambda n: {"tables_dropped": sum(m.forget(n) for m in
+                                                                                self.model.memory.memories)})
 
     # -- what a request of user u sees -------------------------------------------------------------
     def prefix(self, approach: str, u: int, query: str) -> list[int]:
@@ -178,6 +244,8 @@ class Harness:
         """ids -> (T, V) logits of a request of user u under `approach`."""
         if approach == "lora":
             return lambda ids: self.lora.logits(f"u{u}", ids)
+        if approach == "full_ft":
+            return lambda ids: self.ft.logits(f"u{u}", ids)
         model, ns = self.reader(approach, u)
         return lambda ids: self.logits(model, ids, ns)
 
@@ -200,8 +268,12 @@ class Harness:
         pred = lg[len(ids) - 1:].argmax(-1).tolist()
         return pred == a
 
+    def hits(self, approach: str, asker=lambda u: u) -> list[bool]:
+        """Per fact of every user, whether user asker(fact's user) recalls it."""
+        return [self.recalled(approach, asker(f.user), f.cue, f.answer) for fs in self.users for f in fs]
+
     def recall(self, approach: str, asker=lambda u: u) -> float:
-        hits = [self.recalled(approach, asker(f.user), f.cue, f.answer) for fs in self.users for f in fs]
+        hits = self.hits(approach, asker)
         return sum(hits) / len(hits)
 
     def bpb(self, approach: str, u: int) -> float:
@@ -218,7 +290,7 @@ class Harness:
     def teach(self, u: int) -> dict:
         """One mention of every fact of user u, to every approach that learns."""
         out = {}
-        if "tables" in self.cfg.approaches or "tables_rag" in self.cfg.approaches:
+        if "tables" in self.approaches or "tables_rag" in self.approaches:
             texts = [[self.eot] + self.tok.encode(f.text) for f in self.users[u]]
             out["tables"] = self.memory.learn(self.ns(u), texts, self.memory.rows.install)
         if self.rag is not None:
@@ -328,20 +400,35 @@ def served_latency(h: Harness, approaches: list[str]) -> dict[str, float]:
 
 
 def run_converged(cfg: ConvergedConfig, out: Path, progress: bool = True) -> dict:
-    """The whole evaluation; writes out/record.json and out/results.md, returns the record."""
+    """The whole evaluation; writes out/record.json and out/results.md (and out/validation.json as
+    soon as the choices are made), returns the record."""
+    from memstack.evals.converged_ft import full_ft_pass
+    from memstack.evals.converged_select import load_choices, save_choices, validate
+
     out.mkdir(parents=True, exist_ok=True)
     say = print if progress else (lambda *a, **k: None)
     t_start = time.time()
+    reused = load_choices(cfg.validation_from, cfg) if cfg.validation_from else None
     with tempfile.TemporaryDirectory() as tmp:
-        h = Harness(cfg, Path(tmp))
-        ap = list(cfg.approaches)
-        say(f"converged: {cfg.users} users x {cfg.facts_per_user} facts, {cfg.mentions} mentions, backbone {cfg.backbone}")
-        known = [(c, a) for c, a in KNOWN if h.recalled("base", 0, c, a)] if cfg.backbone != "tiny" else []
-        res: dict = {a: {} for a in ap}
-        base_bpb = h.bpb("base", 0)
+        shared = Shared(cfg)
+        say(f"converged: {cfg.val_users} validation + {cfg.users} test users x {cfg.facts_per_user} facts, "
+            f"{cfg.mentions} mentions, backbone {cfg.backbone}")
+        probe = Harness(shared, Path(tmp) / "probe", shared.test_users, approaches=())
+        known = [(c, a) for c, a in KNOWN if probe.recalled("base", 0, c, a)] if cfg.backbone != "tiny" else []
+        base_bpb = probe.bpb("base", 0)
+        choices = reused if reused is not None else validate(shared, Path(tmp) / "val", base_bpb, say)
+        save_choices(out / "validation.json", cfg, choices)
+        pick = lambda a, k, d: choices[a]["chosen"][k] if a in choices else d     # noqa: E731
+        ap = [a for a in cfg.approaches if a != "full_ft"]
+        h = Harness(shared, Path(tmp) / "test", shared.test_users, approaches=tuple(ap),
+                    lr=pick("tables", "lr", cfg.lr), steps=pick("tables", "steps", cfg.steps),
+                    lora_lr=pick("lora", "lr", cfg.lora_lr))
+        users = range(cfg.users)
+        groups = [f.user for fs in h.users for f in fs]
+        res: dict = {a: {} for a in cfg.approaches}
         learn_s, rag_s, lora_s, rolled, rows_written = [], [], [], 0, []
         for m in range(1, cfg.mentions + 1):
-            for u in range(cfg.users):
+            for u in users:
                 t = h.teach(u)
                 if "tables" in t:
                     learn_s.append(t["tables"]["latency_s"])
@@ -353,23 +440,26 @@ def run_converged(cfg: ConvergedConfig, out: Path, progress: bool = True) -> dic
                     lora_s.append(t["lora_s"])
             if m in (1, cfg.mentions):
                 for a in ap:
-                    res[a][f"recall@{m}"] = h.recall(a)
+                    st = proportion(h.hits(a), groups)
+                    res[a][f"recall@{m}"], res[a][f"recall@{m}_stats"] = st["mean"], st
                 say(f"  after mention {m}: " + ", ".join(f"{a} {res[a][f'recall@{m}']:.2f}" for a in ap))
         other = lambda u: (u + 1) % cfg.users                        # noqa: E731 -- B asks A's facts
         for a in ap:
-            res[a]["leak_recall"] = h.recall(a, other)
-            bpbs = [h.bpb(a, u) for u in range(cfg.users)] if a != "base" else [base_bpb]
+            st = proportion(h.hits(a, other), groups)
+            res[a]["leak_recall"], res[a]["leak_stats"] = st["mean"], st
+            bpbs = [h.bpb(a, u) for u in users] if a != "base" else [base_bpb]
             res[a]["bpb"] = statistics.mean(bpbs)
             res[a]["bpb_change"] = res[a]["bpb"] / base_bpb - 1
-            res[a]["known_acc"] = (statistics.mean(h.recalled(a, u, c, k) for u in range(cfg.users) for c, k in known)
+            res[a]["known_acc"] = (statistics.mean(h.recalled(a, u, c, k) for u in users for c, k in known)
                                    if known else None)
+            res[a]["users"] = cfg.users
         say("  leakage / forgetting measured")
         if "tables" in ap:
             res["tables"]["differential_max_abs"] = h.differential()
         kvb = _kv_bytes_per_token(h.model)
         for a in ap:
             per = []
-            for u in range(cfg.users):
+            for u in users:
                 b = 0
                 if a == "in_context":
                     b = len(h.prefix(a, u, "")) * kvb
@@ -386,13 +476,31 @@ def run_converged(cfg: ConvergedConfig, out: Path, progress: bool = True) -> dic
         res.get("rag", {})["update_s"] = statistics.mean(rag_s) if rag_s else None
         res.get("in_context", {})["update_s"] = 0.0
         res.get("lora", {})["update_s"] = statistics.mean(lora_s) if lora_s else None
-        lat = served_latency(h, [a for a in ap if a != "lora"])    # adapters do not run in the engine
+        served = [a for a in ap if a != "lora"]                      # adapters do not run in the engine
+        lat = served_latency(h, served) if served else {}
         for a in ap:
             res[a]["request_s"] = lat.get(a)
             res[a]["request_overhead"] = lat[a] / lat["base"] - 1 if "base" in lat and a in lat else None
         say("  latency measured")
         forget = verify_forget(h, 0)
-    rec = {"kind": "converged", "config": asdict(cfg), "results": res, "rolled_back_updates": rolled,
+        if "full_ft" in cfg.approaches:
+            n = cfg.ft_users or cfg.users
+            r = full_ft_pass(h, list(range(n)), cfg.mentions, known, pick("full_ft", "lr", cfg.ft_lr), h.steps,
+                             Path(tmp) / "ft", say)
+            g = [f.user for u in range(n) for f in h.users[u]]
+            for m in sorted({1, cfg.mentions}):
+                st = proportion(r[f"hits@{m}"], g)
+                res["full_ft"][f"recall@{m}"], res["full_ft"][f"recall@{m}_stats"] = st["mean"], st
+            gl = [f.user for u in range(n) for f in h.users[(u - 1) % n]] if n > 1 else []
+            st = proportion(r["leak_hits"], gl) if r["leak_hits"] else {"mean": None}
+            res["full_ft"] |= {"leak_recall": st["mean"], "leak_stats": st, "bpb": r["bpb"],
+                               "bpb_change": r["bpb"] / base_bpb - 1, "known_acc": r["known_acc"] if known else None,
+                               "bytes_per_user": r["bytes_per_user"], "update_s": r["update_s"], "request_s": None,
+                               "request_overhead": None, "swap_s": r["swap_s"],
+                               "differential_max_abs": r["differential_max_abs"], "users": n}
+    rec = {"kind": "converged", "config": asdict(cfg), "results": res, "validation": choices,
+           "validation_reused_from": cfg.validation_from or None,
+           "rolled_back_updates": rolled,
            "rows_written_per_update": statistics.mean(rows_written) if rows_written else 0,
            "known_facts": len(known), "forget_user0": forget, "base_bpb": base_bpb,
            "device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -422,27 +530,47 @@ def verify_forget(h: Harness, u: int) -> dict:
 def table(rec: dict) -> str:
     cfg, res = rec["config"], rec["results"]
     m = cfg["mentions"]
-    head = (f"| approach | recall@1 | recall@{m} | leak (B asks A) | bpb change | known-fact acc | bytes/user | "
-            "update s | request s | overhead |")
-    lines = [head, "|" + "---|" * 10]
+    head = (f"| approach | users | recall@1 | recall@{m} [95% CI] (se users) | leak (B asks A) | bpb change | "
+            "known-fact acc | bytes/user | update s | request s | overhead |")
+    lines = [head, "|" + "---|" * 11]
 
     def f(x, pct=False, digits=2):
         if x is None:
             return "n/a"
         return f"{100 * x:+.2f}%" if pct else f"{x:.{digits}f}"
+
+    def rc(r):
+        st = r.get(f"recall@{m}_stats")
+        if not st:
+            return f(r.get(f"recall@{m}"))
+        lo, hi = st["ci95"]
+        return f"{st['mean']:.2f} ({st['k']}/{st['n']}) [{lo:.2f}, {hi:.2f}] ({st.get('se_groups', math.nan):.2f})"
     for a, r in res.items():
-        lines.append(f"| {a} | {f(r.get('recall@1'))} | {f(r.get(f'recall@{m}'))} | {f(r.get('leak_recall'))} | "
-                     f"{f(r.get('bpb_change'), True)} | {f(r.get('known_acc'))} | {int(r.get('bytes_per_user', 0))} | "
+        lines.append(f"| {a} | {r.get('users', 'n/a')} | {f(r.get('recall@1'))} | {rc(r)} | {f(r.get('leak_recall'))} | "
+                     f"{f(r.get('bpb_change'), True)} | {f(r.get('known_acc'))} | {int(r.get('bytes_per_user') or 0)} | "
                      f"{f(r.get('update_s'), digits=3)} | {f(r.get('request_s'), digits=3)} | "
                      f"{f(r.get('request_overhead'), True)} |")
     extra = []
-    if "tables" in res:
-        extra.append(f"differential test (max |logit diff| of a user's row from every other user's rows): "
-                     f"{res['tables'].get('differential_max_abs')}")
+    for a, v in rec.get("validation", {}).items():
+        c = v["chosen"]
+        how = (f"chosen on {cfg['val_users']} validation users"
+               + (f" (reused from {rec['validation_reused_from']})" if rec.get("validation_reused_from") else "")
+               + " from "
+               + ", ".join(f"{_hp(x)} (recall {x['recall']:.2f}, bpb {100 * x['bpb_change']:+.2f}%)" for x in v["candidates"])
+               if v["selected_on_validation"] else "not chosen (a single candidate)")
+        extra.append(f"{a}: {_hp(c)}, {how}")
+    for a in ("tables", "full_ft"):
+        if a in res:
+            extra.append(f"differential test, {a} (max |logit diff| of a user from every other user's updates): "
+                         f"{res[a].get('differential_max_abs')}")
     extra.append(f"forget user 0: {rec['forget_user0']}")
     extra.append(f"updates rolled back by the drift guard: {rec['rolled_back_updates']}; known facts kept: "
                  f"{rec['known_facts']} of {len(KNOWN)}; base bpb {rec['base_bpb']:.4f}")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {e}" for e in extra) + "\n"
+
+
+def _hp(c: dict) -> str:
+    return f"lr {c['lr']:g}" + (f" x {c['steps']} updates" if "steps" in c else "")
 
 
 __all__ = ["ConvergedConfig", "run_converged", "table", "Fact"]

@@ -6,8 +6,8 @@ projections of every layer, the usual recipe), trained with Adam on that user's 
 mention -- the same texts and number of updates per mention as the user tables. A user's request
 runs with its own adapter active (`set_adapter`); the base model is the adapters disabled.
 
-Deviations: the learning rate (1e-3 by default, `lora_lr`) is a usual LoRA value, not chosen on
-validation data; adapters are not merged for serving (served latency is not measured for them:
+The learning rate is chosen on validation users (`lora_lr_grid`, evals/converged_select.py); the
+optimizer's state is kept per user across that user's learn calls. Deviations: adapters are not merged for serving (served latency is not measured for them:
 they do not run in memstack's engine).
 """
 from __future__ import annotations

@@ -89,4 +89,21 @@ def heldout_texts(n: int, skip: set[str], min_chars: int = 400) -> list[str]:
     return out
 
 
-__all__ = ["Fact", "KNOWN", "TEMPLATES", "user_facts", "heldout_texts", "entity_pools"]
+def split_users(val_users: int, test_users: int, facts_per_user: int, seed: int = 0
+                ) -> tuple[list[list[Fact]], list[list[Fact]]]:
+    """(validation users, test users): one stream of val_users + test_users simulated users drawn
+    together (so no entity is an answer in both), split by a seeded shuffle of the users; each
+    side's users renumbered 0.. in their order. Choices (learning rates, updates per mention) are
+    made on the validation users, results reported on the test users."""
+    if val_users < 0 or test_users < 1:
+        raise ValueError(f"need val_users >= 0 and test_users >= 1, got {val_users}, {test_users}")
+    everyone = user_facts(val_users + test_users, facts_per_user, seed)
+    order = list(range(len(everyone)))
+    random.Random(f"split:{seed}").shuffle(order)
+
+    def renumber(idx: list[int]) -> list[list[Fact]]:
+        return [[Fact(i, f.text, f.cue, f.answer) for f in everyone[u]] for i, u in enumerate(idx)]
+    return renumber(order[:val_users]), renumber(order[val_users:])
+
+
+__all__ = ["Fact", "KNOWN", "TEMPLATES", "user_facts", "split_users", "heldout_texts", "entity_pools"]

@@ -153,3 +153,32 @@ def compare(a: Entry, b: Entry) -> Comparison:
 def z_vs_value(e: Entry, value: float) -> float:
     """How many standard errors the entry's mean is from a fixed value (e.g. chance)."""
     return (e.mean - value) / e.se if e.se > 0 else math.nan
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion k / n (95 % at z 1.96): stays inside [0, 1] and is not
+    empty at k = 0 or k = n, where the normal interval p +- z se collapses to a point."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    p = k / n
+    c = z * z / n
+    mid = (p + c / 2) / (1 + c)
+    half = z * math.sqrt(p * (1 - p) / n + c / (4 * n)) / (1 + c)
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def proportion(hits: list[bool], groups: list[int] | None = None) -> dict:
+    """A recall-like proportion with its spread: k, n, mean, binomial se, Wilson 95 % interval and,
+    when `groups` (e.g. the user of each fact) is given, the standard error over the groups' means
+    (facts of one user share that user's memory, so they are not independent draws)."""
+    k, n = sum(bool(h) for h in hits), len(hits)
+    out = {"k": k, "n": n, "mean": k / n if n else math.nan,
+           "se": math.sqrt((k / n) * (1 - k / n) / n) if n else math.nan, "ci95": list(wilson(k, n))}
+    if groups is not None:
+        per: dict[int, list[bool]] = {}
+        for g, h in zip(groups, hits):
+            per.setdefault(g, []).append(bool(h))
+        means = [sum(v) / len(v) for v in per.values()]
+        out["se_groups"] = _sd(means) / math.sqrt(len(means)) if means else math.nan
+        out["groups"] = len(means)
+    return out

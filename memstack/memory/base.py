@@ -370,6 +370,16 @@ class Memory(nn.Module):
         (`StepContext.namespace_of`) and no other; a server learns into them per user."""
         return None
 
+    def namespace_layer(self) -> int | None:
+        """The first block from which this memory's effect on a row may depend on the row's
+        namespace (`StepContext.namespaces`: per-namespace rows, datastore namespaces): its hooks
+        at that block or later may read it, none below. None: it never does. Learners rely on it
+        (`MemoryModel.namespace_layer`): the residual stream entering that block is the same for
+        every user, so an update of one user's rows runs only the blocks from there on. Default 0:
+        "anywhere, EMBED included" -- always safe; a memory that reads namespaces only at some
+        layers says which."""
+        return 0
+
     def forget(self, namespace: str) -> int:
         """Remove everything this memory holds for `namespace` (its per-namespace table, datastore
         entries -- persisted where the memory keeps them on disk); returns how many tables /

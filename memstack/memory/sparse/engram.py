@@ -149,6 +149,10 @@ class Engram(Memory):
     def namespace_rows(self) -> NamespaceRows | None:
         return self.user_rows
 
+    def namespace_layer(self) -> int | None:
+        """User rows are read from the first memory layer's hook on (nothing else reads a namespace)."""
+        return self.engram_layers[0] if self.user_rows is not None else None
+
     def user_layout_fingerprint(self) -> str | None:
         """What decides which user row an N-gram reads (a store of user rows records it)."""
         return self._user_layout.fingerprint() if self.user_rows is not None else None

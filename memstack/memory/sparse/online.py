@@ -170,9 +170,14 @@ class OnlineUpdater:
         for p in model.parameters():   # a frozen backbone: only the table rows get gradient
             p.requires_grad_(p is table.weight)
 
-    def _loss(self, tokens: Tensor, targets: Tensor, namespace: str | None = None) -> Tensor:
+    def _loss(self, tokens: Tensor, targets: Tensor, namespace: str | None = None, start=None) -> Tensor:
         names = None if namespace is None else (namespace,) * tokens.shape[0]
-        out, _ = self.model(tokens, None, Step(), namespaces=names)
+        if start is not None:      # the forward from the stored hidden states on (MemoryModel.resume)
+            if tuple(start.ctx.tokens.shape) != tuple(tokens.shape) or not torch.equal(start.ctx.tokens, tokens):
+                raise ValueError("start was computed for other tokens than this batch's")
+            out, _ = self.model.resume(start, namespaces=names)
+        else:
+            out, _ = self.model(tokens, None, Step(), namespaces=names)
         logits = out.logits
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
@@ -196,16 +201,19 @@ class OnlineUpdater:
         return names
 
     def step(self, tokens: Tensor, targets: Tensor, *, into: Sequence[str | WriteGrant] = (SHARED,),
-             namespace: str | None = None) -> UpdateResult:
+             namespace: str | None = None, start=None) -> UpdateResult:
         """One update from a batch (B, T) of tokens and next-token targets (-100: no loss), writing
         only rows of the namespaces `into` opens ("knowledge", and user/task grants). `namespace`:
-        the per-row namespace the forward reads as (a user's own rows, memory/sparse/namespace_rows.py)."""
+        the per-row namespace the forward reads as (a user's own rows, memory/sparse/namespace_rows.py).
+        `start`: the batch's forward stopped below the first block that reads this table
+        (`MemoryModel.run_until`, computed once under no_grad): each step then runs only the blocks
+        from there on, forward and backward -- the same loss and gradient, as nothing below changes."""
         writable = self._writable(into)
         self.model.eval()
         w = self.table.weight
         w.grad = None
         with record_accesses(self.table) as rec:
-            loss = self._loss(tokens, targets, namespace)
+            loss = self._loss(tokens, targets, namespace, start)
         loss.backward()
         g = w.grad.coalesce() if w.grad is not None and w.grad.is_sparse else None
         w.grad = None

@@ -110,6 +110,10 @@ class ProductKeyMemory(Memory):
     def namespace_rows(self) -> NamespaceRows | None:
         return self.user_rows
 
+    def namespace_layer(self) -> int | None:
+        """User rows are read from the first memory layer's hook on (nothing else reads a namespace)."""
+        return self.mem_layers[0] if self.user_rows is not None else None
+
     def make_identity(self) -> bool:
         with torch.no_grad():
             for lin in self.w_o:
