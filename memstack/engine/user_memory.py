@@ -182,7 +182,7 @@ class UserMemory:
         self.root.mkdir(parents=True, exist_ok=True)
         if self._canary_batch is not None and shortcut:   # now (frozen), not in a user's first learn
             self._canary_start = self._start(self._canary_batch[0])
-            # a zero table reads as nothing whatever its namespace: the no-rows loss of every user
+            # a fresh table reads as nothing, the same for every namespace: every new user's "before"
             self._canary_empty = self.canary_loss("user:_canary", self.rows.new_table("user:_canary"))
 
     # -- stores --------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from memstack.config import BackboneConfig, ModelConfig
 from memstack.engine.user_memory import LearnConfig, UserMemory, batch_of
 from memstack.memory.base import Step
 from memstack.memory.kv.config import DenseKVConfig
+from memstack.memory.learned.config import PrefixConfig
 from memstack.memory.sparse.config import EngramConfig, PKMConfig
 from memstack.memory.sparse.grants import NamespaceAuthority
 from memstack.memory.sparse.online import OnlineUpdater, UpdatePolicy
@@ -40,6 +41,12 @@ def engram(layers=(3,), seed: int = 0, n_layers: int = 5):
 def pkm(seed: int = 0):
     torch.manual_seed(seed)
     cfg = PKMConfig(layers=(2, 4), n_keys=7, k_dim=6, heads=2, knn=3, user_values=True, out_init_std=0.3)
+    return build_model(ModelConfig(backbone(), (cfg,))).eval()
+
+
+def user_prefix(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = PrefixConfig(n_prefix=2, reparam=False, user_prefix=3, layers=(2, 4))
     return build_model(ModelConfig(backbone(), (cfg,))).eval()
 
 
@@ -80,6 +87,7 @@ def test_namespace_layer_is_the_first_block_reading_a_namespace():
     assert engram((3,)).namespace_layer() == 3
     assert engram((1, 3)).namespace_layer() == 1
     assert pkm().namespace_layer() == 2
+    assert user_prefix().namespace_layer() == 2          # identity rows read as keys/values from layer 2
     torch.manual_seed(0)
     plain = build_model(ModelConfig(backbone(), (EngramConfig(layers=(2,), heads=2, head_dim=4, rows_per_head=7),)))
     assert plain.namespace_layer() == 5                  # no user rows: nothing reads a namespace
@@ -88,7 +96,8 @@ def test_namespace_layer_is_the_first_block_reading_a_namespace():
     assert engram((3,)).with_memories([DenseKVConfig()]).namespace_layer() == 0   # undeclared: "anywhere"
 
 
-@pytest.mark.parametrize("make", [lambda: engram((3,)), lambda: engram((1, 3)), pkm], ids=["engram", "engram2", "pkm"])
+@pytest.mark.parametrize("make", [lambda: engram((3,)), lambda: engram((1, 3)), pkm, user_prefix],
+                         ids=["engram", "engram2", "pkm", "user_prefix"])
 @pytest.mark.parametrize("seed", [1, 2])
 def test_resume_equals_the_full_forward_loss_logits_state_and_gradient(make, seed):
     m = frozen(make())

@@ -105,6 +105,10 @@ class Prefix(Memory):
     def namespace_rows(self):
         return self.user.rows if self.user is not None else None
 
+    def namespace_layer(self) -> int | None:
+        """User rows are read from the first prefixed layer's attention on; nothing else reads a namespace."""
+        return self.layers_used[0] if self.user is not None and self.layers_used else None
+
     def user_layout_fingerprint(self) -> str | None:
         return self.user.fingerprint() if self.user is not None else None
 
