@@ -79,7 +79,11 @@ class ConvergedConfig(Checked):
     rows_per_head: int = 1021
     user_rows_per_head: int = 257
     value_init_std: float = 0.1
-    table_init_std: float = 1e-4         # the knowledge rows are not retrofitted: near zero
+    table_init_std: float = 1e-4         # the knowledge rows, when not retrofitted: near zero
+    # an adapter holding a retrofitted knowledge table (benchmarks/converged/knowledge_retrofit.py, or
+    # `memstack train` with `train.trainable: memory`): loaded into the hashed model, whose memory config
+    # must equal the adapter's (every difference is listed); "": the knowledge rows stay near zero
+    knowledge: str = ""
     lr: float = 1.0
     steps: int = 5
     max_row_update_norm: float = 100.0
@@ -134,6 +138,13 @@ class ConvergedConfig(Checked):
             r.append(f"addressing must be 'hashed', 'product_key' or 'identity', got {self.addressing!r}")
         if bad := [a for a in self.approaches if a not in APPROACHES]:
             r.append(f"approaches {bad} are not among {list(APPROACHES)}")
+        if self.knowledge:
+            from memstack.adapters import is_adapter
+
+            if self.addressing != "hashed":
+                r.append(f"knowledge (a retrofitted Engram table) needs addressing 'hashed', got {self.addressing!r}")
+            if not is_adapter(self.knowledge):
+                r.append(f"knowledge must be an adapter directory (adapter.json inside), got {self.knowledge!r}")
         return r
 
 
@@ -169,6 +180,10 @@ def build(cfg: ConvergedConfig):
 
         tok = get_tokenizer(PRETRAINED[cfg.backbone].tokenizer)
         model = load_pretrained(cfg.backbone, [memory(PRETRAINED[cfg.backbone].tokenizer)], seg_len=cfg.seg_len)
+    if cfg.knowledge:       # refused, with every difference, unless this model is the one it was trained for
+        from memstack.adapters import load_adapter
+
+        load_adapter(model, cfg.knowledge)
     model = model.eval()
     return model, model.without_memories([0]).eval(), tok
 

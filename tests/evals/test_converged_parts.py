@@ -120,3 +120,33 @@ def test_converged_presets_parse_and_choose_on_validation(preset):
     assert cfg.name == preset and cfg.val_users >= 4 and cfg.users >= 8 and cfg.facts_per_user >= 3
     assert len(cfg.lr_grid) > 1 and len(cfg.steps_grid) > 1 and len(cfg.lora_lr_grid) > 1 and len(cfg.ft_lr_grid) > 1
     assert set(cfg.approaches) == {"base", "in_context", "rag", "tables", "tables_rag", "lora", "full_ft"}
+
+
+def test_knowledge_adapter_loads_into_the_model_and_a_misfit_is_refused_with_every_difference(tmp_path):
+    from memstack.adapters import memory_tensors, save_adapter
+    from memstack.errors import CheckpointError
+
+    cfg = ConvergedConfig(backbone="tiny", seg_len=64, layers=(1,), rows_per_head=31)
+    trained, _, _ = build(cfg)
+    with torch.no_grad():                            # stands in for a retrofit: every memory tensor moves
+        for t in memory_tensors(trained).values():
+            if t.is_floating_point():                # (integer buffers: hash multipliers, kept)
+                t.add_(torch.randn_like(t))
+    save_adapter(trained, tmp_path / "knowledge")
+    model, plain, _ = build(ConvergedConfig(backbone="tiny", seg_len=64, layers=(1,), rows_per_head=31,
+                                            knowledge=str(tmp_path / "knowledge")))
+    want, got = memory_tensors(trained), memory_tensors(model)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    fresh, _, _ = build(cfg)
+    x = torch.randint(0, 256, (1, 24))
+    assert torch.equal(plain(x)[0].logits, fresh.without_memories([0])(x)[0].logits)   # the backbone is untouched
+    assert not torch.equal(model(x)[0].logits, fresh(x)[0].logits)
+    with pytest.raises(CheckpointError) as e:        # another table size and another layer: both listed
+        build(ConvergedConfig(backbone="tiny", seg_len=64, layers=(0,), rows_per_head=61,
+                              knowledge=str(tmp_path / "knowledge")))
+    assert "rows_per_head" in str(e.value) and "layers" in str(e.value)
+    from memstack.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:            # both reasons at once
+        ConvergedConfig(backbone="tiny", addressing="product_key", knowledge=str(tmp_path / "nowhere"))
+    assert "needs addressing 'hashed'" in str(e.value) and "adapter directory" in str(e.value)
