@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from memstack.errors import ConfigError
@@ -33,7 +33,7 @@ VALIDATION_FIELDS = ("backbone", "seg_len", "users", "val_users", "facts_per_use
                      "addressing", "n_keys", "identity_rows", "knn", "orders", "heads", "head_dim", "rows_per_head",
                      "user_rows_per_head", "value_init_std", "table_init_std", "lr", "steps", "lr_grid",
                      "steps_grid", "max_row_update_norm", "drift_threshold", "heldout", "heldout_tokens", "lora_r",
-                     "lora_lr", "lora_lr_grid", "ft_lr", "ft_lr_grid", "bpb_budget")
+                     "lora_lr", "lora_lr_grid", "ft_lr", "ft_lr_grid", "bpb_budget", "knowledge")
 
 
 def choose(cands: list[dict], budget: float) -> dict:
@@ -69,41 +69,37 @@ def validate(shared, root: Path, base_bpb: float, say=lambda *a: None) -> dict:
     cfg = shared.cfg
     ap = set(cfg.approaches)
     out: dict = {}
+
+    def sweep(name: str, grid: list[dict], measure) -> None:
+        """Every candidate measured on the validation users (unless it is the only one); the choice."""
+        cands = []
+        for i, hp in enumerate(grid):
+            c = dict(hp)
+            if len(grid) > 1:
+                c |= measure(i, hp)
+                say(f"  validation {name} " + " ".join(f"{k} {v}" for k, v in hp.items())
+                    + f": recall {c['recall']:.2f}, bpb {100 * c['bpb_change']:+.2f}%")
+            cands.append(c)
+        out[name] = _entry(cands, cfg.bpb_budget)
+
     steps = cfg.steps
     if ap & {"tables", "tables_rag"}:
-        grid = [(lr, st) for lr in (cfg.lr_grid or (cfg.lr,)) for st in (cfg.steps_grid or (cfg.steps,))]
-        cands = []
-        for i, (lr, st) in enumerate(grid):
-            c = {"lr": lr, "steps": st}
-            if len(grid) > 1:
-                c |= _stream_candidate(shared, root, f"vt{i}-", "tables", base_bpb, lr=lr, steps=st)
-                say(f"  validation tables lr {lr} steps {st}: recall {c['recall']:.2f}, bpb {100 * c['bpb_change']:+.2f}%")
-            cands.append(c)
-        out["tables"] = _entry(cands, cfg.bpb_budget)
+        sweep("tables", [{"lr": lr, "steps": st} for lr in (cfg.lr_grid or (cfg.lr,))
+                         for st in (cfg.steps_grid or (cfg.steps,))],
+              lambda i, hp: _stream_candidate(shared, root, f"vt{i}-", "tables", base_bpb, **hp))
         steps = out["tables"]["chosen"]["steps"]
     if "lora" in ap:
-        grid = list(cfg.lora_lr_grid or (cfg.lora_lr,))
-        cands = []
-        for i, lr in enumerate(grid):
-            c = {"lr": lr, "steps": steps}
-            if len(grid) > 1:
-                c |= _stream_candidate(shared, root, f"vl{i}-", "lora", base_bpb, lora_lr=lr, steps=steps)
-                say(f"  validation lora lr {lr}: recall {c['recall']:.2f}, bpb {100 * c['bpb_change']:+.2f}%")
-            cands.append(c)
-        out["lora"] = _entry(cands, cfg.bpb_budget)
+        sweep("lora", [{"lr": lr, "steps": steps} for lr in (cfg.lora_lr_grid or (cfg.lora_lr,))],
+              lambda i, hp: _stream_candidate(shared, root, f"vl{i}-", "lora", base_bpb, lora_lr=hp["lr"],
+                                              steps=hp["steps"]))
     if "full_ft" in ap:
-        grid = list(cfg.ft_lr_grid or (cfg.ft_lr,))
-        cands = []
-        for i, lr in enumerate(grid):
-            c = {"lr": lr, "steps": steps}
-            if len(grid) > 1:
-                h = Harness(shared, root / f"vf{i}", shared.val_users, tag=f"vf{i}-", approaches=())
-                r = full_ft_pass(h, list(range(len(h.users))), cfg.mentions, [], lr, steps, root / f"vf{i}" / "ft")
-                last = r[f"hits@{cfg.mentions}"]
-                c |= {"recall": sum(last) / len(last), "bpb_change": r["bpb"] / base_bpb - 1}
-                say(f"  validation full_ft lr {lr}: recall {c['recall']:.2f}, bpb {100 * c['bpb_change']:+.2f}%")
-            cands.append(c)
-        out["full_ft"] = _entry(cands, cfg.bpb_budget)
+        def ft(i: int, hp: dict) -> dict:
+            h = Harness(shared, root / f"vf{i}", shared.val_users, tag=f"vf{i}-", approaches=())
+            r = full_ft_pass(h, list(range(len(h.users))), cfg.mentions, [], hp["lr"], hp["steps"], root / f"vf{i}" / "ft")
+            last = r[f"hits@{cfg.mentions}"]
+            return {"recall": sum(last) / len(last), "bpb_change": r["bpb"] / base_bpb - 1}
+
+        sweep("full_ft", [{"lr": lr, "steps": steps} for lr in (cfg.ft_lr_grid or (cfg.ft_lr,))], ft)
     return out
 
 
@@ -124,8 +120,11 @@ def load_choices(path: str | Path, cfg) -> dict:
         raise ConfigError([f"validation_from: {p} is not a validation.json of this suite ({e})"],
                           what="converged suite") from None
     now = json.loads(json.dumps(asdict(cfg)))                         # tuples -> lists, as stored
-    reasons = [f"validation_from: {k} was {old.get(k)!r} there, {now[k]!r} here" for k in VALIDATION_FIELDS
-               if old.get(k) != now[k]]
+    # a field added since that file was written had its default there
+    default = json.loads(json.dumps({f.name: f.default for f in fields(cfg)}))
+    was = {k: old.get(k, default[k]) for k in VALIDATION_FIELDS}
+    reasons = [f"validation_from: {k} was {was[k]!r} there, {now[k]!r} here" for k in VALIDATION_FIELDS
+               if was[k] != now[k]]
     need = ({"tables"} if set(cfg.approaches) & {"tables", "tables_rag"} else set()) | (
         set(cfg.approaches) & {"lora", "full_ft"})
     reasons += [f"validation_from: no choice for {a} there" for a in sorted(need - set(choices))]

@@ -106,6 +106,19 @@ def test_choices_are_reused_only_for_the_same_configuration(tmp_path):
         assert reason in msg, reason
     with pytest.raises(ConfigError, match="is not a file"):
         load_choices(tmp_path / "missing.json", cfg)
+    # a file written before the `knowledge` field existed: it had the default there (no knowledge table)
+    import json
+
+    doc = json.loads((tmp_path / "v.json").read_text())
+    del doc["config"]["knowledge"]
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    assert load_choices(tmp_path / "old.json", cfg) == choices
+    (tmp_path / "kn").mkdir()
+    (tmp_path / "kn" / "adapter.json").write_text("{}")
+    with pytest.raises(ConfigError) as e:                # choices made without the table are not reused with it
+        load_choices(tmp_path / "old.json", ConvergedConfig(backbone="tiny", users=3, val_users=2, lr_grid=(0.1, 1.0),
+                                                             approaches=("tables",), knowledge=str(tmp_path / "kn")))
+    assert "knowledge was '' there" in str(e.value)
 
 
 @pytest.mark.parametrize("preset", ["converged_cpu", "converged"])

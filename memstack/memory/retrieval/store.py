@@ -348,7 +348,6 @@ class Datastore:
             for r in rows.tolist():
                 self._texts[r] = ""
         self._index.pop(code, None)
-        # the name is gone (a request naming it finds nothing); its code stays, pointing at dead rows
         self.namespaces[code] = f"{FORGOTTEN}{code}"
         self._ns_code[self.namespaces[code]] = code
         return live
